@@ -1,0 +1,26 @@
+"""The modality contract, encoders, fusion modules and the MultimodalClassifier."""
+
+from ml_optim_plugins.multimodal.classifier import MultimodalClassifier
+from ml_optim_plugins.multimodal.contract import ModalityAware, ModalityAwareMixin, require_modality_aware
+from ml_optim_plugins.multimodal.encoders import (
+    SentenceTransformerTextEncoder,
+    TimmImageEncoder,
+    packaged_minilm_path,
+    resolve_text_model,
+)
+from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion, GatedFusion, SumFusion
+
+__all__ = [
+    "ConcatFusion",
+    "Fusion",
+    "GatedFusion",
+    "ModalityAware",
+    "ModalityAwareMixin",
+    "MultimodalClassifier",
+    "SentenceTransformerTextEncoder",
+    "SumFusion",
+    "TimmImageEncoder",
+    "packaged_minilm_path",
+    "require_modality_aware",
+    "resolve_text_model",
+]

@@ -1,0 +1,181 @@
+"""MultimodalClassifier: a LightningModule of per-modality encoders, a fusion (with its head) and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from ml_optim_plugins.multimodal.contract import ModalityAwareMixin
+from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
+
+FUSED = "fused"
+SPLITS = ("train", "val", "test")
+
+
+class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
+    """Classify samples from several modalities: encode each, fuse, predict; implements the modality contract.
+
+    The batch is a mapping with one entry per modality name (the keys of ``encoders``) plus ``label_key``.
+    ``training_step`` records the per-modality logits and targets for callbacks (:class:`ModalityAware`). Every split
+    logs, as epoch aggregates: ``{split}/loss``, ``{split}/acc`` and ``{split}/f1`` (macro) for the fused prediction,
+    and ``{split}/{modality}/loss|acc|f1`` for each modality's own prediction (from the fusion's per-modality logits).
+
+    Subclass it to change the loss or the batch layout (override :meth:`compute_features` or :meth:`step`), or bring
+    your own module that implements :class:`ModalityAware`.
+
+    Args:
+        encoders: ``{modality: encoder}``; each encoder reports ``output_dim`` (or give ``feature_dims``).
+        fusion: a :class:`Fusion` (not yet built; it is built here for the encoders' sizes). Default: ConcatFusion.
+        num_classes: number of classes (LightningCLI links it from the data module).
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path`` + ``init_args``). ``None``:
+            AdamW, lr 1e-3, weight decay 0.01.
+        lr_scheduler: optional callable ``optimizer -> LRScheduler``.
+        scheduler_interval: ``"step"`` or ``"epoch"``: when Lightning steps ``lr_scheduler``.
+        feature_dims: override of the feature size per modality, for encoders without ``output_dim``.
+        label_key: the batch key of the targets.
+        class_names: optional names of the classes, saved with the hyperparameters.
+
+    Example:
+        >>> from ml_optim_plugins import SumFusion
+        >>> model = MultimodalClassifier(
+        ...     {"a": torch.nn.Linear(4, 8), "b": torch.nn.Linear(6, 8)},
+        ...     fusion=SumFusion(), num_classes=3, feature_dims={"a": 8, "b": 8},
+        ... )
+        >>> batch = {"a": torch.randn(5, 4), "b": torch.randn(5, 6), "label": torch.tensor([0, 1, 2, 0, 1])}
+        >>> model(batch).shape
+        torch.Size([5, 3])
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        fusion: Fusion | None = None,
+        num_classes: int = 3,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "step",
+        feature_dims: Mapping[str, int] | None = None,
+        label_key: str = "label",
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoders", "fusion"])
+        if not encoders:
+            raise ValueError("encoders is empty; give at least one {modality: encoder}")
+        if label_key in encoders:
+            raise ValueError(f"label_key {label_key!r} is also a modality name; rename one of them")
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler_interval={scheduler_interval!r}; expected 'step' or 'epoch'")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
+        self.encoders = nn.ModuleDict(dict(encoders))
+        dims = dict(feature_dims or {})
+        for name, encoder in self.encoders.items():
+            if name not in dims:
+                if not hasattr(encoder, "output_dim"):
+                    raise ValueError(
+                        f"encoder {name!r} ({type(encoder).__name__}) has no output_dim; pass feature_dims={{{name!r}: size}}"
+                    )
+                dims[name] = int(encoder.output_dim)
+        if set(dims) != set(self.encoders):
+            raise ValueError(f"feature_dims names {sorted(dims)} do not match the encoders {sorted(self.encoders)}")
+        self.fusion = fusion if fusion is not None else ConcatFusion()
+        if not isinstance(self.fusion, Fusion):
+            raise TypeError(f"fusion must be an ml_optim_plugins Fusion, got {type(self.fusion).__name__}")
+        self.fusion.build(dims, num_classes)
+        self.num_classes = num_classes
+        self.label_key = label_key
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}_{head}": metrics.clone(prefix=f"{split}/" if head == FUSED else f"{split}/{head}/")
+                for split in SPLITS
+                for head in (FUSED, *self.encoders)
+            }
+        )
+
+    @property
+    def modalities(self) -> list[str]:
+        """The modality names, in encoder order."""
+        return list(self.encoders)
+
+    def compute_features(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Encode each modality of ``batch``: ``{modality: (batch, dim)}``."""
+        missing = [name for name in self.encoders if name not in batch]
+        if missing:
+            raise KeyError(f"batch lacks modalities {missing}; it has keys {sorted(batch)}")
+        return {name: encoder(batch[name]) for name, encoder in self.encoders.items()}
+
+    def forward(self, batch: Mapping[str, Any]) -> Tensor:
+        """Fused logits ``(batch, num_classes)``."""
+        return self.fusion(self.compute_features(batch))
+
+    def step(self, batch: Mapping[str, Any], split: str) -> Tensor:
+        """Shared body of the train / val / test steps: loss of the fused prediction, metrics per head."""
+        targets = batch[self.label_key]
+        features = self.compute_features(batch)
+        logits = self.fusion(features)
+        loss = F.cross_entropy(logits, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{split} loss is {loss.item()} at global step {self.global_step}; lower the learning rate, check the "
+                "inputs for NaN/Inf, or add gradient clipping"
+            )
+        if split == "train":
+            self.record_modality_outputs(features, targets)
+            per_modality = self.modality_logits
+        else:
+            per_modality = self.fusion.modality_logits(features)
+        batch_size = targets.shape[0]
+        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self._update_metrics(split, FUSED, logits.detach(), targets)
+        for name, modality_logits in per_modality.items():
+            modality_loss = F.cross_entropy(modality_logits.detach(), targets)
+            self.log(f"{split}/{name}/loss", modality_loss, on_step=False, on_epoch=True, batch_size=batch_size)
+            self._update_metrics(split, name, modality_logits.detach(), targets)
+        return loss
+
+    def _update_metrics(self, split: str, head: str, logits: Tensor, targets: Tensor) -> None:
+        collection = self.metrics[f"{split}_{head}"]
+        collection.update(logits, targets)
+        self.log_dict(collection, on_step=False, on_epoch=True, prog_bar=head == FUSED and split != "train")
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        return self.step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        return self.step(batch, "test")
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Class probabilities and predicted class ids of the fused model."""
+        probs = self(batch).softmax(dim=-1)
+        return {"probs": probs, "preds": probs.argmax(dim=-1)}
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+        else:
+            optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}

@@ -1,0 +1,131 @@
+"""The modality contract shared by every modality-aware callback.
+
+A module is *modality-aware* when it says which sub-module encodes each modality and, after each training step, what
+each modality alone predicts. Balancing, per-modality gradient health and staged finetuning read only this contract,
+so they work on a user's own LightningModule as well as on :class:`~ml_optim_plugins.MultimodalClassifier`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class ModalityAware(Protocol):
+    """Protocol of a module whose modalities callbacks can inspect.
+
+    Implement it directly, or inherit :class:`ModalityAwareMixin`, which implements it on top of an ``encoders``
+    ``nn.ModuleDict`` and a :class:`~ml_optim_plugins.Fusion`.
+
+    Attributes:
+        modality_logits: per-modality predictions of the last training step, ``{name: (batch, classes)}``, detached.
+            Empty before the first step.
+        modality_targets: the targets of that same step, shape ``(batch,)``; ``None`` before the first step.
+
+    Example:
+        >>> from ml_optim_plugins import ModalityAware
+        >>> class Mine(torch.nn.Module):
+        ...     modality_logits, modality_targets = {}, None
+        ...     def modality_encoders(self):
+        ...         return {"image": torch.nn.Identity()}
+        >>> isinstance(Mine(), ModalityAware)
+        True
+    """
+
+    modality_logits: Mapping[str, Tensor]
+    modality_targets: Tensor | None
+
+    def modality_encoders(self) -> Mapping[str, nn.Module]:
+        """Return the encoder of each modality; parameters outside them are shared (fusion, head)."""
+        ...
+
+
+def require_modality_aware(module: Any, user: str) -> ModalityAware:
+    """Return ``module`` if it implements :class:`ModalityAware`, else raise a ``TypeError`` saying what to add.
+
+    Callbacks call this at ``setup`` so a missing contract fails before any training step.
+
+    Args:
+        module: the LightningModule (or any ``nn.Module``) a callback was attached to.
+        user: the name of the caller, quoted in the error.
+
+    Raises:
+        TypeError: when ``module`` lacks ``modality_encoders()``, ``modality_logits`` or ``modality_targets``, or
+            when ``modality_encoders()`` is empty or holds something that is not an ``nn.Module``.
+
+    Example:
+        >>> require_modality_aware(torch.nn.Linear(2, 2), "ModalityBalancer")
+        Traceback (most recent call last):
+        ...
+        TypeError: ModalityBalancer needs a modality-aware module, but Linear lacks modality_encoders(), ...
+    """
+    missing = [
+        label
+        for label, attr in (
+            ("modality_encoders()", "modality_encoders"),
+            ("modality_logits", "modality_logits"),
+            ("modality_targets", "modality_targets"),
+        )
+        if not hasattr(module, attr)
+    ]
+    if missing:
+        raise TypeError(
+            f"{user} needs a modality-aware module, but {type(module).__name__} lacks {', '.join(missing)}. "
+            "Inherit ml_optim_plugins.ModalityAwareMixin (or implement the ModalityAware protocol): "
+            "modality_encoders() -> {name: encoder module}, and after each training step modality_logits "
+            "({name: (batch, classes)}) and modality_targets ((batch,))."
+        )
+    encoders = module.modality_encoders()
+    if not isinstance(encoders, Mapping) or not encoders:
+        raise TypeError(
+            f"{user}: {type(module).__name__}.modality_encoders() returned {encoders!r}; expected a non-empty "
+            "mapping of modality name to nn.Module"
+        )
+    bad = {name: type(enc).__name__ for name, enc in encoders.items() if not isinstance(enc, nn.Module)}
+    if bad:
+        raise TypeError(f"{user}: modality_encoders() values must be nn.Module instances, got {bad}")
+    return module
+
+
+class ModalityAwareMixin:
+    """Implements :class:`ModalityAware` for a module with ``self.encoders`` (``nn.ModuleDict``) and ``self.fusion``.
+
+    Call :meth:`record_modality_outputs` in ``training_step`` with the encoder features and the targets; it asks the
+    fusion for per-modality logits (exact head split for linear late fusions, masking for the others; see
+    :class:`~ml_optim_plugins.Fusion`) and keeps them, detached, for callbacks.
+
+    Example:
+        >>> from ml_optim_plugins import ConcatFusion
+        >>> class TwoTower(ModalityAwareMixin, torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.encoders = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 3), "b": torch.nn.Linear(5, 2)})
+        ...         self.fusion = ConcatFusion(in_dims={"a": 3, "b": 2}, num_classes=2)
+        >>> m = TwoTower()
+        >>> feats = {"a": m.encoders["a"](torch.randn(8, 4)), "b": m.encoders["b"](torch.randn(8, 5))}
+        >>> m.record_modality_outputs(feats, torch.zeros(8, dtype=torch.long))
+        >>> sorted(m.modality_logits), m.modality_logits["a"].shape
+        (['a', 'b'], torch.Size([8, 2]))
+    """
+
+    encoders: nn.ModuleDict
+    fusion: nn.Module
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.modality_logits: dict[str, Tensor] = {}
+        self.modality_targets: Tensor | None = None
+
+    def modality_encoders(self) -> Mapping[str, nn.Module]:
+        """Return ``self.encoders`` as a plain ``{modality: encoder}`` mapping."""
+        return dict(self.encoders.items())
+
+    @torch.no_grad()
+    def record_modality_outputs(self, features: Mapping[str, Tensor], targets: Tensor) -> None:
+        """Compute and keep the per-modality logits and targets of the current training step (no gradient)."""
+        self.modality_logits = {name: logits.detach() for name, logits in self.fusion.modality_logits(features).items()}
+        self.modality_targets = targets.detach()

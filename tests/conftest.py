@@ -1,0 +1,97 @@
+"""Shared fixtures: offline settings, tiny data and models, a CLI runner (in-process and as DDP subprocesses)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ml_optim_plugins import (
+    ConcatFusion,
+    Fusion,
+    MultimodalClassifier,
+    SentenceTransformerTextEncoder,
+    SyntheticSentimentDataModule,
+    TimmImageEncoder,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+torch.set_num_threads(2)
+
+
+def make_tiny_datamodule(**overrides) -> SyntheticSentimentDataModule:
+    """Synthetic data small enough for a few-second fit."""
+    args = dict(train_size=32, val_size=16, test_size=16, image_size=32, batch_size=8, max_length=24)
+    args.update(overrides)
+    return SyntheticSentimentDataModule(**args)
+
+
+def make_tiny_model(fusion: Fusion | None = None, **overrides) -> MultimodalClassifier:
+    """A small timm CNN and the packaged MiniLM, ready for the tiny synthetic data."""
+    encoders = {
+        "image": TimmImageEncoder("test_resnet"),
+        "text": SentenceTransformerTextEncoder("all-MiniLM-L6-v2", max_seq_length=24),
+    }
+    return MultimodalClassifier(encoders, fusion=fusion or ConcatFusion(), num_classes=3, **overrides)
+
+
+@pytest.fixture
+def tiny_datamodule() -> SyntheticSentimentDataModule:
+    return make_tiny_datamodule()
+
+
+@pytest.fixture
+def tiny_model() -> MultimodalClassifier:
+    torch.manual_seed(0)
+    return make_tiny_model()
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    """The quick-start recipe shrunk to seconds: tiny data, a tiny CNN, one short epoch, logs under tmp_path."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["model"]["init_args"]["encoders"]["image"]["init_args"]["model_name"] = "test_resnet"
+    config["model"]["init_args"]["encoders"]["text"]["init_args"]["max_seq_length"] = 24
+    config["data"]["init_args"].update(
+        train_size=32, val_size=16, test_size=16, image_size=32, batch_size=8, max_length=24
+    )
+    trainer = config["trainer"]
+    trainer.update(max_epochs=1, accelerator="cpu", log_every_n_steps=1, enable_model_summary=False)
+    for logger in trainer["logger"]:
+        logger["init_args"]["save_dir"] = str(tmp_path / "runs")
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("RichProgressBar")]
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def run_cli_subprocess(tmp_path: Path):
+    """Run ``python -m ml_optim_plugins.cli ARGS`` in a fresh process (needed for DDP), failing with its output."""
+
+    def run(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(
+            [sys.executable, "-m", "ml_optim_plugins.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr[-5000:]}"
+        return result
+
+    return run
