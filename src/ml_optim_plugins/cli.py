@@ -45,6 +45,7 @@ class MultimodalCLI(LightningCLI):
 
 def print_run_summary(trainer: Trainer, stage: str) -> None:
     """Print the final epoch metrics, the log directory and the best checkpoint (rank 0 only)."""
+    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if not trainer.is_global_zero:
         return
     table = Table(title=f"ml-optim-plugins {stage}: final metrics")
@@ -59,8 +60,8 @@ def print_run_summary(trainer: Trainer, stage: str) -> None:
         table.add_row(name, f"{value:.4f}")
     console = Console()
     console.print(table)
-    if trainer.log_dir:
-        console.print(f"logs (CSV, TensorBoard, config): {Path(trainer.log_dir).resolve()}")
+    if log_dir:
+        console.print(f"logs (CSV, TensorBoard, config): {Path(log_dir).resolve()}")
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if checkpoint:
         score = trainer.checkpoint_callback.best_model_score

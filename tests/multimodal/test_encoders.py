@@ -112,3 +112,10 @@ def test_missing_minilm_package_is_named(monkeypatch):
 def test_unknown_text_model_fails_offline_with_hint(tmp_path):
     with pytest.raises(OSError, match="offline"):
         SentenceTransformerTextEncoder(str(tmp_path / "missing-model"))
+
+
+def test_every_text_encoder_parameter_gets_a_gradient(minilm):
+    # DDP fails on parameters that never receive gradients (e.g. BERT's unused pooler)
+    minilm.zero_grad()
+    minilm(minilm.tokenize(["a lovely day", "not good"])).sum().backward()
+    assert [n for n, p in minilm.named_parameters() if p.grad is None] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,17 @@ from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
 
 FUSED = "fused"
 SPLITS = ("train", "val", "test")
+
+
+def _is_plain_data(value: Any) -> bool:
+    """Whether ``value`` is YAML-like data (what a config holds), not a module or a callable."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_data(v) for v in value)
+    return False
 
 
 class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
@@ -67,7 +79,12 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoders", "fusion"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        # From LightningCLI the hyperparameters are the config (class paths and arguments), which lets
+        # `validate --ckpt_path` rebuild the model; from Python they are live modules and callables: not saved.
+        self.remove_ignored_hparams([key for key, value in self.hparams.items() if not _is_plain_data(value)])
         if not encoders:
             raise ValueError("encoders is empty; give at least one {modality: encoder}")
         if label_key in encoders:
@@ -78,6 +95,9 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
         self.encoders = nn.ModuleDict(dict(encoders))
         dims = dict(feature_dims or {})
+        unknown = sorted(set(dims) - set(self.encoders))
+        if unknown:
+            raise ValueError(f"feature_dims names {unknown} do not match the encoders {sorted(self.encoders)}")
         for name, encoder in self.encoders.items():
             if name not in dims:
                 if not hasattr(encoder, "output_dim"):
@@ -85,8 +105,6 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
                         f"encoder {name!r} ({type(encoder).__name__}) has no output_dim; pass feature_dims={{{name!r}: size}}"
                     )
                 dims[name] = int(encoder.output_dim)
-        if set(dims) != set(self.encoders):
-            raise ValueError(f"feature_dims names {sorted(dims)} do not match the encoders {sorted(self.encoders)}")
         self.fusion = fusion if fusion is not None else ConcatFusion()
         if not isinstance(self.fusion, Fusion):
             raise TypeError(f"fusion must be an ml_optim_plugins Fusion, got {type(self.fusion).__name__}")

@@ -174,6 +174,11 @@ class SentenceTransformerTextEncoder(nn.Module):
             if max_seq_length <= 0:
                 raise ValueError(f"max_seq_length={max_seq_length} must be positive")
             model.max_seq_length = max_seq_length
+        # The transformer's pooler (BERT's [CLS] dense layer) is not used by sentence-transformers' pooling; left in,
+        # its parameters never get gradients, which DDP rejects ("parameters that were not used in producing the loss").
+        transformer = getattr(model[0], "auto_model", None)
+        if getattr(transformer, "pooler", None) is not None:
+            transformer.pooler = None
         # sentence-transformers loads in eval mode; a fine-tunable encoder starts in train mode like any nn.Module,
         # and Lightning switches it to eval for validation.
         self.model = model.train()

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from ml_optim_plugins import GatedFusion, MultimodalClassifier, SumFusion
+
+from ..conftest import make_tiny_datamodule, make_tiny_model
+
+
+def tiny_trainer(tmp_path, **overrides) -> pl.Trainer:
+    args = dict(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    args.update(overrides)
+    return pl.Trainer(**args)
+
+
+class RecordModalityOutputs(Callback):
+    """What a modality-aware callback sees after each training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, tuple], tuple]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(
+            ({k: tuple(v.shape) for k, v in pl_module.modality_logits.items()}, tuple(pl_module.modality_targets.shape))
+        )
+        assert torch.equal(pl_module.modality_targets, batch["label"])
+
+
+@pytest.mark.parametrize("fusion_cls", [SumFusion, GatedFusion])
+def test_fit_logs_fused_and_per_modality_metrics(tmp_path, fusion_cls):
+    model, dm = make_tiny_model(fusion=fusion_cls()), make_tiny_datamodule()
+    recorder = RecordModalityOutputs()
+    trainer = tiny_trainer(tmp_path, callbacks=[recorder], limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(model, dm)
+    metrics = trainer.callback_metrics
+    for split in ("train", "val"):
+        for name in ("loss", "acc", "f1", "image/acc", "image/f1", "image/loss", "text/acc", "text/f1", "text/loss"):
+            key = f"{split}/{name}" if f"{split}/{name}" in metrics else f"{split}/{name}_epoch"
+            assert key in metrics, f"{key} not logged; got {sorted(metrics)}"
+            assert torch.isfinite(metrics[key])
+    assert 0.0 <= float(metrics["val/acc"]) <= 1.0
+    assert recorder.seen == [({"image": (8, 3), "text": (8, 3)}, (8,))] * 2
+
+
+def test_classifier_learns_a_fixed_batch(tmp_path):
+    torch.manual_seed(0)
+    model = make_tiny_model(optimizer=lambda params: torch.optim.Adam(params, lr=3e-3))
+    dm = make_tiny_datamodule(train_size=8, batch_size=8)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    optimizer = model.configure_optimizers()
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = model.step(batch, "train")
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_test_and_predict(tmp_path, tiny_model, tiny_datamodule):
+    trainer = tiny_trainer(tmp_path, limit_test_batches=1, limit_predict_batches=1)
+    results = trainer.test(tiny_model, tiny_datamodule, verbose=False)
+    assert {"test/acc", "test/f1", "test/image/acc", "test/text/acc"} <= set(results[0])
+    prediction = trainer.predict(tiny_model, tiny_datamodule)[0]
+    torch.testing.assert_close(prediction["probs"].sum(-1), torch.ones(8))
+    assert torch.equal(prediction["preds"], prediction["probs"].argmax(-1))
+
+
+def test_scheduler_is_returned_with_its_interval():
+    model = MultimodalClassifier(
+        {"a": nn.Linear(2, 4)},
+        num_classes=2,
+        feature_dims={"a": 4},
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1),
+        scheduler_interval="epoch",
+    )
+    config = model.configure_optimizers()
+    assert isinstance(config["optimizer"], torch.optim.AdamW)
+    assert config["lr_scheduler"]["interval"] == "epoch"
+
+
+def test_nan_loss_fails_with_a_clear_error(tiny_model, tiny_datamodule):
+    tiny_datamodule.setup("fit")
+    batch = next(iter(tiny_datamodule.train_dataloader()))
+    batch["image"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="train loss is nan"):
+        tiny_model.step(batch, "train")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"encoders": {}}, ValueError, "encoders is empty"),
+        ({"encoders": {"label": nn.Linear(2, 2)}, "feature_dims": {"label": 2}}, ValueError, "label_key 'label'"),
+        ({"encoders": {"a": nn.Linear(2, 2)}}, ValueError, "has no output_dim"),
+        ({"encoders": {"a": nn.Linear(2, 2)}, "feature_dims": {"b": 2}}, ValueError, "do not match"),
+        ({"encoders": {"a": nn.Linear(2, 2)}, "feature_dims": {"a": 2}, "fusion": nn.Linear(2, 2)}, TypeError, "Fusion"),
+        ({"encoders": {"a": nn.Linear(2, 2)}, "feature_dims": {"a": 2}, "scheduler_interval": "batch"}, ValueError, "'batch'"),
+        ({"encoders": {"a": nn.Linear(2, 2)}, "feature_dims": {"a": 2}, "class_names": ["x"]}, ValueError, "class_names"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MultimodalClassifier(**kwargs)
+
+
+def test_batch_without_a_modality_names_it(tiny_model):
+    with pytest.raises(KeyError, match=r"lacks modalities \['text'\]"):
+        tiny_model({"image": torch.randn(2, 3, 32, 32), "label": torch.zeros(2, dtype=torch.long)})

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from ml_optim_plugins import ConcatFusion, ModalityAware, ModalityAwareMixin, require_modality_aware
+
+
+class UsersOwnModule(pl.LightningModule):
+    """A module that implements the contract by hand, without our mixin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision, self.language = nn.Linear(4, 3), nn.Linear(6, 3)
+        self.modality_logits: dict[str, torch.Tensor] = {}
+        self.modality_targets = None
+
+    def modality_encoders(self):
+        return {"image": self.vision, "text": self.language}
+
+
+class MixinModule(ModalityAwareMixin, nn.Module):
+    def __init__(self, fusion=None) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(5, 2)})
+        self.fusion = fusion or ConcatFusion(in_dims={"a": 3, "b": 2}, num_classes=4)
+
+
+def test_protocol_recognises_hand_written_and_mixin_modules(tiny_model):
+    for module in (UsersOwnModule(), MixinModule(), tiny_model):
+        assert isinstance(module, ModalityAware)
+        assert require_modality_aware(module, "Test") is module
+    assert not isinstance(nn.Linear(2, 2), ModalityAware)
+
+
+def test_missing_contract_names_what_to_implement():
+    with pytest.raises(TypeError) as info:
+        require_modality_aware(nn.Linear(2, 2), "ModalityBalancer")
+    message = str(info.value)
+    assert "ModalityBalancer" in message and "Linear lacks modality_encoders()" in message
+    assert "ModalityAwareMixin" in message
+
+
+@pytest.mark.parametrize(
+    ("encoders", "match"),
+    [({}, "non-empty mapping"), ({"image": "resnet"}, "must be nn.Module")],
+)
+def test_bad_modality_encoders_are_rejected(encoders, match):
+    module = UsersOwnModule()
+    module.modality_encoders = lambda: encoders
+    with pytest.raises(TypeError, match=match):
+        require_modality_aware(module, "Test")
+
+
+def test_mixin_records_detached_logits_and_targets():
+    module = MixinModule()
+    assert module.modality_logits == {} and module.modality_targets is None
+    feats = {"a": module.encoders["a"](torch.randn(6, 4)), "b": module.encoders["b"](torch.randn(6, 5))}
+    targets = torch.arange(6) % 4
+    module.record_modality_outputs(feats, targets)
+    assert set(module.modality_logits) == {"a", "b"}
+    assert all(not t.requires_grad and t.shape == (6, 4) for t in module.modality_logits.values())
+    torch.testing.assert_close(sum(module.modality_logits.values()), module.fusion(feats).detach())
+    assert torch.equal(module.modality_targets, targets)
+    assert dict(module.modality_encoders()) == dict(module.encoders.items())

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ml_optim_plugins.cli import run
+
+
+def last_value(metrics_csv: Path, column: str) -> float:
+    rows = [row for row in csv.DictReader(metrics_csv.open()) if row.get(column)]
+    assert rows, f"{column} never logged in {metrics_csv}"
+    return float(rows[-1][column])
+
+
+def test_fit_through_the_cli_leaves_one_complete_run_directory(tiny_config, tmp_path, capsys):
+    cli = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "2"])
+    log_dir = Path(cli.trainer.log_dir)
+    assert log_dir == tmp_path / "runs" / "quickstart" / "version_0"
+    assert (log_dir / "config.yaml").is_file() and (log_dir / "metrics.csv").is_file()
+    assert list(log_dir.glob("events.out.tfevents.*")), "TensorBoard events not in the run directory"
+    assert not (log_dir.parent / "version_1").exists()
+    assert 0.0 <= last_value(log_dir / "metrics.csv", "val/acc") <= 1.0
+    assert last_value(log_dir / "metrics.csv", "val/image/acc") >= 0.0
+    best = Path(cli.trainer.checkpoint_callback.best_model_path)
+    assert best.is_file() and best.parent == log_dir / "checkpoints"
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2 and checkpoint["hyper_parameters"]["num_classes"] == 3
+    assert cli.model.hparams.class_names == ("negative", "neutral", "positive")
+    printed = capsys.readouterr().out
+    assert "val/acc" in printed and "best checkpoint" in printed and str(best.name) in printed
+
+
+def test_validate_from_a_fit_checkpoint(tiny_config, capsys):
+    cli = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1"])
+    best = cli.trainer.checkpoint_callback.best_model_path
+    capsys.readouterr()
+    validated = run(["validate", "-c", str(tiny_config), "--ckpt_path", best])
+    assert "val/acc" in validated.trainer.callback_metrics
+    assert "final metrics" in capsys.readouterr().out
+
+
+def test_quickstart_recipe_parses_with_all_library_classes(tmp_path):
+    config = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())
+    assert config["data"]["class_path"] == "ml_optim_plugins.SyntheticSentimentDataModule"
+    assert set(config["model"]["init_args"]["encoders"]) == {"image", "text"}
+
+
+def test_unknown_config_key_is_rejected_before_training(tiny_config, capsys):
+    with pytest.raises(SystemExit):
+        run(["fit", "-c", str(tiny_config), "--model.init_args.no_such_option", "3"])
+    assert "no_such_option" in capsys.readouterr().err
+
+
+def test_two_process_ddp_fit_on_cpu(tiny_config, run_cli_subprocess, tmp_path):
+    # 32 samples, batch 8, 2 processes: each rank sees 16 samples, so an epoch is 2 optimizer steps, not 4.
+    result = run_cli_subprocess(
+        "fit", "-c", str(tiny_config), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.accelerator", "cpu",
+    )
+    assert "best checkpoint" in result.stdout
+    log_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    checkpoint = torch.load(next((log_dir / "checkpoints").glob("best-*.ckpt")), map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert 0.0 <= last_value(log_dir / "metrics.csv", "val/acc") <= 1.0
