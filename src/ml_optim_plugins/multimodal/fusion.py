@@ -123,7 +123,18 @@ class Fusion(nn.Module):
             )
 
 
-class ConcatFusion(Fusion):
+class _LinearLateFusion(Fusion):
+    """Shared constructor of the linear late fusions: sizes (optional) and a dropout rate on the features."""
+
+    def __init__(
+        self, in_dims: Mapping[str, int] | None = None, num_classes: int | None = None, *, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.dropout_p = dropout
+        self._build_if_given(in_dims, num_classes)
+
+
+class ConcatFusion(_LinearLateFusion):
     """Concatenate the modalities' features and apply one linear head (optionally after dropout).
 
     Per-modality logits split the head exactly: with ``W = [W_1 | ... | W_M]``, modality ``m`` gets
@@ -142,13 +153,6 @@ class ConcatFusion(Fusion):
         True
     """
 
-    def __init__(
-        self, in_dims: Mapping[str, int] | None = None, num_classes: int | None = None, *, dropout: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.dropout_p = dropout
-        self._build_if_given(in_dims, num_classes)
-
     def _build_layers(self) -> None:
         self.dropout = nn.Dropout(self.dropout_p)
         self.head = nn.Linear(sum(self.in_dims.values()), self.num_classes)
@@ -164,7 +168,7 @@ class ConcatFusion(Fusion):
         return {name: features[name] @ w.T + share for name, w in zip(self.in_dims, weights)}
 
 
-class SumFusion(Fusion):
+class SumFusion(_LinearLateFusion):
     """One linear head per modality; the fused logits are the sum of the modalities' logits.
 
     Per-modality logits are each head's own output, exactly.
@@ -180,13 +184,6 @@ class SumFusion(Fusion):
         >>> torch.allclose(sum(fusion.modality_logits(feats).values()), fusion(feats))
         True
     """
-
-    def __init__(
-        self, in_dims: Mapping[str, int] | None = None, num_classes: int | None = None, *, dropout: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.dropout_p = dropout
-        self._build_if_given(in_dims, num_classes)
 
     def _build_layers(self) -> None:
         self.dropout = nn.Dropout(self.dropout_p)
