@@ -130,7 +130,7 @@ class _LinearLateFusion(Fusion):
         self, in_dims: Mapping[str, int] | None = None, num_classes: int | None = None, *, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        self.dropout_p = dropout
+        self.dropout = nn.Dropout(dropout)
         self._build_if_given(in_dims, num_classes)
 
 
@@ -154,7 +154,6 @@ class ConcatFusion(_LinearLateFusion):
     """
 
     def _build_layers(self) -> None:
-        self.dropout = nn.Dropout(self.dropout_p)
         self.head = nn.Linear(sum(self.in_dims.values()), self.num_classes)
 
     def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
@@ -186,7 +185,6 @@ class SumFusion(_LinearLateFusion):
     """
 
     def _build_layers(self) -> None:
-        self.dropout = nn.Dropout(self.dropout_p)
         self.heads = nn.ModuleDict({name: nn.Linear(dim, self.num_classes) for name, dim in self.in_dims.items()})
 
     def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
@@ -232,7 +230,7 @@ class GatedFusion(Fusion):
             raise ValueError(f"hidden_dim={hidden_dim} must be positive")
         super().__init__(neutral=neutral)
         self.hidden_dim = hidden_dim
-        self.dropout_p = dropout
+        self.dropout = nn.Dropout(dropout)
         self._build_if_given(in_dims, num_classes)
 
     def _build_layers(self) -> None:
@@ -240,7 +238,6 @@ class GatedFusion(Fusion):
             {name: nn.Linear(dim, self.hidden_dim) for name, dim in self.in_dims.items()}
         )
         self.gate = nn.Linear(sum(self.in_dims.values()), self.hidden_dim * len(self.in_dims))
-        self.dropout = nn.Dropout(self.dropout_p)
         self.head = nn.Linear(self.hidden_dim, self.num_classes)
 
     def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
