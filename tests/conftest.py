@@ -78,20 +78,25 @@ def tiny_config(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def run_cli_subprocess(tmp_path: Path):
-    """Run ``python -m ml_optim_plugins.cli ARGS`` in a fresh process (needed for DDP), failing with its output."""
+def run_python_subprocess(tmp_path: Path):
+    """Run ``python ARGS`` in a fresh process in ``tmp_path`` (needed for DDP), failing with its output."""
 
     def run(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         result = subprocess.run(
-            [sys.executable, "-m", "ml_optim_plugins.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
+            [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
         )
         assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr[-5000:]}"
         return result
+
+    return run
+
+
+@pytest.fixture
+def run_cli_subprocess(run_python_subprocess):
+    """Run ``python -m ml_optim_plugins.cli ARGS`` in a fresh process (needed for DDP), failing with its output."""
+
+    def run(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        return run_python_subprocess("-m", "ml_optim_plugins.cli", *args, timeout=timeout)
 
     return run

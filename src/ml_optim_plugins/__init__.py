@@ -26,10 +26,23 @@ from ml_optim_plugins.multimodal import (
     require_modality_aware,
     resolve_text_model,
 )
+from ml_optim_plugins.schedules import (
+    COOLDOWN_SHAPES,
+    DECAY_SHAPES,
+    WARMUP_SHAPES,
+    WarmupDecay,
+    WarmupDecayLR,
+    WarmupDecaySchedule,
+    warmup_decay_scheduler,
+    warmup_factor,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COOLDOWN_SHAPES",
+    "DECAY_SHAPES",
+    "WARMUP_SHAPES",
     "ConcatFusion",
     "Fusion",
     "GatedFusion",
@@ -45,9 +58,14 @@ __all__ = [
     "SyntheticSentimentDataModule",
     "SyntheticSentimentDataset",
     "TimmImageEncoder",
+    "WarmupDecay",
+    "WarmupDecayLR",
+    "WarmupDecaySchedule",
     "__version__",
     "load_tokenizer",
     "packaged_minilm_path",
     "require_modality_aware",
     "resolve_text_model",
+    "warmup_decay_scheduler",
+    "warmup_factor",
 ]

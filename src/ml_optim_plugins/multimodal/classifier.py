@@ -47,7 +47,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         encoders: ``{modality: encoder}``; each encoder reports ``output_dim`` (or give ``feature_dims``).
         fusion: a :class:`Fusion` (not yet built; it is built here for the encoders' sizes). Default: ConcatFusion.
         num_classes: number of classes (LightningCLI links it from the data module).
-        optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path`` + ``init_args``). ``None``:
+        optimizer: a callable ``param groups -> Optimizer`` (LightningCLI: ``class_path`` + ``init_args``), called
+            with :meth:`param_groups` (one named group per encoder, one for the fusion). ``None``:
             AdamW, lr 1e-3, weight decay 0.01.
         lr_scheduler: optional callable ``optimizer -> LRScheduler``.
         scheduler_interval: ``"step"`` or ``"epoch"``: when Lightning steps ``lr_scheduler``.
@@ -188,11 +189,27 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         probs = self(batch).softmax(dim=-1)
         return {"probs": probs, "preds": probs.argmax(dim=-1)}
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One named param group per modality encoder (``encoders.<modality>``) and one for the rest (``fusion``).
+
+        Named groups give ``LearningRateMonitor`` readable keys and let per-module LR multipliers
+        (:class:`~ml_optim_plugins.WarmupDecay`) and staged unfreezing act on one encoder without splitting groups.
+        """
+        groups = [
+            {"name": f"encoders.{name}", "params": list(encoder.parameters())}
+            for name, encoder in self.encoders.items()
+        ]
+        in_encoders = {id(p) for group in groups for p in group["params"]}
+        rest = [p for p in self.parameters() if id(p) not in in_encoders]
+        if rest:
+            groups.append({"name": "fusion", "params": rest})
+        return [group for group in groups if group["params"]]
+
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+            optimizer = torch.optim.AdamW(self.param_groups(), lr=1e-3, weight_decay=0.01)
         else:
-            optimizer = self.optimizer_factory(self.parameters())
+            optimizer = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -1,0 +1,123 @@
+"""Map an optimizer's param groups to module names: LR multipliers by module name or glob, and stable group names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+
+def parameter_names(module: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> qualified name`` for every parameter of ``module`` (shared ones under their first name)."""
+    return {id(p): name for name, p in module.named_parameters(remove_duplicate=True)}
+
+
+def _prefixes(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``: the parameter's own name, then its enclosing modules, innermost first."""
+    parts = name.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def _is_glob(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
+def multiplier_key(name: str, multipliers: Mapping[str, float]) -> str | None:
+    """The key of ``multipliers`` that applies to parameter ``name``, or ``None``.
+
+    A key is a module name (``"encoders.image"``), a parameter name, or a glob (``"encoders.*"``, ``"*.bias"``; ``*``
+    also matches dots). The most specific key wins: exact names before globs; then the key matching the longest part
+    of the parameter's name (its own name, then each enclosing module); then the first in ``multipliers``.
+
+    Example:
+        >>> multiplier_key("encoders.image.conv.weight", {"encoders.*": 0.5, "encoders.image": 0.1})
+        'encoders.image'
+        >>> multiplier_key("encoders.text.layer.bias", {"encoders.*": 0.5, "encoders.image": 0.1})
+        'encoders.*'
+        >>> multiplier_key("fusion.head.bias", {"encoders.*": 0.5}) is None
+        True
+    """
+    for exact in (True, False):
+        keys = [key for key in multipliers if _is_glob(key) != exact]
+        for prefix in _prefixes(name):
+            for key in keys:
+                if fnmatchcase(prefix, key):
+                    return key
+    return None
+
+
+def check_multiplier_keys(multipliers: Mapping[str, float], names: Iterable[str], owner: str) -> None:
+    """Raise a ``ValueError`` for a multiplier that is negative or matches no parameter of the module (a typo)."""
+    names = list(names)
+    for key, value in multipliers.items():
+        if value < 0:
+            raise ValueError(f"{owner}: lr_multipliers[{key!r}] = {value} is negative")
+        if not any(fnmatchcase(prefix, key) for name in names for prefix in _prefixes(name)):
+            top = sorted({name.split(".")[0] for name in names})
+            raise ValueError(
+                f"{owner}: lr_multipliers key {key!r} matches no parameter of the module; keys are module or "
+                f"parameter names or globs, e.g. one of its top-level modules {top}"
+            )
+
+
+def _common_module(names: list[str]) -> str:
+    """Longest dotted prefix shared by every name (``""`` if none), cut at a module boundary."""
+    if not names:
+        return ""
+    common = names[0].split(".")[:-1]
+    for name in names[1:]:
+        parts = name.split(".")
+        n = 0
+        while n < min(len(common), len(parts) - 1) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common)
+
+
+def group_keys(group: Mapping[str, Any], names: Mapping[int, str], multipliers: Mapping[str, float]) -> list[str | None]:
+    """The multiplier key of each parameter of ``group`` (``None`` where none applies or the name is unknown)."""
+    return [multiplier_key(names[id(p)], multipliers) if id(p) in names else None for p in group["params"]]
+
+
+def split_groups_by_multiplier(
+    optimizer: Optimizer, names: Mapping[int, str], multipliers: Mapping[str, float]
+) -> None:
+    """Split, in place, every param group whose parameters fall under different multipliers.
+
+    Each part keeps the group's hyperparameters; the optimizer's per-parameter state is keyed by parameter, so it is
+    unaffected. Parts are inserted where the group was, so group order is deterministic and a checkpoint of the split
+    optimizer loads into a freshly split one.
+    """
+    new_groups: list[dict[str, Any]] = []
+    for group in optimizer.param_groups:
+        keys = group_keys(group, names, multipliers)
+        if len(set(keys)) <= 1:
+            new_groups.append(group)
+            continue
+        for key in dict.fromkeys(keys):
+            part = {k: v for k, v in group.items() if k != "params"}
+            part["params"] = [p for p, k in zip(group["params"], keys) if k == key]
+            label = key if key is not None else "default"
+            part["name"] = f"{group['name']}/{label}" if "name" in group else label
+            new_groups.append(part)
+    optimizer.param_groups[:] = new_groups
+
+
+def name_group(optimizer: Optimizer, index: int, names: Mapping[int, str], multipliers: Mapping[str, float]) -> str:
+    """Give param group ``index`` a ``name`` if it has none, and return it.
+
+    The name is its multiplier key if all its parameters share one, else the innermost module containing all its
+    parameters, else ``pg{index + 1}``; made unique within the optimizer. Names keep ``LearningRateMonitor``'s keys
+    stable when groups are split or added.
+    """
+    group = optimizer.param_groups[index]
+    if "name" not in group:
+        keys = set(group_keys(group, names, multipliers))
+        key = keys.pop() if len(keys) == 1 else None
+        label = key or _common_module([names[id(p)] for p in group["params"] if id(p) in names]) or f"pg{index + 1}"
+        taken = {g.get("name") for i, g in enumerate(optimizer.param_groups) if i != index}
+        group["name"] = label if label not in taken else f"{label}-{index + 1}"
+    return group["name"]
