@@ -25,6 +25,13 @@ def test_fit_through_the_cli_leaves_one_complete_run_directory(tiny_config, tmp_
     assert not (log_dir.parent / "version_1").exists()
     assert 0.0 <= last_value(log_dir / "metrics.csv", "val/acc") <= 1.0
     assert last_value(log_dir / "metrics.csv", "val/image/acc") >= 0.0
+    # WarmupDecay from the recipe: 2 optimizer steps, 1 of warmup; one LR column per named param group.
+    warmup = next(c for c in cli.trainer.callbacks if type(c).__name__ == "WarmupDecay")
+    assert (warmup.resolved.total_steps, warmup.resolved.warmup_steps) == (2, 1)
+    for group in ("encoders.image", "encoders.text", "fusion"):
+        lrs = [float(row[f"lr-AdamW/{group}"]) for row in csv.DictReader((log_dir / "metrics.csv").open())
+               if row.get(f"lr-AdamW/{group}")]
+        assert lrs == pytest.approx([0.0, 3e-4]), group
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     assert best.is_file() and best.parent == log_dir / "checkpoints"
     checkpoint = torch.load(best, map_location="cpu", weights_only=False)

@@ -43,6 +43,48 @@ def test_index_mixin_example_is_modality_aware():
     assert loss.ndim == 0 and model.modality_logits["image"].shape == (4, 3)
 
 
-@pytest.mark.parametrize("page", ["index.md", "quickstart.md", "data.md"])
+def test_schedules_callback_example_runs_as_described(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    callback_block, scheduler_block = python_blocks(REPO / "docs" / "schedules.md")
+    exec(compile(callback_block, "docs/schedules.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert "32 4" in printed and "{'encoder': '1e-06', 'head': '1e-05'}" in printed
+    header = next((tmp_path / "runs").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"lr-AdamW/encoder", "lr-AdamW/head"} <= set(header)
+
+
+def test_schedules_scheduler_example_builds_a_step_scheduler():
+    _, block = python_blocks(REPO / "docs" / "schedules.md")
+    namespace: dict = {}
+    exec(compile(block, "docs/schedules.md", "exec"), namespace)
+    import types
+
+    import torch
+
+    module = types.SimpleNamespace(
+        parameters=lambda: [torch.nn.Parameter(torch.zeros(2))],
+        trainer=types.SimpleNamespace(estimated_stepping_batches=2000),
+    )
+    config = namespace["configure_optimizers"](module)
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert scheduler.schedule.total_steps == 2000 and scheduler.schedule.warmup_steps == 500
+
+
+def test_schedule_figures_are_drawn_and_all_shown(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_schedule_figures", REPO / "docs" / "make_schedule_figures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    written = script.main(tmp_path)
+    assert len(written) == len(script.FIGURES) and all(p.stat().st_size > 5000 for p in written)
+    page = (REPO / "docs" / "schedules.md").read_text()
+    for name in script.FIGURES:
+        assert f"figures/schedules/{name}.png" in page, name
+        assert (REPO / "docs" / "figures" / "schedules" / f"{name}.png").is_file(), name
+
+
+@pytest.mark.parametrize("page", ["index.md", "quickstart.md", "data.md", "schedules.md"])
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()

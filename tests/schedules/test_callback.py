@@ -57,12 +57,12 @@ def test_multipliers_split_a_shared_group_and_name_the_parts(make_trainer, tmp_p
     model = TwoLayer()
     trainer.fit(model)
     groups = trainer.optimizers[0].param_groups
-    assert [g["name"] for g in groups] == ["body", "default", "head.b*"]
+    assert [g["name"] for g in groups] == ["body", "head", "head.b*"]
     assert [len(g["params"]) for g in groups] == [2, 1, 1]
     assert groups[1]["params"][0] is model.head.weight and groups[2]["params"][0] is model.head.bias
     assert recorder.lrs[0][5] == pytest.approx([0.01, 0.1, 0.2])
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"lr-SGD/body", "lr-SGD/default", "lr-SGD/head.b*"} <= set(header)
+    assert {"lr-SGD/body", "lr-SGD/head", "lr-SGD/head.b*"} <= set(header)
 
 
 def test_unnamed_groups_are_named_after_their_module(make_trainer):

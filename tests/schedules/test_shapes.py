@@ -109,6 +109,22 @@ def test_decays_end_at_min_and_hold_it(decay):
     assert schedule.lr(T, 0.5) == pytest.approx(0.05) and schedule.lr(10 * T, 0.5) == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize(
+    "decay, extra",
+    [("linear", {}), ("cosine", {}), ("cosine", {"cycles": 2, "cycle_mul": 2.0}), ("polynomial", {}),
+     ("wsd", {"cooldown_steps": 0}), ("one_cycle", {"warmup_start_factor": 0.1})],
+)
+def test_no_room_to_decay_ends_at_the_floor_without_dividing_by_zero(decay, extra):
+    warmup = 5 if decay == "one_cycle" else 10
+    schedule = WarmupDecaySchedule(total_steps=10, warmup_steps=warmup, decay=decay, min_lr_ratio=0.1, **extra)
+    assert schedule.lr(10, 1.0) == pytest.approx(0.1) and schedule.lr(11, 1.0) == pytest.approx(0.1)
+
+
+def test_wsd_without_cooldown_holds_the_base_lr_to_the_end():
+    schedule = WarmupDecaySchedule(total_steps=10, warmup_steps=2, decay="wsd", cooldown_steps=0, min_lr_ratio=0.1)
+    assert [schedule.lr(k, 1.0) for k in range(2, 10)] == [1.0] * 8
+
+
 def test_ratios_resolve_against_the_total_rounding_up():
     schedule = WarmupDecaySchedule(warmup_ratio=0.05, decay="wsd", cooldown_ratio=0.1).resolve(1001)
     assert (schedule.total_steps, schedule.warmup_steps, schedule.cooldown_steps) == (1001, 51, 101)

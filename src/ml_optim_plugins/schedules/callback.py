@@ -82,9 +82,7 @@ class WarmupDecay(Callback):
         optimizers: Sequence[int] | None = None,
         **schedule_args: Any,
     ) -> None:
-        if schedule is not None and schedule_args:
-            raise TypeError(f"give a WarmupDecaySchedule or its arguments, not both (got {sorted(schedule_args)})")
-        self.schedule = schedule if schedule is not None else WarmupDecaySchedule(**schedule_args)
+        self.schedule = WarmupDecaySchedule.from_arguments(schedule, **schedule_args)
         self.lr_multipliers = dict(lr_multipliers or {})
         if late_warmup_steps is not None and late_warmup_steps < 0:
             raise ValueError(f"late_warmup_steps must be >= 0, got {late_warmup_steps}")

@@ -87,7 +87,8 @@ def split_groups_by_multiplier(
 ) -> None:
     """Split, in place, every param group whose parameters fall under different multipliers.
 
-    Each part keeps the group's hyperparameters; the optimizer's per-parameter state is keyed by parameter, so it is
+    Each part is named after its multiplier key (the part under none: after the innermost module holding all its
+    parameters, else ``default``) and keeps the group's hyperparameters; the optimizer's per-parameter state is keyed by parameter, so it is
     unaffected. Parts are inserted where the group was, so group order is deterministic and a checkpoint of the split
     optimizer loads into a freshly split one.
     """
@@ -100,7 +101,7 @@ def split_groups_by_multiplier(
         for key in dict.fromkeys(keys):
             part = {k: v for k, v in group.items() if k != "params"}
             part["params"] = [p for p, k in zip(group["params"], keys) if k == key]
-            label = key if key is not None else "default"
+            label = key or _common_module([names[id(p)] for p in part["params"] if id(p) in names]) or "default"
             part["name"] = f"{group['name']}/{label}" if "name" in group else label
             new_groups.append(part)
     optimizer.param_groups[:] = new_groups

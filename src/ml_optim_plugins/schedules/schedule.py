@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ml_optim_plugins.schedules.shapes import (
     COOLDOWN_SHAPES,
@@ -121,6 +122,12 @@ class WarmupDecaySchedule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(self.milestones))
+        if isinstance(self.total_steps, float):
+            # trainer.estimated_stepping_batches is a float: inf when the run has no end, else a whole number.
+            if math.isinf(self.total_steps):
+                object.__setattr__(self, "total_steps", None)
+            elif self.total_steps.is_integer():
+                object.__setattr__(self, "total_steps", int(self.total_steps))
         _choice("warmup", self.warmup, WARMUP_SHAPES)
         _choice("decay", self.decay, DECAY_SHAPES)
         _choice("cooldown", self.cooldown, COOLDOWN_SHAPES)
@@ -130,7 +137,9 @@ class WarmupDecaySchedule:
                     f"{name}={getattr(self, name)!r} is only read by decay {' / '.join(map(repr, decays))}, "
                     f"not by decay={self.decay!r}; remove it or change decay"
                 )
-        if self.total_steps is not None and (isinstance(self.total_steps, bool) or self.total_steps <= 0):
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps <= 0
+        ):
             raise ValueError(f"total_steps must be a positive number of optimizer steps, got {self.total_steps!r}")
         _non_negative_int("warmup_steps", self.warmup_steps)
         _fraction("warmup_ratio", self.warmup_ratio)
@@ -177,6 +186,31 @@ class WarmupDecaySchedule:
             if self.cooldown_steps is not None:
                 _non_negative_int("cooldown_steps", self.cooldown_steps)
             _fraction("cooldown_ratio", self.cooldown_ratio, upper_open=False)
+
+    @classmethod
+    def from_arguments(cls, schedule: WarmupDecaySchedule | None = None, **arguments: Any) -> WarmupDecaySchedule:
+        """``schedule`` itself, or a schedule built from ``arguments``; the two forms exclude each other.
+
+        Used by :func:`~ml_optim_plugins.warmup_decay_scheduler` and :class:`~ml_optim_plugins.WarmupDecay`, which take
+        either. Arguments left at their defaults do not count as given (jsonargparse passes every one of them).
+
+        Raises:
+            TypeError: an unknown argument, or a ``schedule`` together with arguments that differ from the defaults.
+        """
+        defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+        unknown = sorted(set(arguments) - set(defaults))
+        if unknown:
+            raise TypeError(f"unknown schedule argument(s) {unknown}; expected some of {sorted(defaults)}")
+        if schedule is None:
+            return cls(**arguments)
+        given = sorted(
+            name
+            for name, value in arguments.items()
+            if (tuple(value) if name == "milestones" else value) != defaults[name]
+        )
+        if given:
+            raise TypeError(f"give a WarmupDecaySchedule or its arguments, not both (got schedule and {given})")
+        return schedule
 
     @property
     def needs_total_steps(self) -> bool:

@@ -88,7 +88,7 @@ def warmup_decay_scheduler(
     Raises:
         ValueError: for bad schedule arguments, a decay that needs ``total_steps`` without it, a warmup longer than
             training, or a ``min_lr`` above a group's LR.
-        TypeError: when both ``schedule`` and keyword arguments are given.
+        TypeError: an unknown keyword, or both ``schedule`` and keyword arguments.
 
     Example:
         >>> import torch
@@ -112,9 +112,4 @@ def warmup_decay_scheduler(
                 )
                 return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     """
-    if schedule is not None and schedule_args:
-        raise TypeError(f"give a WarmupDecaySchedule or its arguments, not both (got {sorted(schedule_args)})")
-    if schedule is None:
-        total = schedule_args.pop("total_steps", None)
-        schedule = WarmupDecaySchedule(**schedule_args).resolve(total)
-    return WarmupDecayLR(optimizer, schedule, last_epoch=last_epoch)
+    return WarmupDecayLR(optimizer, WarmupDecaySchedule.from_arguments(schedule, **schedule_args), last_epoch=last_epoch)

@@ -48,7 +48,7 @@ def _half_cosine(progress: float) -> float:
 def _progress(step: float, start: float, length: float) -> float:
     """Fraction of ``[start, start + length]`` covered at ``step``, clamped to [0, 1]."""
     if length <= 0:
-        return 1.0
+        return 1.0 if step >= start else 0.0
     return min(max((step - start) / length, 0.0), 1.0)
 
 
@@ -101,6 +101,8 @@ def cosine_cycle(t: float, decay_steps: float, cycles: int = 1, cycle_mul: float
         >>> cosine_cycle(15, 30, cycles=3)
         (1, 0.5)
     """
+    if decay_steps <= 0:
+        return cycles, 1.0  # no room to decay: already at the end
     first = decay_steps / sum(cycle_mul**i for i in range(cycles))
     if cycle_mul != 1:
         i = math.floor(math.log(1 - t / first * (1 - cycle_mul), cycle_mul))
