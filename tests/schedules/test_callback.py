@@ -180,3 +180,14 @@ def test_schedule_object_or_keywords_not_both():
         WarmupDecay(WarmupDecaySchedule(), warmup_steps=3)
     with pytest.raises(ValueError, match="late_warmup_steps must be >= 0"):
         WarmupDecay(late_warmup_steps=-1)
+
+
+def test_wrapper_modules_do_not_change_the_names_multipliers_match():
+    from ml_optim_plugins.schedules.param_groups import parameter_names
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._fsdp_wrapped_module = torch.nn.ModuleDict({"encoder": torch.nn.Linear(2, 2)})
+
+    assert sorted(parameter_names(Wrapped()).values()) == ["encoder.bias", "encoder.weight"]

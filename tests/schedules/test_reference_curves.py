@@ -146,31 +146,19 @@ def test_same_curve_as_torch_without_warmup(make_torch, ours):
     assert our_curve(WarmupDecaySchedule(total_steps=T, **ours), T + 1) == pytest.approx(expected, abs=TOL)
 
 
-def test_one_cycle_is_torch_one_cycle_three_phase_counted_to_the_last_step():
+@pytest.mark.parametrize("three_phase, decay, warmup", [(True, "one_cycle", 40), (False, "cosine", 60)])
+def test_torch_one_cycle_counted_to_the_last_step(three_phase, decay, warmup):
     """torch's OneCycleLR reaches its peak at step pct_start * total - 1 and its end at total - 1; ours at
-    warmup_steps and total_steps, like every other shape. Shifting by one step, the curves are the same."""
-    total, warmup, div, final_div = 200, 40, 25.0, 1e4
+    warmup_steps and total_steps, like every other shape. Shifting by one step, the curves are the same: three-phase
+    is decay='one_cycle', two-phase is a cosine warmup then a cosine decay."""
+    total, div, final_div = 200, 25.0, 1e4
     torch_scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer(), max_lr=BASE, total_steps=total + 1, pct_start=(warmup + 1) / (total + 1), three_phase=True,
+        optimizer(), max_lr=BASE, total_steps=total + 1, pct_start=(warmup + 1) / (total + 1), three_phase=three_phase,
         div_factor=div, final_div_factor=final_div, cycle_momentum=False,
     )
     expected = torch_curve(torch_scheduler, total + 1)
     schedule = WarmupDecaySchedule(
         total_steps=total, warmup_steps=warmup, warmup="cosine", warmup_start_factor=1 / div,
-        decay="one_cycle", min_lr=BASE / div / final_div,
-    )
-    assert our_curve(schedule, total + 1) == pytest.approx(expected, abs=TOL)
-
-
-def test_two_phase_one_cycle_is_cosine_warmup_then_cosine_decay():
-    total, warmup, div, final_div = 200, 60, 25.0, 1e4
-    torch_scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer(), max_lr=BASE, total_steps=total + 1, pct_start=(warmup + 1) / (total + 1),
-        div_factor=div, final_div_factor=final_div, cycle_momentum=False,
-    )
-    expected = torch_curve(torch_scheduler, total + 1)
-    schedule = WarmupDecaySchedule(
-        total_steps=total, warmup_steps=warmup, warmup="cosine", warmup_start_factor=1 / div,
-        decay="cosine", min_lr=BASE / div / final_div,
+        decay=decay, min_lr=BASE / div / final_div,
     )
     assert our_curve(schedule, total + 1) == pytest.approx(expected, abs=TOL)

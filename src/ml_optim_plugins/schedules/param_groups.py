@@ -10,9 +10,19 @@ from torch import nn
 from torch.optim import Optimizer
 
 
+# Wrappers that FSDP and activation checkpointing insert into parameter names; users name the modules they wrote.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
 def parameter_names(module: nn.Module) -> dict[int, str]:
-    """``id(parameter) -> qualified name`` for every parameter of ``module`` (shared ones under their first name)."""
-    return {id(p): name for name, p in module.named_parameters(remove_duplicate=True)}
+    """``id(parameter) -> qualified name`` for every parameter of ``module`` (shared ones under their first name),
+    without the wrapper modules that FSDP, activation checkpointing and ``torch.compile`` insert."""
+    names = {}
+    for name, p in module.named_parameters(remove_duplicate=True):
+        for wrapper in _WRAPPER_PREFIXES:
+            name = name.replace(wrapper, "")
+        names[id(p)] = name
+    return names
 
 
 def _prefixes(name: str) -> list[str]:
