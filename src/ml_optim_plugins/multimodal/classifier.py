@@ -55,6 +55,9 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         feature_dims: override of the feature size per modality, for encoders without ``output_dim``.
         label_key: the batch key of the targets.
         class_names: optional names of the classes, saved with the hyperparameters.
+        modality_dropout: a module applied in training to the features dict before the fusion, e.g.
+            :class:`~ml_optim_plugins.ModalityDropout`; the per-modality predictions recorded for callbacks are computed
+            from the features before it.
 
     Example:
         >>> from ml_optim_plugins import SumFusion
@@ -78,6 +81,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         feature_dims: Mapping[str, int] | None = None,
         label_key: str = "label",
         class_names: Sequence[str] | None = None,
+        modality_dropout: nn.Module | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -115,6 +119,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
+        self.modality_dropout = modality_dropout
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -149,7 +154,10 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         """Shared body of the train / val / test steps: loss of the fused prediction, metrics per head."""
         targets = batch[self.label_key]
         features = self.compute_features(batch)
-        logits = self.fusion(features)
+        if self.modality_dropout is not None and self.training:
+            logits = self.fusion(self.modality_dropout(features))
+        else:
+            logits = self.fusion(features)
         loss = F.cross_entropy(logits, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(

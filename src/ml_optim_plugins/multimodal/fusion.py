@@ -123,14 +123,25 @@ class Fusion(nn.Module):
             )
 
 
+def dropout_layer(dropout: float | nn.Module) -> nn.Module:
+    """``nn.Dropout(rate)`` for a rate, or the given module itself (e.g. ``GaussianDropout(0.1)``)."""
+    if isinstance(dropout, nn.Module):
+        return dropout
+    return nn.Dropout(float(dropout))
+
+
 class _LinearLateFusion(Fusion):
-    """Shared constructor of the linear late fusions: sizes (optional) and a dropout rate on the features."""
+    """Shared constructor of the linear late fusions: sizes (optional) and a dropout on the features."""
 
     def __init__(
-        self, in_dims: Mapping[str, int] | None = None, num_classes: int | None = None, *, dropout: float = 0.0
+        self,
+        in_dims: Mapping[str, int] | None = None,
+        num_classes: int | None = None,
+        *,
+        dropout: float | nn.Module = 0.0,
     ) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self._build_if_given(in_dims, num_classes)
 
 
@@ -143,7 +154,8 @@ class ConcatFusion(_LinearLateFusion):
     Args:
         in_dims: feature size per modality (optional; see :class:`Fusion`).
         num_classes: number of classes (optional; see :class:`Fusion`).
-        dropout: dropout rate on the concatenated features.
+        dropout: dropout on the concatenated features: a rate (``nn.Dropout``) or a module, e.g.
+            ``GaussianDropout(0.1)``.
 
     Example:
         >>> fusion = ConcatFusion(in_dims={"image": 4, "text": 6}, num_classes=3)
@@ -175,7 +187,7 @@ class SumFusion(_LinearLateFusion):
     Args:
         in_dims: feature size per modality (optional; see :class:`Fusion`).
         num_classes: number of classes (optional; see :class:`Fusion`).
-        dropout: dropout rate on each modality's features.
+        dropout: dropout on each modality's features: a rate (``nn.Dropout``) or a module.
 
     Example:
         >>> fusion = SumFusion(in_dims={"image": 4, "text": 6}, num_classes=3)
@@ -207,7 +219,7 @@ class GatedFusion(Fusion):
         in_dims: feature size per modality (optional; see :class:`Fusion`).
         num_classes: number of classes (optional; see :class:`Fusion`).
         hidden_dim: size of the fused representation.
-        dropout: dropout rate on the fused representation.
+        dropout: dropout on the fused representation: a rate (``nn.Dropout``) or a module.
         neutral: stand-in for a masked modality: ``"zero"`` or ``"mean"`` (running mean of its features).
 
     Example:
@@ -223,14 +235,14 @@ class GatedFusion(Fusion):
         num_classes: int | None = None,
         *,
         hidden_dim: int = 128,
-        dropout: float = 0.0,
+        dropout: float | nn.Module = 0.0,
         neutral: NeutralValue = "zero",
     ) -> None:
         if hidden_dim <= 0:
             raise ValueError(f"hidden_dim={hidden_dim} must be positive")
         super().__init__(neutral=neutral)
         self.hidden_dim = hidden_dim
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self._build_if_given(in_dims, num_classes)
 
     def _build_layers(self) -> None:

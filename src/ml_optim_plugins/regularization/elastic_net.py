@@ -1,0 +1,85 @@
+"""L1 + L2 (elastic-net) weight penalties on chosen modules, with biases and normalisation weights left out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+
+import torch
+from torch import Tensor, nn
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def elastic_net_penalty(params: Iterable[Tensor], l1: float = 0.0, l2: float = 0.0) -> Tensor:
+    """``l1 * sum |w| + l2 * sum w**2`` over ``params``: lasso (``l2=0``), ridge (``l1=0``) or elastic net.
+
+    Example:
+        >>> elastic_net_penalty([torch.tensor([1.0, -2.0])], l1=0.1, l2=0.01)
+        tensor(0.3500)
+    """
+    if l1 < 0 or l2 < 0:
+        raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}")
+    total = torch.zeros(())
+    for p in params:
+        term = torch.zeros((), device=p.device, dtype=p.dtype)
+        if l1:
+            term = term + l1 * p.abs().sum()
+        if l2:
+            term = term + l2 * p.pow(2).sum()
+        total = total.to(term.device) + term
+    return total
+
+
+def regularized_parameters(
+    module: nn.Module, modules: Sequence[str] | None = None, exclude_bias_and_norm: bool = True
+) -> dict[str, nn.Parameter]:
+    """The parameters an elastic-net penalty should act on: ``{name: parameter}``.
+
+    Args:
+        module: the model.
+        modules: names or globs of the submodules to penalise (``["encoders.*", "fusion"]``); ``None``: all.
+        exclude_bias_and_norm: leave out biases and the weights of normalisation layers (BatchNorm, LayerNorm,
+            GroupNorm, RMSNorm): penalising them shrinks scales and shifts, not the model's complexity.
+
+    Raises:
+        ValueError: a ``modules`` entry that matches no submodule.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+        >>> list(regularized_parameters(model))
+        ['0.weight']
+    """
+    patterns = list(modules) if modules is not None else None
+    if patterns is not None:
+        names = [name for name, _ in module.named_modules()]
+        for pattern in patterns:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                top = sorted({n.split(".")[0] for n in names if n})
+                raise ValueError(f"modules entry {pattern!r} matches no submodule; top-level modules are {top}")
+    selected: dict[str, nn.Parameter] = {}
+    for module_name, sub in module.named_modules():
+        if exclude_bias_and_norm and isinstance(sub, NORM_TYPES):
+            continue
+        for param_name, param in sub.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if exclude_bias_and_norm and param_name == "bias":
+                continue
+            if patterns is not None and not any(
+                fnmatchcase(prefix, pattern) for pattern in patterns for prefix in _enclosing(module_name)
+            ):
+                continue
+            selected.setdefault(name, param)
+    return selected
+
+
+def _enclosing(module_name: str) -> list[str]:
+    """``"a.b"`` -> ``["a.b", "a"]``: a module and the modules that contain it."""
+    parts = module_name.split(".") if module_name else []
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
