@@ -73,3 +73,15 @@ def test_two_process_ddp_fit_on_cpu(tiny_config, run_cli_subprocess, tmp_path):
     checkpoint = torch.load(next((log_dir / "checkpoints").glob("best-*.ckpt")), map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2
     assert 0.0 <= last_value(log_dir / "metrics.csv", "val/acc") <= 1.0
+
+
+def test_gaussian_dropout_variant_stacks_on_the_recipe(tiny_config, tmp_path, monkeypatch):
+    from ml_optim_plugins import GaussianDropout, ModalityDropout
+
+    monkeypatch.chdir(tmp_path)
+    variant = Path(__file__).parents[1] / "recipes" / "variants" / "gaussian_dropout.yaml"
+    cli = run(["fit", "-c", str(tiny_config), "-c", str(variant), "--trainer.limit_train_batches", "1"])
+    assert isinstance(cli.model.fusion.dropout, GaussianDropout) and cli.model.fusion.dropout.p == 0.3
+    assert isinstance(cli.model.modality_dropout, ModalityDropout) and cli.model.modality_dropout.p == 0.2
+    assert Path(cli.trainer.log_dir).resolve() == tmp_path / "runs" / "quickstart-gaussian-dropout" / "version_0"
+    assert cli.trainer.global_step == 1

@@ -85,6 +85,17 @@ def test_schedule_figures_are_drawn_and_all_shown(tmp_path):
         assert (REPO / "docs" / "figures" / "schedules" / f"{name}.png").is_file(), name
 
 
-@pytest.mark.parametrize("page", ["index.md", "quickstart.md", "data.md", "schedules.md"])
+def test_regularization_examples_run_and_print_what_they_say(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks(REPO / "docs" / "regularization.md")
+    assert len(blocks) == 5
+    for block in blocks:
+        exec(compile(block, "docs/regularization.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:3] == ["1.0 0.43", "50 ['pos_drop', 'blocks.0.attn.attn_drop']", "['blocks.0.attn.attn_drop']"]
+    assert "True" in printed and "['fusion.weight']" in printed
+
+
+@pytest.mark.parametrize("page", ["index.md", "quickstart.md", "data.md", "schedules.md", "regularization.md", "benchmarks.md"])
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()
