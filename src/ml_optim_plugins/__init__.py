@@ -12,6 +12,12 @@ from ml_optim_plugins.data import (
     SyntheticSentimentDataset,
     load_tokenizer,
 )
+from ml_optim_plugins.gradcheck import (
+    GradCheckReport,
+    TensorCheck,
+    check_gradients,
+    training_step_loss,
+)
 from ml_optim_plugins.multimodal import (
     ConcatFusion,
     Fusion,
@@ -66,6 +72,7 @@ __all__ = [
     "Fusion",
     "GatedFusion",
     "GaussianDropout",
+    "GradCheckReport",
     "ManifestDataModule",
     "ManifestError",
     "ModalityAware",
@@ -79,6 +86,7 @@ __all__ = [
     "SumFusion",
     "SyntheticSentimentDataModule",
     "SyntheticSentimentDataset",
+    "TensorCheck",
     "TimmImageEncoder",
     "VariationalGaussianDropout",
     "VariationalKL",
@@ -88,6 +96,7 @@ __all__ = [
     "WarmupDecayLR",
     "WarmupDecaySchedule",
     "__version__",
+    "check_gradients",
     "elastic_net_penalty",
     "gaussian_dropout",
     "kl_kingma",
@@ -99,6 +108,7 @@ __all__ = [
     "replace_dropout",
     "require_modality_aware",
     "resolve_text_model",
+    "training_step_loss",
     "variational_kl",
     "warmup_decay_scheduler",
     "warmup_factor",

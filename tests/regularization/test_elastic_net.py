@@ -82,3 +82,29 @@ def test_two_process_ddp_ranks_stay_identical(run_python_subprocess, tmp_path):
     run_python_subprocess(str(Path(__file__).with_name("ddp_penalty.py")), str(tmp_path))
     rank0, rank1 = (json.loads((tmp_path / f"params-rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1 and rank0["steps"] == 4
+
+
+def test_variational_noise_parameters_and_tied_weights():
+    from ml_optim_plugins import VariationalGaussianDropout, VariationalLinear
+
+    model = torch.nn.Sequential(VariationalLinear(4, 4), VariationalGaussianDropout(4))
+    assert list(regularized_parameters(model)) == ["0.weight"]
+    embedding, out = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+    out.weight = embedding.weight
+    tied = torch.nn.ModuleDict({"emb": embedding, "out": out})
+    assert list(regularized_parameters(tied)) == ["emb.weight"]
+
+
+def test_modules_built_in_configure_model_are_penalised(make_penalty_trainer):
+    class Late(Regression):
+        def __init__(self):
+            super().__init__()
+            self.extra = None
+
+        def configure_model(self):
+            if self.extra is None:
+                self.extra = torch.nn.Linear(2, 2)
+
+    callback = ElasticNetPenalty(l2=0.1, modules=["extra"])
+    make_penalty_trainer(callbacks=[callback], max_steps=1).fit(Late())
+    assert len(callback._params) == 1

@@ -70,3 +70,13 @@ def test_replacement_keeps_the_train_or_eval_mode(training):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)).train(training)
     replace_dropout(model)
     assert model[1].training is training
+
+
+def test_a_layer_shared_by_two_parents_is_replaced_in_both_and_restored():
+    shared = torch.nn.Dropout(0.2)
+    model = torch.nn.ModuleDict({"a": torch.nn.Sequential(torch.nn.Linear(2, 2), shared), "b": torch.nn.Sequential(shared)})
+    replaced = replace_dropout(model)
+    assert replaced.names == ["a.1", "b.0"] and model["a"][1] is model["b"][0]
+    assert isinstance(model["b"][0], GaussianDropout)
+    replaced.undo()
+    assert model["a"][1] is shared and model["b"][0] is shared

@@ -164,3 +164,26 @@ def test_sparse_variational_dropout_separates_irrelevant_inputs():
     assert log_alpha[:4].max() < -6 and layer.mask()[0, :4].tolist() == [1, 1, 1, 1]
     assert log_alpha[4:].min() > log_alpha[:4].max() + 4 and log_alpha[4:].mean() > 0.5
     assert layer.sparsity() > 0.05
+
+
+def test_kingma_refuses_a_start_above_its_clip():
+    with pytest.raises(ValueError, match="p_init=0.7 is above 0.5"):
+        VariationalGaussianDropout(4, p_init=0.7)
+    assert VariationalGaussianDropout(4, p_init=0.7, kl_approximation="molchanov").p.mean().item() == pytest.approx(0.7)
+
+
+def test_kl_weight_needs_a_countable_training_set(make_penalty_trainer):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.regularization.tiny_modules import Regression
+
+    class TwoLoaders(Regression):
+        def train_dataloader(self):
+            data = TensorDataset(self.x, self.y)
+            return {"a": DataLoader(data, batch_size=8), "b": DataLoader(data, batch_size=8)}
+
+        def training_step(self, batch, batch_idx):
+            return self.data_loss(*batch["a"])
+
+    with pytest.raises(ValueError, match=r"cannot read that number from the training dataloader \(dict: several loaders"):
+        make_penalty_trainer(callbacks=[VariationalKL()], max_steps=1).fit(TwoLoaders(variational=True))

@@ -191,3 +191,58 @@ def test_wrapper_modules_do_not_change_the_names_multipliers_match():
             self._fsdp_wrapped_module = torch.nn.ModuleDict({"encoder": torch.nn.Linear(2, 2)})
 
     assert sorted(parameter_names(Wrapped()).values()) == ["encoder.bias", "encoder.weight"]
+
+
+def test_several_manual_optimizers_need_an_explicit_total(make_trainer):
+    trainer = make_trainer(max_steps=20, callbacks=[WarmupDecay(warmup_steps=2)])
+    with pytest.raises(MisconfigurationException, match="pass total_steps, the number of steps of each optimizer"):
+        trainer.fit(TwoOptimizers())
+
+
+def test_modules_built_in_configure_model_are_seen(make_trainer):
+    class Late(TwoLayer):
+        def __init__(self):
+            super().__init__()
+            del self.body
+
+        def configure_model(self):
+            if not hasattr(self, "body"):
+                self.body = torch.nn.Linear(32, 16)
+
+    recorder = LRRecorder()
+    make_trainer(max_steps=3, callbacks=[WarmupDecay(decay="constant", lr_multipliers={"body": 0.5}), recorder]).fit(Late())
+    assert recorder.lrs[0][-1] == [0.05, 0.1]
+
+
+def test_restart_warmup_revives_a_group_gated_at_lr_zero(make_trainer):
+    class Ungate(AddGroupAt):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            if trainer.global_step == self.step:
+                trainer.optimizers[0].param_groups[1]["lr"] = 0.05
+                callback.restart_warmup(0, 1, warmup_steps=2)
+
+    class Gated(TwoLayer):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.body.parameters()}, {"params": self.head.parameters(), "lr": 0.0}], lr=0.1)
+
+    recorder = LRRecorder()
+    callback = WarmupDecay(decay="constant")
+    make_trainer(max_steps=8, callbacks=[callback, Ungate(4), recorder]).fit(Gated())
+    assert [lrs[1] for lrs in recorder.lrs[0]] == pytest.approx([0, 0, 0, 0, 0.0, 0.025, 0.05, 0.05])
+
+
+def test_lbfgs_closure_evaluations_count_as_one_step(make_trainer):
+    class WithLBFGS(TwoLayer):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+    callback = WarmupDecay(warmup_steps=2, decay="linear")
+    trainer = make_trainer(max_steps=4, callbacks=[callback])
+    trainer.fit(WithLBFGS())
+    assert callback.state_dict()["steps"] == {"0": trainer.global_step} == {"0": 4}
+
+
+def test_fast_dev_run_leaves_the_optimizer_alone(make_trainer):
+    recorder = LRRecorder()
+    make_trainer(fast_dev_run=True, callbacks=[WarmupDecay(warmup_steps=100), recorder]).fit(TwoLayer())
+    assert recorder.lrs[0] == [[0.1]]

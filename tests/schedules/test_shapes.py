@@ -125,9 +125,9 @@ def test_wsd_without_cooldown_holds_the_base_lr_to_the_end():
     assert [schedule.lr(k, 1.0) for k in range(2, 10)] == [1.0] * 8
 
 
-def test_ratios_resolve_against_the_total_rounding_up():
+def test_ratios_resolve_against_the_total_warmup_up_cooldown_down():
     schedule = WarmupDecaySchedule(warmup_ratio=0.05, decay="wsd", cooldown_ratio=0.1).resolve(1001)
-    assert (schedule.total_steps, schedule.warmup_steps, schedule.cooldown_steps) == (1001, 51, 101)
+    assert (schedule.total_steps, schedule.warmup_steps, schedule.cooldown_steps) == (1001, 51, 100)  # up, down
     explicit = WarmupDecaySchedule(total_steps=500, warmup_ratio=0.1).resolve(1001)
     assert (explicit.total_steps, explicit.warmup_steps) == (500, 50)
 
@@ -205,3 +205,13 @@ def test_unresolved_schedule_refuses_to_answer():
 def test_min_lr_above_a_groups_base_lr_is_rejected():
     with pytest.raises(ValueError, match=r"min_lr \(0.01\) is above the base learning rate of param group 'head'"):
         WarmupDecaySchedule(min_lr=0.01, total_steps=10).check_base_lr(0.001, "'head'")
+
+
+def test_shrinking_cosine_cycles_hold_the_floor_after_the_end():
+    schedule = WarmupDecaySchedule(total_steps=70, decay="cosine", cycles=3, cycle_mul=0.5, min_lr=0.01)
+    assert schedule.lr(70, 1.0) == 0.01 and schedule.lr(80, 1.0) == 0.01 and schedule.lr(1000, 1.0) == 0.01
+
+
+def test_one_cycle_needs_a_warmup():
+    with pytest.raises(ValueError, match="give warmup_steps > 0"):
+        WarmupDecaySchedule(decay="one_cycle", warmup_start_factor=0.1).resolve(100)

@@ -161,7 +161,7 @@ class ConcatFusion(_LinearLateFusion):
         >>> fusion = ConcatFusion(in_dims={"image": 4, "text": 6}, num_classes=3)
         >>> feats = {"image": torch.randn(2, 4), "text": torch.randn(2, 6)}
         >>> parts = fusion.modality_logits(feats)
-        >>> torch.allclose(parts["image"] + parts["text"], fusion(feats))
+        >>> torch.allclose(parts["image"] + parts["text"], fusion(feats), atol=1e-6)
         True
     """
 
@@ -192,7 +192,7 @@ class SumFusion(_LinearLateFusion):
     Example:
         >>> fusion = SumFusion(in_dims={"image": 4, "text": 6}, num_classes=3)
         >>> feats = {"image": torch.randn(2, 4), "text": torch.randn(2, 6)}
-        >>> torch.allclose(sum(fusion.modality_logits(feats).values()), fusion(feats))
+        >>> torch.allclose(sum(fusion.modality_logits(feats).values()), fusion(feats), atol=1e-6)
         True
     """
 

@@ -48,6 +48,9 @@ def regularized_parameters(
         exclude_bias_and_norm: leave out biases and the weights of normalisation layers (BatchNorm, LayerNorm,
             GroupNorm, RMSNorm): penalising them shrinks scales and shifts, not the model's complexity.
 
+    The noise parameters of variational dropout layers (``log_alpha``, ``log_sigma2``) are never selected, and a
+    weight shared by two modules (tied embeddings) appears once.
+
     Raises:
         ValueError: a ``modules`` entry that matches no submodule.
 
@@ -64,18 +67,23 @@ def regularized_parameters(
                 top = sorted({n.split(".")[0] for n in names if n})
                 raise ValueError(f"modules entry {pattern!r} matches no submodule; top-level modules are {top}")
     selected: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()  # tied weights (shared by two modules) are penalised once
     for module_name, sub in module.named_modules():
         if exclude_bias_and_norm and isinstance(sub, NORM_TYPES):
             continue
+        variational = callable(getattr(sub, "kl", None))
         for param_name, param in sub.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
-            if exclude_bias_and_norm and param_name == "bias":
+            if exclude_bias_and_norm and param_name == "bias" or id(param) in seen:
                 continue
+            if variational and param_name != "weight":
+                continue  # noise parameters of variational dropout (log_alpha, log_sigma2) are not weights
             if patterns is not None and not any(
                 fnmatchcase(prefix, pattern) for pattern in patterns for prefix in _enclosing(module_name)
             ):
                 continue
-            selected.setdefault(name, param)
+            seen.add(id(param))
+            selected[name] = param
     return selected
 
 

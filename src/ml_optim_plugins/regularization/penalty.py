@@ -35,16 +35,16 @@ class PenaltyCallback(Callback):
         self._param_ids: set[int] = set()
 
     def select_parameters(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
-        """``{name: parameter}`` the penalty depends on; called once at setup."""
+        """``{name: parameter}`` the penalty depends on; called once at ``on_fit_start``, before the first step."""
         raise NotImplementedError
 
     def penalty(self, pl_module: pl.LightningModule, step: int) -> Tensor:
         """The weighted penalty (a differentiable scalar) at optimizer step ``step``."""
         raise NotImplementedError
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._param_ids = {id(p) for p in self.select_parameters(pl_module).values()}
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in setup(): modules built in configure_model() exist only now; still before the first step.
+        self._param_ids = {id(p) for p in self.select_parameters(pl_module).values()}
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -94,7 +94,7 @@ class ElasticNetPenalty(PenaltyCallback):
         exclude_bias_and_norm: leave biases and normalisation weights out.
 
     Raises:
-        ValueError: negative weights, both zero, or a ``modules`` entry that matches nothing (at setup).
+        ValueError: negative weights, both zero, or a ``modules`` entry that matches nothing (before the first step).
 
     Example::
 
@@ -143,7 +143,7 @@ class VariationalKL(PenaltyCallback):
         warmup_steps: optimizer steps over which the weight grows linearly from 0.
 
     Raises:
-        TypeError: at setup, if the module has no variational layer (``VariationalGaussianDropout``,
+        TypeError: before the first step, if the module has no variational layer (``VariationalGaussianDropout``,
             ``VariationalLinear`` or any module with a ``kl()`` method).
         ValueError: ``weight=None`` with a training set of unknown length.
 
@@ -173,15 +173,17 @@ class VariationalKL(PenaltyCallback):
         return {f"{name}.{p_name}": p for name, layer in layers.items() for p_name, p in layer.named_parameters()}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         if self.weight is None:
             trainer.fit_loop.setup_data()
-            dataset = getattr(trainer.train_dataloader, "dataset", None)
+            loader = trainer.train_dataloader
             try:
-                size = len(dataset)  # type: ignore[arg-type]
-            except TypeError:
+                size = len(loader.dataset)  # type: ignore[union-attr,arg-type]
+            except (AttributeError, TypeError):
                 raise ValueError(
-                    "VariationalKL(weight=None) needs the number of training samples, but the training set has no "
-                    "length; pass weight=1/N"
+                    f"VariationalKL(weight=None) takes 1 / (number of training samples), but it cannot read that number "
+                    f"from the training dataloader ({type(loader).__name__}: several loaders, or a dataset without "
+                    "length); pass weight=1/N"
                 ) from None
             self.resolved_weight = 1.0 / size
 

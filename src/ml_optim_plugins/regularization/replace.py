@@ -101,13 +101,15 @@ def replace_dropout(
     patterns = list(exclude)
     targets = [
         (name, child)
-        for name, child in module.named_modules()
+        for name, child in module.named_modules(remove_duplicate=False)
         if name and type(child) in tuple(types) and not any(fnmatchcase(name, pattern) for pattern in patterns)
     ]
     swapped: dict[str, tuple[nn.Module, nn.Module]] = {}
+    replacements: dict[int, nn.Module] = {}  # a layer shared by two parents gets one shared replacement
     for name, original in targets:
-        replacement = factory(original.p)
-        replacement.train(original.training)
-        _set_submodule(module, name, replacement)
-        swapped[name] = (original, replacement)
+        if id(original) not in replacements:
+            replacements[id(original)] = factory(original.p)
+            replacements[id(original)].train(original.training)
+        _set_submodule(module, name, replacements[id(original)])
+        swapped[name] = (original, replacements[id(original)])
     return DropoutReplacement(module, swapped)

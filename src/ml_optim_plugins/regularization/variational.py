@@ -81,6 +81,11 @@ class VariationalGaussianDropout(nn.Module):
         if not 0.0 < p_init < 1.0:
             raise ValueError(f"p_init must be in (0, 1), got {p_init!r}")
         _check_approximation(kl_approximation)
+        if kl_approximation == "kingma" and p_init > 0.5:
+            raise ValueError(
+                f"p_init={p_init} is above 0.5, where kl_approximation='kingma' clips alpha (its polynomial holds for "
+                "alpha <= 1, i.e. p <= 0.5) and the rate could not learn; use p_init <= 0.5 or 'molchanov'"
+            )
         self.dim, self.kl_approximation = dim, kl_approximation
         self.log_alpha = nn.Parameter(torch.full((num_features,), math.log(p_init / (1.0 - p_init))))
 

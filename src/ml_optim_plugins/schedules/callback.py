@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from ml_optim_plugins.schedules.param_groups import (
@@ -30,22 +30,23 @@ class WarmupDecay(Callback):
 
     When each hook acts:
 
-    * ``setup``: checks that every ``lr_multipliers`` key matches a parameter.
-    * ``on_fit_start`` (optimizers exist, nothing trained yet): derives ``total_steps`` from the Trainer when not
+    * ``on_fit_start`` (optimizers exist, nothing trained yet): checks that every ``lr_multipliers`` key matches a
+      parameter, derives ``total_steps`` from the Trainer when not
       given (``trainer.estimated_stepping_batches``: ``max_steps``, or ``max_epochs`` x batches / accumulation),
       validates the schedule against it and every group's base LR, refuses a scheduler already attached to a driven
       optimizer, splits groups that span modules with different multipliers, and names unnamed groups so that
       ``LearningRateMonitor`` logs stable keys (``lr-AdamW/encoders.image``).
     * ``on_before_optimizer_step``: sets the LRs for this optimizer step and counts it. This hook runs once per real
       step, so gradient accumulation is handled (micro-batches are not steps), and per optimizer, so several
-      optimizers (manual optimization) each follow the schedule on their own step count.
+      optimizers (manual optimization) each follow the schedule on their own step count. An optimizer that calls
+      its closure several times per step (LBFGS) is counted once per step.
     * ``on_train_batch_start`` / ``on_train_batch_end``: keep the LRs current between steps, so monitors and loggers
       read the LR that the next step will use.
 
     A param group that appears in the optimizer during training (an unfrozen encoder) is detected before the next
     step and gets its own warmup from that step (``late_warmup_steps``); :meth:`restart_warmup` does the same for a
-    group that was present but gated. Everything is in :meth:`state_dict`, so a run resumed from any checkpoint follows
-    the same LR trajectory as one that never stopped.
+    group that was present but gated. Under ``fast_dev_run`` the schedule is not applied. Everything is in
+    :meth:`state_dict`, so a run resumed from any checkpoint follows the same LR trajectory as one that never stopped.
 
     Args:
         schedule: the warmup + decay; or give its arguments as keywords (``warmup_steps=100, decay="cosine"``).
@@ -94,18 +95,38 @@ class WarmupDecay(Callback):
         self._groups: dict[int, list[dict[str, Any]]] = {}
         self._loaded_total: int | None = None
         self._names: dict[int, str] = {}
+        self._disabled = False
+        # Per optimizer, the trainer's global_step when its last step was counted: LBFGS calls the hook once per
+        # closure evaluation, several times for one optimizer step.
+        self._counted_at: dict[int, int] = {}
+        self._optimizers: list[Optimizer] = []
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(optimizers=self.optimizer_indices)
 
     # ------------------------------------------------------------------ setup
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.lr_multipliers:
-            check_multiplier_keys(self.lr_multipliers, parameter_names(pl_module).values(), type(self).__name__)
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in setup(): modules built in configure_model() exist only now; still before the first step.
+        self._names = parameter_names(pl_module)
+        if self.lr_multipliers:
+            check_multiplier_keys(self.lr_multipliers, self._names.values(), type(self).__name__)
+        if trainer.fast_dev_run:
+            self._disabled = True
+            rank_zero_info("WarmupDecay: fast_dev_run is a smoke test of a few steps; the schedule is not applied")
+            return
         driven = self._driven_indices(trainer)
+        if (
+            not pl_module.automatic_optimization
+            and len(driven) > 1
+            and self.schedule.total_steps is None
+            and self.schedule.needs_total_steps
+        ):
+            raise MisconfigurationException(
+                f"WarmupDecay drives {len(driven)} manually stepped optimizers, whose step counts the Trainer cannot "
+                "tell apart (its max_steps counts the steps of all of them); pass total_steps, the number of steps "
+                "of each optimizer"
+            )
         for config in trainer.lr_scheduler_configs:
             for index in driven:
                 if config.scheduler.optimizer is trainer.optimizers[index]:
@@ -118,12 +139,12 @@ class WarmupDecay(Callback):
         derived = trainer.estimated_stepping_batches
         total = self._loaded_total if self._loaded_total is not None else derived
         self.resolved = self.schedule.resolve(total)
+        self._optimizers = list(trainer.optimizers)
         if self._loaded_total is not None and self.schedule.total_steps is None and derived != self._loaded_total:
             rank_zero_warn(
                 f"WarmupDecay: the resumed run has {derived} optimizer steps but the checkpoint's schedule was built "
                 f"for {self._loaded_total}; keeping {self._loaded_total} so the LR trajectory continues unchanged"
             )
-        self._names = parameter_names(pl_module)
         for index in driven:
             optimizer = trainer.optimizers[index]
             if self.lr_multipliers:
@@ -133,6 +154,8 @@ class WarmupDecay(Callback):
             self._register_groups(index, optimizer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._disabled:
+            return
         if trainer.global_step and not any(self._steps.values()):
             # Resumed from a checkpoint saved without this callback: Lightning's step count is the best we have.
             rank_zero_warn(f"WarmupDecay: no saved state; continuing the schedule from global_step {trainer.global_step}")
@@ -141,32 +164,50 @@ class WarmupDecay(Callback):
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._apply_all(trainer)
+        if not self._disabled:
+            self._apply_all(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        index = self._index_of(trainer, optimizer)
+        index = None if self._disabled else self._index_of(trainer, optimizer)
         if index is None:
             return
+        if self._counted_at.get(index) == trainer.global_step:
+            self._steps[index] -= 1  # the same optimizer step again (LBFGS closure): same LR, counted once
         self._apply(index, trainer.optimizers[index])
         self._steps[index] += 1
+        self._counted_at[index] = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._apply_all(trainer)
+        if not self._disabled:
+            self._apply_all(trainer)
 
     # ------------------------------------------------------------------ public
-    def restart_warmup(self, optimizer_index: int, group_index: int, warmup_steps: int | None = None) -> None:
+    def restart_warmup(
+        self, optimizer_index: int, group_index: int, warmup_steps: int | None = None, base_lr: float | None = None
+    ) -> None:
         """Give a param group a fresh warmup from the current step (e.g. when a gated encoder becomes trainable).
 
         Args:
             optimizer_index: index of the optimizer in ``trainer.optimizers``.
             group_index: index of the param group in that optimizer.
             warmup_steps: length of this warmup; default ``late_warmup_steps`` (or the schedule's warmup).
+            base_lr: the group's new base LR (before its multiplier). Default: unchanged, except for a group gated
+                with LR 0, whose base LR is then read from its ``lr`` now (set it before calling).
         """
         record = self._groups[optimizer_index][group_index]
+        group = self._optimizers[optimizer_index].param_groups[group_index]
+        if base_lr is None and record["base_lr"] == 0:
+            base_lr = float(group["lr"])
+        if base_lr is not None:
+            keys = set(group_keys(group, self._names, self.lr_multipliers))
+            key = keys.pop() if len(keys) == 1 else None
+            record["base_lr"] = base_lr * (self.lr_multipliers[key] if key is not None else 1.0)
+            assert self.resolved is not None
+            self.resolved.check_base_lr(record["base_lr"], repr(record["name"]))
         record["first_step"] = self._steps[optimizer_index]
         record["warmup_steps"] = self._late_warmup() if warmup_steps is None else int(warmup_steps)
 

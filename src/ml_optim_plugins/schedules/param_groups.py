@@ -40,22 +40,27 @@ def multiplier_key(name: str, multipliers: Mapping[str, float]) -> str | None:
 
     A key is a module name (``"encoders.image"``), a parameter name, or a glob (``"encoders.*"``, ``"*.bias"``; ``*``
     also matches dots). The most specific key wins: exact names before globs; then the key matching the longest part
-    of the parameter's name (its own name, then each enclosing module); then the first in ``multipliers``.
+    of the parameter's name (its own name, then each enclosing module); then the glob with the most literal
+    characters; then the first in ``multipliers``.
 
     Example:
         >>> multiplier_key("encoders.image.conv.weight", {"encoders.*": 0.5, "encoders.image": 0.1})
         'encoders.image'
         >>> multiplier_key("encoders.text.layer.bias", {"encoders.*": 0.5, "encoders.image": 0.1})
         'encoders.*'
+        >>> multiplier_key("encoders.image.conv.weight", {"*": 1.0, "encoders.*": 0.5, "encoders.image.*": 0.1})
+        'encoders.image.*'
         >>> multiplier_key("fusion.head.bias", {"encoders.*": 0.5}) is None
         True
     """
     for exact in (True, False):
         keys = [key for key in multipliers if _is_glob(key) != exact]
         for prefix in _prefixes(name):
-            for key in keys:
-                if fnmatchcase(prefix, key):
-                    return key
+            matches = [key for key in keys if fnmatchcase(prefix, key)]
+            if matches:
+                # Among globs matching the same part, the one with the most literal characters is the most specific
+                # ("encoders.image.*" over "encoders.*" over "*"); max() keeps the first of equals.
+                return max(matches, key=lambda key: len(key) - sum(key.count(c) for c in "*?[]"))
     return None
 
 

@@ -86,7 +86,8 @@ class WarmupDecaySchedule:
         timescale: ``inverse_sqrt`` only: the LR is ``base_lr * sqrt(timescale / (t + timescale))``, ``t`` steps after
             the warmup; defaults to ``warmup_steps`` (or 10 000 without warmup), as in transformers.
         cooldown_steps: ``wsd`` only: length of the final decay; the LR is constant between warmup and cooldown.
-        cooldown_ratio: ``wsd`` only: cooldown as a fraction of ``total_steps``; excludes ``cooldown_steps``.
+        cooldown_ratio: ``wsd`` only: cooldown as a fraction of ``total_steps`` (rounded down); excludes
+            ``cooldown_steps``.
         cooldown: ``wsd`` only: shape of the cooldown, ``linear``, ``cosine`` or ``1-sqrt``.
 
     Raises:
@@ -252,7 +253,8 @@ class WarmupDecaySchedule:
         warmup = self.warmup_steps if self.warmup_ratio is None else math.ceil(self.warmup_ratio * total)
         cooldown = self.cooldown_steps
         if self.cooldown_ratio is not None:
-            cooldown = math.ceil(self.cooldown_ratio * total)
+            # Rounded down (the warmup is rounded up), so ratios that add up to 1 fit in the run.
+            cooldown = math.floor(self.cooldown_ratio * total)
         resolved = dataclasses.replace(
             self, total_steps=total, warmup_steps=warmup, warmup_ratio=None, cooldown_steps=cooldown, cooldown_ratio=None
         )
@@ -273,6 +275,8 @@ class WarmupDecaySchedule:
                 f"warmup_steps ({warmup}) + cooldown_steps ({self.cooldown_steps}) exceed the total training steps "
                 f"({total}); shorten them or train longer"
             )
+        if self.decay == "one_cycle" and warmup == 0:
+            raise ValueError("decay='one_cycle' climbs during the warmup and comes back down after it; give warmup_steps > 0")
         if self.decay == "one_cycle" and 2 * warmup > total:
             raise ValueError(
                 f"decay='one_cycle' climbs for warmup_steps ({warmup}) and comes back down in as many steps, which "

@@ -101,8 +101,8 @@ def cosine_cycle(t: float, decay_steps: float, cycles: int = 1, cycle_mul: float
         >>> cosine_cycle(15, 30, cycles=3)
         (1, 0.5)
     """
-    if decay_steps <= 0:
-        return cycles, 1.0  # no room to decay: already at the end
+    if decay_steps <= 0 or t >= decay_steps:
+        return cycles, 1.0  # no room to decay, or past the last cycle: at the end
     first = decay_steps / sum(cycle_mul**i for i in range(cycles))
     if cycle_mul != 1:
         i = math.floor(math.log(1 - t / first * (1 - cycle_mul), cycle_mul))

@@ -1,0 +1,7 @@
+"""Gradient checking (numerical vs analytical, whole model) and gradient health monitoring."""
+
+from ml_optim_plugins.gradcheck.core import check_gradients
+from ml_optim_plugins.gradcheck.loss import training_step_loss
+from ml_optim_plugins.gradcheck.report import GradCheckReport, TensorCheck
+
+__all__ = ["GradCheckReport", "TensorCheck", "check_gradients", "training_step_loss"]

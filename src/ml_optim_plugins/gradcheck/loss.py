@@ -1,0 +1,127 @@
+"""The loss of a module on a batch, evaluated deterministically on a detached copy: shared by the gradient checker, the
+overfit check and the curvature probe, which must never disturb the real run."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The loss ``module.training_step(batch, 0)`` returns (a tensor, or the ``"loss"`` entry of a dict).
+
+    Works on any LightningModule whose ``training_step`` returns its loss, including one not attached to a Trainer
+    (its ``self.log`` calls are silenced).
+
+    Raises:
+        TypeError: if the module has no ``training_step`` or it returns no loss tensor.
+
+    Example:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> training_step_loss(BoringModel(), torch.randn(4, 32)).ndim
+        0
+    """
+    step = getattr(module, "training_step", None)
+    if step is None:
+        raise TypeError(
+            f"{type(module).__name__} has no training_step; pass loss_fn=lambda module, batch: <scalar loss>"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        warnings.filterwarnings("ignore", message=".*trainer.*reference is not registered.*")
+        out = step(batch, 0)
+    loss = out.get("loss") if isinstance(out, dict) else out
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(
+            f"{type(module).__name__}.training_step returned {type(out).__name__}, not a scalar loss tensor (or a dict "
+            "with 'loss'); pass loss_fn"
+        )
+    return loss.reshape(())
+
+
+def detached_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy of ``module`` (without its Trainer), optionally cast to ``dtype``; the original is not touched."""
+    trainer = getattr(module, "_trainer", None)
+    fabric = getattr(module, "_fabric", None)
+    clone = copy.deepcopy(module)
+    if trainer is not None or fabric is not None:
+        # LightningModule drops its trainer when pickled; make sure the copy also has no Fabric or strategy hook.
+        for attribute in ("_trainer", "_fabric"):
+            if hasattr(clone, attribute):
+                setattr(clone, attribute, None)
+    if dtype is not None:
+        clone = clone.to(dtype)
+    return clone
+
+
+def cast_batch(batch: Any, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Any:
+    """``batch`` with floating tensors cast to ``dtype`` and every tensor moved to ``device`` (others untouched)."""
+
+    def convert(tensor: Tensor) -> Tensor:
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.to(device) if device is not None else tensor
+
+    return apply_to_collection(batch, Tensor, convert)
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The first dimension of the first tensor in ``batch`` (``None`` if it has no tensor)."""
+    sizes: list[int] = []
+    apply_to_collection(batch, Tensor, lambda t: sizes.append(t.shape[0]) if t.ndim else None)
+    return sizes[0] if sizes else None
+
+
+def slice_batch(batch: Any, max_samples: int | None) -> Any:
+    """The first ``max_samples`` samples of ``batch``: tensors whose first dimension is the batch size, and lists of
+    per-sample values (e.g. raw texts) of that length, inside any nesting of dicts, lists and tuples.
+
+    Example:
+        >>> out = slice_batch({"x": torch.zeros(8, 3), "text": ["a"] * 8, "k": torch.tensor(1.0)}, 2)
+        >>> out["x"].shape, out["text"], out["k"].ndim
+        (torch.Size([2, 3]), ['a', 'a'], 0)
+    """
+    size = batch_size_of(batch)
+    if max_samples is None or size is None or size <= max_samples:
+        return batch
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value[:max_samples] if value.ndim and value.shape[0] == size else value
+        if isinstance(value, dict):
+            return type(value)((key, cut(item)) for key, item in value.items())
+        if isinstance(value, (list, tuple)):
+            is_samples = len(value) == size and not any(isinstance(v, (Tensor, dict, list, tuple)) for v in value)
+            return value[:max_samples] if is_samples else type(value)(cut(v) for v in value)
+        return value
+
+    return cut(batch)
+
+
+@contextlib.contextmanager
+def fixed_randomness(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with the global RNG seeded to ``seed``, and restore the caller's RNG state afterwards.
+
+    Every evaluation of the loss inside such a block draws the same dropout masks (and any other noise), so the loss
+    is a deterministic function of the parameters, which finite differences need.
+    """
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter or buffer (CPU if it has none)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
