@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from lightning.pytorch.loggers import CSVLogger
 
 from ml_optim_plugins import (
     ConcatFusion,
@@ -100,3 +102,19 @@ def run_cli_subprocess(run_python_subprocess):
         return run_python_subprocess("-m", "ml_optim_plugins.cli", *args, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def make_diag_trainer(tmp_path: Path):
+    """A quiet CPU Trainer with a CSV logger in tmp_path (its log_dir receives reports and plots)."""
+
+    def make(**kwargs) -> pl.Trainer:
+        args = dict(
+            accelerator="cpu", devices=1, max_epochs=1, limit_val_batches=0, logger=CSVLogger(tmp_path),
+            log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        args.update(kwargs)
+        return pl.Trainer(**args)
+
+    return make

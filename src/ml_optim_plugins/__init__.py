@@ -12,7 +12,16 @@ from ml_optim_plugins.data import (
     SyntheticSentimentDataset,
     load_tokenizer,
 )
+from ml_optim_plugins.diagnostics import (
+    CurvatureProbe,
+    HessianEigenvalues,
+    OverfitBatchCheck,
+    TrainingCurves,
+    hessian_top_eigenvalue,
+)
 from ml_optim_plugins.gradcheck import (
+    GradientCheck,
+    GradientMonitor,
     GradCheckReport,
     TensorCheck,
     check_gradients,
@@ -66,6 +75,7 @@ __version__ = "0.1.0"
 __all__ = [
     "COOLDOWN_SHAPES",
     "ConcatFusion",
+    "CurvatureProbe",
     "DECAY_SHAPES",
     "DropoutReplacement",
     "ElasticNetPenalty",
@@ -73,6 +83,9 @@ __all__ = [
     "GatedFusion",
     "GaussianDropout",
     "GradCheckReport",
+    "GradientCheck",
+    "GradientMonitor",
+    "HessianEigenvalues",
     "ManifestDataModule",
     "ManifestError",
     "ModalityAware",
@@ -81,6 +94,7 @@ __all__ = [
     "MultimodalClassifier",
     "MultimodalCollate",
     "MultimodalDataModule",
+    "OverfitBatchCheck",
     "PenaltyCallback",
     "SentenceTransformerTextEncoder",
     "SumFusion",
@@ -88,6 +102,7 @@ __all__ = [
     "SyntheticSentimentDataset",
     "TensorCheck",
     "TimmImageEncoder",
+    "TrainingCurves",
     "VariationalGaussianDropout",
     "VariationalKL",
     "VariationalLinear",
@@ -99,6 +114,7 @@ __all__ = [
     "check_gradients",
     "elastic_net_penalty",
     "gaussian_dropout",
+    "hessian_top_eigenvalue",
     "kl_kingma",
     "kl_molchanov",
     "load_tokenizer",

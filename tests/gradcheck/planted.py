@@ -92,3 +92,27 @@ def everything_batch(seed: int) -> dict:
         "image": torch.randn(6, 3, 8, 8, generator=g),
         "label": torch.randint(0, 3, (6,), generator=g),
     }
+
+
+class CustomLightning(__import__("lightning").pytorch.LightningModule):
+    """WithCustomLayer as a LightningModule on 64 fixed samples (batch 8), SGD."""
+
+    def __init__(self, bug: str = "none", lr: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = WithCustomLayer(bug)
+        self.lr = lr
+        g = torch.Generator().manual_seed(5)
+        self.x, self.y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+
+    def training_step(self, batch, batch_idx):
+        loss = classification_loss(self.net, batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(self.x, self.y)
+        return torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)

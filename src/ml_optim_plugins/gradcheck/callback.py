@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ml_optim_plugins.evaluation import log_to_loggers
 from ml_optim_plugins.gradcheck.core import check_gradients
 from ml_optim_plugins.gradcheck.report import GradCheckReport
 
@@ -95,11 +96,9 @@ class GradientCheck(Callback):
             }
         summary = trainer.strategy.broadcast(summary, src=0)
         self.checked_epochs.append(epoch)
-        pl_module.log("gradcheck/passed", float(summary["passed"]), on_step=True, on_epoch=False, rank_zero_only=True)
-        pl_module.log("gradcheck/failed_tensors", float(summary["failed"]), on_step=True, on_epoch=False,
-                      rank_zero_only=True)
-        for name, value in summary["by_modality"].items():
-            pl_module.log(f"gradcheck/max_rel_error/{name}", value, on_step=True, on_epoch=False, rank_zero_only=True)
+        metrics = {"gradcheck/passed": float(summary["passed"]), "gradcheck/failed_tensors": summary["failed"]}
+        metrics.update({f"gradcheck/max_rel_error/{name}": v for name, v in summary["by_modality"].items()})
+        log_to_loggers(trainer, metrics)
         if not summary["passed"]:
             if self.on_failure == "raise":
                 raise RuntimeError(summary["message"])

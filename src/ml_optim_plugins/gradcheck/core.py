@@ -12,7 +12,7 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from ml_optim_plugins.gradcheck.loss import (
+from ml_optim_plugins.evaluation import (
     LossFn,
     detached_copy,
     fixed_randomness,

@@ -1,5 +1,5 @@
-"""The loss of a module on a batch, evaluated deterministically on a detached copy: shared by the gradient checker, the
-overfit check and the curvature probe, which must never disturb the real run."""
+"""The loss of a module on a batch, evaluated deterministically on a detached copy: shared by the gradient checker,
+the overfit check and the curvature probe, which must never disturb the real run."""
 
 from __future__ import annotations
 
@@ -125,3 +125,15 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in [*module.parameters(), *module.buffers()]:
         return tensor.device
     return torch.device("cpu")
+
+
+def log_to_loggers(trainer: Any, metrics: dict[str, float | Tensor]) -> None:
+    """Send ``metrics`` straight to the Trainer's loggers at the current step, as ``LearningRateMonitor`` does.
+
+    For values a callback produces every N steps: logged with ``LightningModule.log`` from a callback hook, Lightning
+    would repeat the last value in every later row until the next one.
+    """
+    values = {key: float(value) for key, value in metrics.items()}
+    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=step)
