@@ -96,6 +96,29 @@ def test_regularization_examples_run_and_print_what_they_say(tmp_path, monkeypat
     assert "True" in printed and "['fusion.weight']" in printed
 
 
-@pytest.mark.parametrize("page", ["index.md", "quickstart.md", "data.md", "schedules.md", "regularization.md", "benchmarks.md"])
+def test_gradcheck_page_example_finds_the_planted_bug_as_shown(capsys):
+    page = (REPO / "docs" / "gradcheck.md").read_text()
+    blocks = python_blocks(REPO / "docs" / "gradcheck.md")
+    for block in blocks:
+        exec(compile(block, "docs/gradcheck.md", "exec"), namespace := {})
+        if "report" in namespace:
+            report = namespace["report"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == ["False ['encoder.bias', 'encoder.weight']", "['encoder']"]
+    for line in str(report).splitlines()[1:]:  # the table shown on the page (the first line has the timing)
+        assert line.split()[:4] == next(l for l in page.splitlines() if l.startswith(line.split()[0])).split()[:4]
+
+
+def test_diagnostics_page_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for block in python_blocks(REPO / "docs" / "diagnostics.md"):
+        exec(compile(block, "docs/diagnostics.md", "exec"), {})
+
+
+@pytest.mark.parametrize(
+    "page",
+    ["index.md", "quickstart.md", "data.md", "schedules.md", "regularization.md", "benchmarks.md", "gradcheck.md",
+     "diagnostics.md"],
+)
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()

@@ -31,7 +31,9 @@ class GradientCheck(Callback):
     Args:
         every_n_epochs: also check at the first batch of every N-th epoch; ``None``: only once, at the start.
         on_failure: ``"raise"`` (stop with a ``RuntimeError`` naming the worst modules) or ``"warn"``.
-        max_samples: check on the first samples of the batch only (the check costs ~2 loss evaluations per tensor).
+        max_samples: check on the first samples of the batch only: the same code paths, at a fraction of the cost
+            (the check costs ~2 loss evaluations per tensor; on the quick-start model 2 samples take 22 training
+            steps' time, 8 samples 55).
         directions: random directions per large tensor.
         params: names or globs of the parameters to check; default all trainable ones.
         **check_args: further arguments of :func:`~ml_optim_plugins.check_gradients` (``eps``, ``rtol``, ``atol``,
@@ -50,7 +52,7 @@ class GradientCheck(Callback):
         self,
         every_n_epochs: int | None = None,
         on_failure: str = "raise",
-        max_samples: int | None = 8,
+        max_samples: int | None = 2,
         directions: int = 1,
         params: Sequence[str] | None = None,
         **check_args: Any,
