@@ -10,23 +10,13 @@ Everything is timed in one run, side by side, on the same machine:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import torch
+from quickstart_model import quickstart_model
 
-from ml_optim_plugins import (
-    ConcatFusion,
-    MultimodalClassifier,
-    SentenceTransformerTextEncoder,
-    SyntheticSentimentDataModule,
-    TimmImageEncoder,
-    check_gradients,
-)
+from ml_optim_plugins import SyntheticSentimentDataModule, check_gradients
 
 
 def median_time(fn, repeats: int) -> float:
@@ -49,11 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    model = MultimodalClassifier(
-        {"image": TimmImageEncoder("resnet10t"),
-         "text": SentenceTransformerTextEncoder("all-MiniLM-L6-v2", max_seq_length=32)},
-        fusion=ConcatFusion(dropout=0.1), num_classes=3,
-    )
+    model = quickstart_model()
     data = SyntheticSentimentDataModule(batch_size=args.batch_size, max_length=32)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))

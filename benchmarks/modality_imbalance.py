@@ -15,33 +15,15 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import lightning.pytorch as pl
 import torch
+from quickstart_model import quickstart_model
 
-from ml_optim_plugins import (
-    ConcatFusion,
-    MultimodalClassifier,
-    SentenceTransformerTextEncoder,
-    SyntheticSentimentDataModule,
-    TimmImageEncoder,
-)
+from ml_optim_plugins import MultimodalClassifier, SyntheticSentimentDataModule
 
 
 def build(modalities: tuple[str, ...], args: argparse.Namespace) -> MultimodalClassifier:
-    encoders = {}
-    if "image" in modalities:
-        encoders["image"] = TimmImageEncoder(args.image_model)
-    if "text" in modalities:
-        encoders["text"] = SentenceTransformerTextEncoder("all-MiniLM-L6-v2", max_seq_length=args.max_length)
-    return MultimodalClassifier(
-        encoders,
-        fusion=ConcatFusion(dropout=0.1),
-        num_classes=3,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01),
-    )
+    return quickstart_model(modalities, args.image_model, args.max_length, args.lr)
 
 
 def train_and_test(modalities: tuple[str, ...], seed: int, args: argparse.Namespace) -> dict[str, float]:

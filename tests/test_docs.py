@@ -115,10 +115,16 @@ def test_diagnostics_page_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "docs/diagnostics.md", "exec"), {})
 
 
+def test_balancing_examples_run(capsys):
+    for block in python_blocks(REPO / "docs" / "balancing.md"):
+        exec(compile(block, "docs/balancing.md", "exec"), {})
+    assert "['image', 'text'] True" in capsys.readouterr().out.splitlines()
+
+
 @pytest.mark.parametrize(
     "page",
     ["index.md", "quickstart.md", "data.md", "schedules.md", "regularization.md", "benchmarks.md", "gradcheck.md",
-     "diagnostics.md"],
+     "diagnostics.md", "balancing.md"],
 )
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()

@@ -3,6 +3,12 @@
 Everything a user imports is exported here; other module paths may change between releases.
 """
 
+from ml_optim_plugins.balancing import (
+    ModalityBalancer,
+    modulate_gradient,
+    ogm_ge_coefficients,
+    true_class_scores,
+)
 from ml_optim_plugins.data import (
     ManifestDataModule,
     ManifestError,
@@ -90,6 +96,7 @@ __all__ = [
     "ManifestError",
     "ModalityAware",
     "ModalityAwareMixin",
+    "ModalityBalancer",
     "ModalityDropout",
     "MultimodalClassifier",
     "MultimodalCollate",
@@ -119,12 +126,15 @@ __all__ = [
     "kl_molchanov",
     "load_tokenizer",
     "modality_keep_mask",
+    "modulate_gradient",
+    "ogm_ge_coefficients",
     "packaged_minilm_path",
     "regularized_parameters",
     "replace_dropout",
     "require_modality_aware",
     "resolve_text_model",
     "training_step_loss",
+    "true_class_scores",
     "variational_kl",
     "warmup_decay_scheduler",
     "warmup_factor",

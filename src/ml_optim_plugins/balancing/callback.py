@@ -1,0 +1,191 @@
+"""ModalityBalancer: slow down the dominant modality's encoder so the weaker one trains too."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coefficients, true_class_scores
+from ml_optim_plugins.evaluation import log_to_loggers
+from ml_optim_plugins.multimodal.contract import require_modality_aware
+
+METHODS = ("ogm_ge", "ogm")
+PARAMETER_KINDS = ("all", "weights", "conv")
+
+
+def _selected(param: nn.Parameter, kinds: str) -> bool:
+    if kinds == "all":
+        return True
+    if kinds == "weights":
+        return param.dim() >= 2
+    return param.dim() == 4  # "conv": the reference code's choice (4-D convolution kernels only)
+
+
+class ModalityBalancer(Callback):
+    """On-the-fly gradient modulation (OGM / OGM-GE, Peng et al. CVPR 2022) for any modality-aware module.
+
+    Once per optimizer step, in ``on_before_optimizer_step`` (after backward and gradient accumulation, after DDP
+    averaged the gradients and AMP unscaled them, before gradient clipping), it:
+
+    1. scores each modality on the step's samples, ``s_u = sum softmax(logits_u)[y]``, from the module's per-modality
+       predictions (the modality contract: exact head split for the linear late fusions, masking for the others),
+       summed over the micro-batches of the step and all-reduced over DDP ranks, so every rank sees the global batch's
+       scores and computes the same coefficients;
+    2. turns them into coefficients with :func:`~ml_optim_plugins.ogm_ge_coefficients` (ratio against the weakest
+       modality; the weakest keeps 1);
+    3. multiplies the gradients of each modality's encoder parameters (the contract's ``modality_encoders()``, never
+       name substrings) by its coefficient and, for ``"ogm_ge"``, adds Gaussian noise with the std of the
+       unmodulated gradient, drawn from a generator seeded with ``(seed, step)`` so every rank adds the same noise.
+
+    Only inside the modulation ``window``; steps with non-finite gradients are left alone (AMP's scaler or a monitor
+    deals with them). Logs per modality, every ``log_every_n_steps``: ``balance/{m}/score``, ``ratio``,
+    ``coefficient``, ``grad_norm_before``, ``grad_norm_after`` and ``noise_norm``.
+
+    Args:
+        method: ``"ogm_ge"`` (modulation + Gaussian enhancement) or ``"ogm"`` (modulation only).
+        alpha: modulation strength (required by the reference code, tuned per dataset in the paper: sweep it).
+        smooth: the continuous coefficient ``1 - tanh(alpha * (rho - 1))`` instead of the reference's discontinuous one.
+        window: ``(first, last)`` epoch or step (inclusive) during which to modulate; ``None``: always. The reference
+            code modulates epochs 0 to 50.
+        window_unit: ``"epoch"`` or ``"step"``.
+        parameters: which encoder parameters to modulate: ``"weights"`` (tensors of 2 or more dimensions, default),
+            ``"all"``, or ``"conv"`` (4-D kernels only, as the reference code, which leaves a transformer untouched).
+        seed: seed of the enhancement noise.
+        log_every_n_steps: logging interval; ``None``: the Trainer's.
+
+    Raises:
+        TypeError: at fit start, if the module is not modality-aware (with what to implement).
+        ValueError: bad arguments.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ModalityBalancer("ogm_ge", alpha=0.5, window=(0, 50))])
+    """
+
+    def __init__(
+        self,
+        method: str = "ogm_ge",
+        alpha: float = 0.5,
+        smooth: bool = False,
+        window: Sequence[int] | None = None,
+        window_unit: str = "epoch",
+        parameters: str = "weights",
+        seed: int = 0,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if window is not None and (len(window) != 2 or window[0] > window[1]):
+            raise ValueError(f"window must be (first, last) with first <= last, got {window}")
+        if window_unit not in ("epoch", "step"):
+            raise ValueError(f"window_unit={window_unit!r}; expected 'epoch' or 'step'")
+        if parameters not in PARAMETER_KINDS:
+            raise ValueError(f"parameters={parameters!r}; expected one of {', '.join(PARAMETER_KINDS)}")
+        self.method, self.alpha, self.smooth = method, alpha, smooth
+        self.window = None if window is None else (int(window[0]), int(window[1]))
+        self.window_unit, self.parameters, self.seed = window_unit, parameters, seed
+        self.log_every_n_steps = log_every_n_steps
+        self._modalities: list[str] = []
+        self._params: dict[str, list[nn.Parameter]] = {}
+        self._pending: Tensor | None = None
+        self._stepped = False
+        self.last: dict[str, dict[str, float]] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module = require_modality_aware(pl_module, "ModalityBalancer")
+        encoders = module.modality_encoders()
+        if len(encoders) < 2:
+            raise ValueError(f"ModalityBalancer needs at least two modalities, the module has {sorted(encoders)}")
+        self._modalities = list(encoders)
+        self._params = {
+            name: [p for p in encoder.parameters() if _selected(p, self.parameters)] for name, encoder in encoders.items()
+        }
+        empty = [name for name, params in self._params.items() if not params]
+        if empty:
+            raise ValueError(
+                f"ModalityBalancer(parameters={self.parameters!r}) selects no parameter of the encoders {empty}; "
+                "use parameters='weights' or 'all'"
+            )
+
+    def _in_window(self, trainer: pl.Trainer) -> bool:
+        if self.window is None:
+            return True
+        now = trainer.current_epoch if self.window_unit == "epoch" else trainer.global_step
+        return self.window[0] <= now <= self.window[1]
+
+    def _current_scores(self, pl_module: pl.LightningModule) -> Tensor | None:
+        logits, targets = pl_module.modality_logits, pl_module.modality_targets
+        if targets is None or any(name not in logits for name in self._modalities):
+            return None
+        scores = true_class_scores({name: logits[name] for name in self._modalities}, targets)
+        return torch.stack([scores[name] for name in self._modalities])
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._stepped:  # this batch's scores went into the step
+            self._stepped = False
+            return
+        scores = self._current_scores(pl_module)  # a micro-batch of an accumulated step
+        if scores is not None:
+            self._pending = scores if self._pending is None else self._pending + scores
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        self._stepped = True
+        scores = self._current_scores(pl_module)
+        if scores is None:
+            return
+        if self._pending is not None:
+            scores, self._pending = scores + self._pending.to(scores.device), None
+        scores = trainer.strategy.reduce(scores, reduce_op="sum")  # the global batch's scores on every rank
+        if not self._in_window(trainer):
+            return
+        grads = [p.grad for params in self._params.values() for p in params if p.grad is not None]
+        if not grads or not bool(torch.isfinite(torch.stack([g.float().sum() for g in grads])).all()):
+            return
+        coefficients = ogm_ge_coefficients(dict(zip(self._modalities, scores.tolist())), self.alpha, self.smooth)
+        generator_device = grads[0].device
+        generator = torch.Generator(device=generator_device).manual_seed(self.seed * 1_000_003 + trainer.global_step)
+        weakest = float(scores.min())
+        stats: dict[str, dict[str, float]] = {}
+        for index, name in enumerate(self._modalities):
+            before = after = noise = 0.0
+            for p in self._params[name]:
+                if p.grad is None:
+                    continue
+                original = p.grad
+                new = modulate_gradient(original, coefficients[name], self.method == "ogm_ge", generator)
+                before += float(original.float().pow(2).sum())
+                after += float(new.float().pow(2).sum())
+                noise += float((new - original * coefficients[name]).float().pow(2).sum())
+                p.grad = new
+            stats[name] = {
+                "score": float(scores[index]),
+                "ratio": float(scores[index]) / weakest if weakest > 0 else 1.0,
+                "coefficient": coefficients[name],
+                "grad_norm_before": before**0.5,
+                "grad_norm_after": after**0.5,
+                "noise_norm": noise**0.5,
+            }
+        self.last = stats
+        interval = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % interval == 0:
+            log_to_loggers(trainer, {f"balance/{m}/{k}": v for m, values in stats.items() for k, v in values.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = None if self._pending is None else self._pending.tolist()
+        return {"pending": pending, "stepped": self._stepped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = None if state_dict["pending"] is None else torch.tensor(state_dict["pending"])
+        self._stepped = state_dict["stepped"]

@@ -1,0 +1,96 @@
+"""ModalityBalancer in a real Trainer: the step it applies, accumulation, window, neutrality, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from ml_optim_plugins import ModalityBalancer, ogm_ge_coefficients, true_class_scores
+from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
+
+
+def fit(make_diag_trainer, callbacks, steps=1, accumulate=1, batch_size=16):
+    model = tiny_classifier()
+    trainer = make_diag_trainer(max_steps=steps, accumulate_grad_batches=accumulate, callbacks=callbacks,
+                                num_sanity_val_steps=0)
+    trainer.fit(model, train_dataloaders=loader(batch_size))
+    return model
+
+
+def first_batch(size=16):
+    samples = imbalanced_samples()[:size]
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def test_one_step_scales_the_dominant_encoder_by_its_coefficient(make_diag_trainer):
+    balancer = ModalityBalancer("ogm", alpha=0.5)
+    trained = fit(make_diag_trainer, [balancer])
+    reference = tiny_classifier()
+    batch = first_batch()
+    loss = reference.training_step(batch, 0)
+    scores = true_class_scores(reference.modality_logits, batch["label"])
+    expected = ogm_ge_coefficients({k: v.item() for k, v in scores.items()}, 0.5)
+    assert expected["a"] < 1 and expected["b"] == 1.0  # "a" dominates
+    assert {m: balancer.last[m]["coefficient"] for m in "ab"} == pytest.approx(expected)
+    grads = torch.autograd.grad(loss, [reference.encoders["a"].weight, reference.encoders["a"].bias])
+    # "weights" only: the encoder's weight is scaled, its bias is not
+    assert torch.allclose(trained.encoders["a"].weight, reference.encoders["a"].weight - 0.5 * expected["a"] * grads[0], atol=1e-6)
+    assert torch.allclose(trained.encoders["a"].bias, reference.encoders["a"].bias - 0.5 * grads[1], atol=1e-6)
+    stats = balancer.last["a"]
+    assert stats["grad_norm_after"] == pytest.approx(expected["a"] * stats["grad_norm_before"], rel=1e-5)
+    assert stats["noise_norm"] == 0.0
+
+
+def test_coefficient_one_without_noise_changes_nothing(make_diag_trainer):
+    plain = fit(make_diag_trainer, [], steps=3)
+    neutral = fit(make_diag_trainer, [ModalityBalancer("ogm", alpha=0.0)], steps=3)
+    for a, b in zip(plain.parameters(), neutral.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_enhancement_adds_noise_with_the_gradient_std(make_diag_trainer):
+    balancer = ModalityBalancer("ogm_ge", alpha=0.5, parameters="all")
+    fit(make_diag_trainer, [balancer])
+    assert balancer.last["a"]["noise_norm"] > 0 and balancer.last["b"]["noise_norm"] > 0
+
+
+def test_scores_are_summed_over_accumulated_micro_batches(make_diag_trainer):
+    balancer = ModalityBalancer("ogm", alpha=0.5)
+    fit(make_diag_trainer, [balancer], steps=1, accumulate=2, batch_size=8)
+    reference = tiny_classifier()
+    batch = first_batch(16)
+    reference.training_step(batch, 0)
+    scores = true_class_scores(reference.modality_logits, batch["label"])
+    assert balancer.last["a"]["score"] == pytest.approx(scores["a"].item(), rel=1e-5)
+    assert balancer.last["b"]["score"] == pytest.approx(scores["b"].item(), rel=1e-5)
+
+
+def test_outside_the_window_nothing_is_modulated(make_diag_trainer):
+    plain = fit(make_diag_trainer, [], steps=2)
+    late = fit(make_diag_trainer, [ModalityBalancer("ogm_ge", alpha=0.9, window=(5, 10), window_unit="step")], steps=2)
+    for a, b in zip(plain.parameters(), late.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_module_without_the_contract_fails_before_training(make_diag_trainer):
+    trainer = make_diag_trainer(max_steps=1, callbacks=[ModalityBalancer()])
+    with pytest.raises(TypeError, match="ModalityBalancer"):
+        trainer.fit(BoringModel())
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"method": "agm2"}, "method='agm2'"), ({"alpha": -1}, "alpha must be >= 0"),
+     ({"window": (5, 2)}, "first <= last"), ({"parameters": "bias"}, "parameters='bias'")],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModalityBalancer(**kwargs)
+
+
+def test_conv_only_selection_on_linear_encoders_is_an_error(make_diag_trainer):
+    trainer = make_diag_trainer(max_steps=1, callbacks=[ModalityBalancer(parameters="conv")], num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match=r"selects no parameter of the encoders \['a', 'b'\]"):
+        trainer.fit(tiny_classifier(), train_dataloaders=loader())
