@@ -116,3 +116,32 @@ def test_bad_arguments_fail_at_construction(kwargs, error, match):
 def test_batch_without_a_modality_names_it(tiny_model):
     with pytest.raises(KeyError, match=r"lacks modalities \['text'\]"):
         tiny_model({"image": torch.randn(2, 3, 32, 32), "label": torch.zeros(2, dtype=torch.long)})
+
+
+def test_auxiliary_unimodal_losses_are_added_with_their_weight():
+    import torch.nn.functional as F
+
+    from ml_optim_plugins import SumFusion
+
+    torch.manual_seed(0)
+    model = MultimodalClassifier(
+        {"a": torch.nn.Linear(4, 8), "b": torch.nn.Linear(6, 8)}, fusion=SumFusion(), num_classes=3,
+        feature_dims={"a": 8, "b": 8}, aux_loss_weight=0.3,
+    )
+    assert set(model.aux_heads) == {"a", "b"}
+    assert {g["name"] for g in model.param_groups()} == {"encoders.a", "encoders.b", "fusion"}
+    batch = {"a": torch.randn(5, 4), "b": torch.randn(5, 6), "label": torch.tensor([0, 1, 2, 0, 1])}
+    objective = model.training_step(batch, 0)
+    features = model.compute_features(batch)
+    fused = F.cross_entropy(model.fusion(features), batch["label"])
+    aux = sum(F.cross_entropy(model.aux_heads[m](features[m]), batch["label"]) for m in "ab")
+    assert objective.item() == pytest.approx((fused + 0.3 * aux).item(), rel=1e-6)
+    objective.backward()
+    assert model.aux_heads["a"].weight.grad is not None
+
+
+def test_no_auxiliary_heads_by_default_and_negative_weight_rejected():
+    model = MultimodalClassifier({"a": torch.nn.Linear(4, 8)}, num_classes=3, feature_dims={"a": 8})
+    assert model.aux_heads is None
+    with pytest.raises(ValueError, match="aux_loss_weight must be >= 0"):
+        MultimodalClassifier({"a": torch.nn.Linear(4, 8)}, num_classes=3, feature_dims={"a": 8}, aux_loss_weight=-1)

@@ -58,6 +58,10 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         modality_dropout: a module applied in training to the features dict before the fusion, e.g.
             :class:`~ml_optim_plugins.ModalityDropout`; the per-modality predictions recorded for callbacks are computed
             from the features before it.
+        aux_loss_weight: weight of unimodal auxiliary losses: with a value > 0, each modality gets its own linear
+            head on its features, and the sum of their cross-entropies times this weight is added to the training
+            objective (the simple balancing baseline: every encoder gets a direct learning signal, cf. Du et al. 2023).
+            ``{split}/loss`` stays the fused loss; ``{split}/{modality}/aux_loss`` is logged.
 
     Example:
         >>> from ml_optim_plugins import SumFusion
@@ -82,6 +86,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         label_key: str = "label",
         class_names: Sequence[str] | None = None,
         modality_dropout: nn.Module | None = None,
+        aux_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -120,6 +125,14 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
         self.modality_dropout = modality_dropout
+        if aux_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
+        self.aux_loss_weight = aux_loss_weight
+        self.aux_heads = (
+            nn.ModuleDict({name: nn.Linear(dim, num_classes) for name, dim in dims.items()})
+            if aux_loss_weight > 0
+            else None
+        )
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -151,7 +164,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         return self.fusion(self.compute_features(batch))
 
     def step(self, batch: Mapping[str, Any], split: str) -> Tensor:
-        """Shared body of the train / val / test steps: loss of the fused prediction, metrics per head."""
+        """Shared body of the train / val / test steps: the objective (fused loss plus the weighted auxiliary
+        unimodal losses, if any), with metrics per head."""
         targets = batch[self.label_key]
         features = self.compute_features(batch)
         if self.modality_dropout is not None and self.training:
@@ -164,19 +178,25 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
                 f"{split} loss is {loss.item()} at global step {self.global_step}; lower the learning rate, check the "
                 "inputs for NaN/Inf, or add gradient clipping"
             )
+        batch_size = targets.shape[0]
+        objective = loss
+        if self.aux_heads is not None:
+            for name, head in self.aux_heads.items():
+                aux_loss = F.cross_entropy(head(features[name]), targets)
+                self.log(f"{split}/{name}/aux_loss", aux_loss, on_step=False, on_epoch=True, batch_size=batch_size)
+                objective = objective + self.aux_loss_weight * aux_loss
         if split == "train":
             self.record_modality_outputs(features, targets)
             per_modality = self.modality_logits
         else:
             per_modality = self.fusion.modality_logits(features)
-        batch_size = targets.shape[0]
         self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
         self._update_metrics(split, FUSED, logits.detach(), targets)
         for name, modality_logits in per_modality.items():
             modality_loss = F.cross_entropy(modality_logits.detach(), targets)
             self.log(f"{split}/{name}/loss", modality_loss, on_step=False, on_epoch=True, batch_size=batch_size)
             self._update_metrics(split, name, modality_logits.detach(), targets)
-        return loss
+        return objective
 
     def _update_metrics(self, split: str, head: str, logits: Tensor, targets: Tensor) -> None:
         collection = self.metrics[f"{split}_{head}"]
