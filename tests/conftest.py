@@ -73,7 +73,9 @@ def tiny_config(tmp_path: Path) -> Path:
     trainer.update(max_epochs=1, accelerator="cpu", log_every_n_steps=1, enable_model_summary=False)
     for logger in trainer["logger"]:
         logger["init_args"]["save_dir"] = str(tmp_path / "runs")
-    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("RichProgressBar")]
+    # No Rich bar in captured output; no whole-model gradient check in every CLI test (tests/gradcheck covers it).
+    dropped = ("RichProgressBar", "GradientCheck")
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith(dropped)]
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -21,6 +21,7 @@ def test_fit_through_the_cli_leaves_one_complete_run_directory(tiny_config, tmp_
     log_dir = Path(cli.trainer.log_dir)
     assert log_dir == tmp_path / "runs" / "quickstart" / "version_0"
     assert (log_dir / "config.yaml").is_file() and (log_dir / "metrics.csv").is_file()
+    assert (log_dir / "curves.png").is_file()  # TrainingCurves from the recipe
     assert list(log_dir.glob("events.out.tfevents.*")), "TensorBoard events not in the run directory"
     assert not (log_dir.parent / "version_1").exists()
     assert 0.0 <= last_value(log_dir / "metrics.csv", "val/acc") <= 1.0
@@ -54,6 +55,8 @@ def test_quickstart_recipe_parses_with_all_library_classes(tmp_path):
     config = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())
     assert config["data"]["class_path"] == "ml_optim_plugins.SyntheticSentimentDataModule"
     assert set(config["model"]["init_args"]["encoders"]) == {"image", "text"}
+    callbacks = {c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]}
+    assert {"WarmupDecay", "GradientCheck", "TrainingCurves", "LearningRateMonitor", "ModelCheckpoint"} <= callbacks
 
 
 def test_unknown_config_key_is_rejected_before_training(tiny_config, capsys):
