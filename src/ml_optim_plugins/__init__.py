@@ -4,6 +4,8 @@ Everything a user imports is exported here; other module paths may change betwee
 """
 
 from ml_optim_plugins.balancing import (
+    agm_coefficients,
+    mono_modal_losses,
     ModalityBalancer,
     modulate_gradient,
     ogm_ge_coefficients,
@@ -118,6 +120,7 @@ __all__ = [
     "WarmupDecayLR",
     "WarmupDecaySchedule",
     "__version__",
+    "agm_coefficients",
     "check_gradients",
     "elastic_net_penalty",
     "gaussian_dropout",
@@ -127,6 +130,7 @@ __all__ = [
     "load_tokenizer",
     "modality_keep_mask",
     "modulate_gradient",
+    "mono_modal_losses",
     "ogm_ge_coefficients",
     "packaged_minilm_path",
     "regularized_parameters",

@@ -1,6 +1,14 @@
 """Modality-balanced gradient scaling: per-modality scores -> per-modality gradient coefficients."""
 
+from ml_optim_plugins.balancing.agm import agm_coefficients, mono_modal_losses
 from ml_optim_plugins.balancing.callback import ModalityBalancer
 from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coefficients, true_class_scores
 
-__all__ = ["ModalityBalancer", "modulate_gradient", "ogm_ge_coefficients", "true_class_scores"]
+__all__ = [
+    "ModalityBalancer",
+    "agm_coefficients",
+    "modulate_gradient",
+    "mono_modal_losses",
+    "ogm_ge_coefficients",
+    "true_class_scores",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,11 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ml_optim_plugins.balancing.agm import agm_coefficients, mono_modal_losses, update_running
 from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers
 from ml_optim_plugins.multimodal.contract import require_modality_aware
 
-METHODS = ("ogm_ge", "ogm")
+METHODS = ("ogm_ge", "ogm", "agm")
 PARAMETER_KINDS = ("all", "weights", "conv")
 
 
@@ -28,7 +30,8 @@ def _selected(param: nn.Parameter, kinds: str) -> bool:
 
 
 class ModalityBalancer(Callback):
-    """On-the-fly gradient modulation (OGM / OGM-GE, Peng et al. CVPR 2022) for any modality-aware module.
+    """Per-modality gradient modulation (OGM / OGM-GE, Peng et al. CVPR 2022; AGM, Li et al. ICCV 2023) for any
+    modality-aware module.
 
     Once per optimizer step, in ``on_before_optimizer_step`` (after backward and gradient accumulation, after DDP
     averaged the gradients and AMP unscaled them, before gradient clipping), it:
@@ -38,7 +41,9 @@ class ModalityBalancer(Callback):
        summed over the micro-batches of the step and all-reduced over DDP ranks, so every rank sees the global batch's
        scores and computes the same coefficients;
     2. turns them into coefficients with :func:`~ml_optim_plugins.ogm_ge_coefficients` (ratio against the weakest
-       modality; the weakest keeps 1);
+       modality; the weakest keeps 1), or, for ``"agm"``, scores each modality by its mean cross-entropy and uses
+       :func:`~ml_optim_plugins.agm_coefficients` against the running means of those losses (a modality ahead of its
+       usual standing is slowed, one behind is sped up, ``k > 1``);
     3. multiplies the gradients of each modality's encoder parameters (the contract's ``modality_encoders()``, never
        name substrings) by its coefficient and, for ``"ogm_ge"``, adds Gaussian noise with the std of the
        unmodulated gradient, drawn from a generator seeded with ``(seed, step)`` so every rank adds the same noise.
@@ -48,7 +53,7 @@ class ModalityBalancer(Callback):
     ``coefficient``, ``grad_norm_before``, ``grad_norm_after`` and ``noise_norm``.
 
     Args:
-        method: ``"ogm_ge"`` (modulation + Gaussian enhancement) or ``"ogm"`` (modulation only).
+        method: ``"ogm_ge"`` (modulation + Gaussian enhancement), ``"ogm"`` (modulation only) or ``"agm"``.
         alpha: modulation strength (required by the reference code, tuned per dataset in the paper: sweep it).
         smooth: the continuous coefficient ``1 - tanh(alpha * (rho - 1))`` instead of the reference's discontinuous one.
         window: ``(first, last)`` epoch or step (inclusive) during which to modulate; ``None``: always. The reference
@@ -58,6 +63,8 @@ class ModalityBalancer(Callback):
             ``"all"``, or ``"conv"`` (4-D kernels only, as the reference code, which leaves a transformer untouched).
         seed: seed of the enhancement noise.
         log_every_n_steps: logging interval; ``None``: the Trainer's.
+        clamp: ``(low, high)`` bounds of AGM's coefficients, which grow exponentially (the reference has none);
+            ``None``: unbounded.
 
     Raises:
         TypeError: at fit start, if the module is not modality-aware (with what to implement).
@@ -78,6 +85,7 @@ class ModalityBalancer(Callback):
         parameters: str = "weights",
         seed: int = 0,
         log_every_n_steps: int | None = None,
+        clamp: Sequence[float] | None = (0.1, 10.0),
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)}")
@@ -93,6 +101,11 @@ class ModalityBalancer(Callback):
         self.window = None if window is None else (int(window[0]), int(window[1]))
         self.window_unit, self.parameters, self.seed = window_unit, parameters, seed
         self.log_every_n_steps = log_every_n_steps
+        if clamp is not None and (len(clamp) != 2 or not 0 < clamp[0] <= 1 <= clamp[1]):
+            raise ValueError(f"clamp must be (low, high) with 0 < low <= 1 <= high, got {clamp}")
+        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+        self._running: dict[str, float] = {}
+        self._agm_steps = 0
         self._modalities: list[str] = []
         self._params: dict[str, list[nn.Parameter]] = {}
         self._pending: Tensor | None = None
@@ -122,11 +135,33 @@ class ModalityBalancer(Callback):
         return self.window[0] <= now <= self.window[1]
 
     def _current_scores(self, pl_module: pl.LightningModule) -> Tensor | None:
+        """Per-modality sums over the batch (true-class probabilities for OGM, cross-entropies for AGM), then the
+        number of samples: sums, so that micro-batches and DDP ranks add up."""
         logits, targets = pl_module.modality_logits, pl_module.modality_targets
         if targets is None or any(name not in logits for name in self._modalities):
             return None
-        scores = true_class_scores({name: logits[name] for name in self._modalities}, targets)
-        return torch.stack([scores[name] for name in self._modalities])
+        score_fn = mono_modal_losses if self.method == "agm" else true_class_scores
+        scores = score_fn({name: logits[name] for name in self._modalities}, targets)
+        count = torch.tensor(float(targets.shape[0]), device=targets.device)
+        return torch.stack([*(scores[name] for name in self._modalities), count])
+
+    def _coefficients(self, sums: Tensor) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """``(scores, ratios, coefficients)`` per modality from the step's global sums."""
+        values = sums.tolist()
+        count = values[-1]
+        if self.method == "agm":
+            scores = {name: values[i] / max(count, 1.0) for i, name in enumerate(self._modalities)}
+            running = self._running or dict.fromkeys(self._modalities, 0.0)
+            coefficients = agm_coefficients(scores, running, self.alpha, self.clamp)
+            mean = sum(scores.values()) / len(scores)
+            ratios = {name: math.exp(2.0 * (mean - score)) for name, score in scores.items()}
+            self._agm_steps += 1
+            self._running = update_running(running, scores, self._agm_steps)
+            return scores, ratios, coefficients
+        scores = {name: values[i] for i, name in enumerate(self._modalities)}
+        weakest = min(scores.values())
+        ratios = {name: score / weakest if weakest > 0 else 1.0 for name, score in scores.items()}
+        return scores, ratios, ogm_ge_coefficients(scores, self.alpha, self.smooth)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -147,18 +182,17 @@ class ModalityBalancer(Callback):
             return
         if self._pending is not None:
             scores, self._pending = scores + self._pending.to(scores.device), None
-        scores = trainer.strategy.reduce(scores, reduce_op="sum")  # the global batch's scores on every rank
+        sums = trainer.strategy.reduce(scores, reduce_op="sum")  # the global batch's sums on every rank
+        scores_by_name, ratios, coefficients = self._coefficients(sums)  # AGM's running means advance every step
         if not self._in_window(trainer):
             return
         grads = [p.grad for params in self._params.values() for p in params if p.grad is not None]
         if not grads or not bool(torch.isfinite(torch.stack([g.float().sum() for g in grads])).all()):
             return
-        coefficients = ogm_ge_coefficients(dict(zip(self._modalities, scores.tolist())), self.alpha, self.smooth)
         generator_device = grads[0].device
         generator = torch.Generator(device=generator_device).manual_seed(self.seed * 1_000_003 + trainer.global_step)
-        weakest = float(scores.min())
         stats: dict[str, dict[str, float]] = {}
-        for index, name in enumerate(self._modalities):
+        for name in self._modalities:
             before = after = noise = 0.0
             for p in self._params[name]:
                 if p.grad is None:
@@ -170,8 +204,8 @@ class ModalityBalancer(Callback):
                 noise += float((new - original * coefficients[name]).float().pow(2).sum())
                 p.grad = new
             stats[name] = {
-                "score": float(scores[index]),
-                "ratio": float(scores[index]) / weakest if weakest > 0 else 1.0,
+                "score": scores_by_name[name],
+                "ratio": ratios[name],
                 "coefficient": coefficients[name],
                 "grad_norm_before": before**0.5,
                 "grad_norm_after": after**0.5,
@@ -184,8 +218,10 @@ class ModalityBalancer(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self._pending is None else self._pending.tolist()
-        return {"pending": pending, "stepped": self._stepped}
+        return {"pending": pending, "stepped": self._stepped, "running": self._running, "agm_steps": self._agm_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = None if state_dict["pending"] is None else torch.tensor(state_dict["pending"])
         self._stepped = state_dict["stepped"]
+        self._running = dict(state_dict["running"])
+        self._agm_steps = state_dict["agm_steps"]

@@ -1,0 +1,64 @@
+"""AGM functional core against hand-computed values, and ModalityBalancer(method="agm") in a Trainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ml_optim_plugins import ModalityBalancer, agm_coefficients, mono_modal_losses
+from ml_optim_plugins.balancing.agm import update_running
+from tests.balancing.test_balancer import first_batch, fit
+from tests.balancing.tiny import tiny_classifier
+
+
+def test_mono_modal_losses_clamp_the_true_class_probability():
+    logits = {"a": torch.tensor([[0.0, 0.0], [0.0, -100.0]])}
+    assert mono_modal_losses(logits, torch.tensor([0, 1]))["a"].item() == pytest.approx(math.log(2) - math.log(1e-8))
+
+
+def test_coefficients_by_hand():
+    k = agm_coefficients({"a": 0.2, "b": 1.0}, {"a": 0.5, "b": 0.7}, alpha=1.0)
+    assert k["a"] == pytest.approx(math.exp(math.exp(0.2) - math.exp(0.8)))
+    assert k["b"] == pytest.approx(math.exp(math.exp(-0.2) - math.exp(-0.8)))
+    # two modalities: the reference's exp(s_other - s_u) current ratio
+    assert math.exp(2 * ((0.2 + 1.0) / 2 - 0.2)) == pytest.approx(math.exp(1.0 - 0.2))
+
+
+def test_clamp_bounds_the_exponential():
+    k = agm_coefficients({"a": 0.0, "b": 5.0}, {"a": 5.0, "b": 0.0}, alpha=3.0, clamp=(0.1, 10.0))
+    assert k == {"a": 0.1, "b": 10.0}
+
+
+def test_balanced_modalities_at_their_usual_standing_keep_one():
+    assert agm_coefficients({"a": 0.4, "b": 0.9}, {"a": 0.4, "b": 0.9}, alpha=2.0) == pytest.approx({"a": 1.0, "b": 1.0})
+
+
+def test_running_mean_is_cumulative():
+    running = {}
+    for count, value in enumerate([1.0, 3.0, 5.0], start=1):
+        running = update_running(running, {"a": value}, count)
+    assert running == {"a": pytest.approx(3.0)}
+
+
+def test_first_step_slows_the_leader_and_speeds_up_the_laggard(make_diag_trainer):
+    balancer = ModalityBalancer("agm", alpha=0.5, clamp=None)
+    fit(make_diag_trainer, [balancer])
+    reference = tiny_classifier()
+    batch = first_batch()
+    reference.training_step(batch, 0)
+    losses = {m: v.item() / 16 for m, v in mono_modal_losses(reference.modality_logits, batch["label"]).items()}
+    expected = agm_coefficients(losses, {"a": 0.0, "b": 0.0}, 0.5)
+    assert expected["a"] < 1 < expected["b"]
+    assert {m: balancer.last[m]["coefficient"] for m in "ab"} == pytest.approx(expected, rel=1e-5)
+    state = balancer.state_dict()
+    assert state["agm_steps"] == 1 and state["running"] == pytest.approx(losses, rel=1e-5)
+    restored = ModalityBalancer("agm")
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+
+
+def test_bad_clamp_is_rejected():
+    with pytest.raises(ValueError, match="clamp must be"):
+        ModalityBalancer("agm", clamp=(2.0, 3.0))
