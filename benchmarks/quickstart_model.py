@@ -24,6 +24,7 @@ from ml_optim_plugins import (  # noqa: E402
 def quickstart_model(
     modalities: Sequence[str] = ("image", "text"), image_model: str = "resnet10t", max_length: int = 32,
     lr: float = 3e-4,
+    aux_loss_weight: float = 0.0,
 ) -> MultimodalClassifier:
     """The quick-start recipe's model for ``modalities`` (a subset of image and text), AdamW at ``lr``."""
     encoders = {}
@@ -36,4 +37,5 @@ def quickstart_model(
         fusion=ConcatFusion(dropout=0.1),
         num_classes=3,
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+        aux_loss_weight=aux_loss_weight,
     )

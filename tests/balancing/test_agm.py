@@ -62,3 +62,29 @@ def test_first_step_slows_the_leader_and_speeds_up_the_laggard(make_diag_trainer
 def test_bad_clamp_is_rejected():
     with pytest.raises(ValueError, match="clamp must be"):
         ModalityBalancer("agm", clamp=(2.0, 3.0))
+
+
+def test_resume_continues_the_running_means_exactly(make_diag_trainer, tmp_path):
+    """Resumed at an epoch boundary (a plain DataLoader cannot be fast-forwarded mid-epoch, so only there is the data
+    after the resume the same as in the uninterrupted run), the running means and the weights match exactly."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.balancing.tiny import loader
+
+    def train(checkpoint=None, save=False):
+        callbacks = [ModalityBalancer("agm", alpha=0.5)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_on_train_epoch_end=True))
+        model = tiny_classifier()
+        trainer = make_diag_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=save,
+                                    num_sanity_val_steps=0)
+        trainer.fit(model, train_dataloaders=loader(), ckpt_path=checkpoint)
+        return model, callbacks[0]
+
+    full, balancer = train(save=True)
+    (path,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
+    resumed, resumed_balancer = train(checkpoint=str(path))
+    assert balancer.state_dict()["agm_steps"] == 12
+    assert resumed_balancer.state_dict() == balancer.state_dict()
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
