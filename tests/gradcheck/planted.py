@@ -97,8 +97,9 @@ def everything_batch(seed: int) -> dict:
 class CustomLightning(__import__("lightning").pytorch.LightningModule):
     """WithCustomLayer as a LightningModule on 64 fixed samples (batch 8), SGD."""
 
-    def __init__(self, bug: str = "none", lr: float = 0.1) -> None:
+    def __init__(self, bug: str = "none", lr: float = 0.1, shuffle: bool = True) -> None:
         super().__init__()
+        self.shuffle = shuffle
         torch.manual_seed(0)
         self.net = WithCustomLayer(bug)
         self.lr = lr
@@ -112,7 +113,7 @@ class CustomLightning(__import__("lightning").pytorch.LightningModule):
 
     def train_dataloader(self):
         data = torch.utils.data.TensorDataset(self.x, self.y)
-        return torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+        return torch.utils.data.DataLoader(data, batch_size=8, shuffle=self.shuffle)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
