@@ -17,7 +17,12 @@ from ml_optim_plugins.evaluation import LossFn, detached_copy, fixed_randomness,
 @dataclass
 class HessianEigenvalues:
     """Result of :func:`hessian_top_eigenvalue`: ``top`` (largest), ``bottom`` (most negative, if asked) and the
-    power-iteration steps each took."""
+    power-iteration steps each took.
+
+    Example:
+        >>> HessianEigenvalues(top=18.0, bottom=None, iterations=12).top
+        18.0
+    """
 
     top: float
     bottom: float | None

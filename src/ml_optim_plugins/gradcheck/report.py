@@ -25,6 +25,10 @@ class TensorCheck:
         status: ``"passed"``, ``"failed"``, or ``"nondifferentiable"`` (the perturbation crossed a kink, e.g. of a ReLU
             or a max, and the one-sided differences disagree: not evidence of a wrong gradient).
         worst: the worst comparisons: ``{"index" or "direction", "numerical", "analytical"}``.
+
+    Example:
+        >>> TensorCheck("head.weight", "head", None, "directions", 1, 1e-11, 1e-9, "passed").passed
+        True
     """
 
     name: str

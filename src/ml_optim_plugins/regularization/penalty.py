@@ -27,6 +27,16 @@ class PenaltyCallback(Callback):
     it; the penalty is logged under its own name.
 
     Subclasses implement :meth:`penalty` and :meth:`select_parameters`.
+
+    Example:
+        >>> class HeadL2(PenaltyCallback):
+        ...     log_name = "head_l2"
+        ...     def select_parameters(self, pl_module):
+        ...         return {"head.weight": pl_module.head.weight}
+        ...     def penalty(self, pl_module, step):
+        ...         return 1e-4 * pl_module.head.weight.pow(2).sum()
+        >>> HeadL2().log_name
+        'head_l2'
     """
 
     log_name = "penalty"

@@ -20,6 +20,14 @@ class DropoutReplacement:
     """What :func:`replace_dropout` swapped: ``{name: (original, replacement)}``; :meth:`undo` puts the originals back.
 
     Also a context manager: the originals come back when the ``with`` block ends.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2))
+        >>> with replace_dropout(model) as replaced:
+        ...     replaced.names, type(model[1]).__name__
+        (['1'], 'GaussianDropout')
+        >>> type(model[1]).__name__
+        'Dropout'
     """
 
     def __init__(self, root: nn.Module, swapped: dict[str, tuple[nn.Module, nn.Module]]) -> None:

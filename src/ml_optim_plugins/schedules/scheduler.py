@@ -29,6 +29,14 @@ class WarmupDecayLR(LRScheduler):
         optimizer: the optimizer whose groups it drives.
         schedule: the schedule; resolved (``total_steps`` needed by the decay must be set).
         last_epoch: index of the last step taken, ``-1`` for a fresh start (torch's convention).
+
+    Example:
+        >>> import torch
+        >>> from ml_optim_plugins import WarmupDecaySchedule
+        >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> scheduler = WarmupDecayLR(optimizer, WarmupDecaySchedule(total_steps=4, decay="linear"))
+        >>> [round(lr, 2) for lr in scheduler.get_last_lr()]
+        [1.0]
     """
 
     def __init__(self, optimizer: Optimizer, schedule: WarmupDecaySchedule, last_epoch: int = -1) -> None:
