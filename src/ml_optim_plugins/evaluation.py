@@ -63,17 +63,6 @@ def detached_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     return clone
 
 
-def cast_batch(batch: Any, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Any:
-    """``batch`` with floating tensors cast to ``dtype`` and every tensor moved to ``device`` (others untouched)."""
-
-    def convert(tensor: Tensor) -> Tensor:
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        return tensor.to(device) if device is not None else tensor
-
-    return apply_to_collection(batch, Tensor, convert)
-
-
 def batch_size_of(batch: Any) -> int | None:
     """The first dimension of the first tensor in ``batch`` (``None`` if it has no tensor)."""
     sizes: list[int] = []

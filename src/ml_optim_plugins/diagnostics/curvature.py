@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from ml_optim_plugins.evaluation import LossFn, detached_copy, fixed_randomness, slice_batch, training_step_loss
+from ml_optim_plugins.names import name_matches
 
 
 @dataclass
@@ -73,7 +74,8 @@ def hessian_top_eigenvalue(
         module: the model (its ``training_step`` gives the loss, or pass ``loss_fn``).
         batch: one batch.
         loss_fn: ``loss_fn(module, batch) -> scalar``.
-        params: names or module prefixes of the parameters to restrict the Hessian to (default all trainable).
+        params: names or globs of the parameters (or of modules holding them) to restrict the Hessian to (default
+            all trainable).
         iters: maximum power-iteration steps.
         tol: stop when the estimate changes by less than this, relatively.
         bottom: also estimate the most negative eigenvalue (twice the cost).
@@ -93,7 +95,7 @@ def hessian_top_eigenvalue(
     batch = slice_batch(batch, max_samples)
     named = [(n, p) for n, p in clone.named_parameters() if p.requires_grad]
     if params is not None:
-        named = [(n, p) for n, p in named if any(n == q or n.startswith(q + ".") for q in params)]
+        named = [(n, p) for n, p in named if name_matches(n, params)]
     if not named:
         raise ValueError(f"params={params} selects no trainable parameter")
     tensors = [p for _, p in named]

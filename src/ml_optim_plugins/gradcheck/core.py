@@ -5,7 +5,6 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -21,16 +20,9 @@ from ml_optim_plugins.evaluation import (
     training_step_loss,
 )
 from ml_optim_plugins.gradcheck.report import FAILED, NONDIFFERENTIABLE, PASSED, GradCheckReport, TensorCheck
+from ml_optim_plugins.names import name_matches
 
 _ROUNDING = 10 * torch.finfo(torch.float64).eps  # relative rounding error of one float64 loss evaluation, with margin
-
-
-def _selected(name: str, patterns: Sequence[str] | None) -> bool:
-    if patterns is None:
-        return True
-    parts = name.split(".")
-    prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
-    return any(fnmatchcase(prefix, pattern) for pattern in patterns for prefix in prefixes)
 
 
 def _modality_of(module: nn.Module) -> dict[int, str]:
@@ -187,7 +179,7 @@ def check_gradients(
     leaves = _leaves_on(batch64) if inputs else []
     modality = _modality_of(clone)
     targets = [(n, p, n.rpartition(".")[0], modality.get(id(p))) for n, p in clone.named_parameters()
-               if p.requires_grad and _selected(n, params)]
+               if p.requires_grad and (params is None or name_matches(n, params))]
     targets += [(name, t.requires_grad_(), "input", None) for name, t in leaves]
     if not targets:
         raise ValueError(f"params={list(params) if params else params} selects no trainable parameter")

@@ -8,6 +8,8 @@ from fnmatch import fnmatchcase
 import torch
 from torch import Tensor, nn
 
+from ml_optim_plugins.names import name_matches
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
@@ -78,16 +80,9 @@ def regularized_parameters(
                 continue
             if variational and param_name != "weight":
                 continue  # noise parameters of variational dropout (log_alpha, log_sigma2) are not weights
-            if patterns is not None and not any(
-                fnmatchcase(prefix, pattern) for pattern in patterns for prefix in _enclosing(module_name)
-            ):
+            if patterns is not None and not name_matches(module_name, patterns):
                 continue
             seen.add(id(param))
             selected[name] = param
     return selected
 
-
-def _enclosing(module_name: str) -> list[str]:
-    """``"a.b"`` -> ``["a.b", "a"]``: a module and the modules that contain it."""
-    parts = module_name.split(".") if module_name else []
-    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]

@@ -9,6 +9,8 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from ml_optim_plugins.names import name_matches, name_prefixes
+
 
 # Wrappers that FSDP and activation checkpointing insert into parameter names; users name the modules they wrote.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -23,12 +25,6 @@ def parameter_names(module: nn.Module) -> dict[int, str]:
             name = name.replace(wrapper, "")
         names[id(p)] = name
     return names
-
-
-def _prefixes(name: str) -> list[str]:
-    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``: the parameter's own name, then its enclosing modules, innermost first."""
-    parts = name.split(".")
-    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
 def _is_glob(key: str) -> bool:
@@ -55,7 +51,7 @@ def multiplier_key(name: str, multipliers: Mapping[str, float]) -> str | None:
     """
     for exact in (True, False):
         keys = [key for key in multipliers if _is_glob(key) != exact]
-        for prefix in _prefixes(name):
+        for prefix in name_prefixes(name):
             matches = [key for key in keys if fnmatchcase(prefix, key)]
             if matches:
                 # Among globs matching the same part, the one with the most literal characters is the most specific
@@ -70,7 +66,7 @@ def check_multiplier_keys(multipliers: Mapping[str, float], names: Iterable[str]
     for key, value in multipliers.items():
         if value < 0:
             raise ValueError(f"{owner}: lr_multipliers[{key!r}] = {value} is negative")
-        if not any(fnmatchcase(prefix, key) for name in names for prefix in _prefixes(name)):
+        if not any(name_matches(name, [key]) for name in names):
             top = sorted({name.split(".")[0] for name in names})
             raise ValueError(
                 f"{owner}: lr_multipliers key {key!r} matches no parameter of the module; keys are module or "
