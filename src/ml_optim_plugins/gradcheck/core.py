@@ -20,16 +20,10 @@ from ml_optim_plugins.evaluation import (
     training_step_loss,
 )
 from ml_optim_plugins.gradcheck.report import FAILED, NONDIFFERENTIABLE, PASSED, GradCheckReport, TensorCheck
+from ml_optim_plugins.multimodal.contract import parameter_modalities
 from ml_optim_plugins.names import name_matches
 
 _ROUNDING = 10 * torch.finfo(torch.float64).eps  # relative rounding error of one float64 loss evaluation, with margin
-
-
-def _modality_of(module: nn.Module) -> dict[int, str]:
-    encoders = getattr(module, "modality_encoders", None)
-    if not callable(encoders):
-        return {}
-    return {id(p): name for name, encoder in encoders().items() for p in encoder.parameters()}
 
 
 def _float_inputs(batch: Any) -> Any:
@@ -177,7 +171,7 @@ def check_gradients(
     device = module_device(clone)
     batch64 = _to_device(_float_inputs(slice_batch(batch, max_samples)), device)
     leaves = _leaves_on(batch64) if inputs else []
-    modality = _modality_of(clone)
+    modality = parameter_modalities(clone)
     targets = [(n, p, n.rpartition(".")[0], modality.get(id(p))) for n, p in clone.named_parameters()
                if p.requires_grad and (params is None or name_matches(n, params))]
     targets += [(name, t.requires_grad_(), "input", None) for name, t in leaves]

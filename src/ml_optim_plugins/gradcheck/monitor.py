@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ml_optim_plugins.evaluation import log_to_loggers
+from ml_optim_plugins.multimodal.contract import parameter_modalities
 
 ON_NONFINITE = ("raise", "skip_step", "warn")
 
@@ -106,12 +107,7 @@ class GradientMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._groups = {n: module_group(n, self.depth) for n in names.values()}
-        encoders = getattr(pl_module, "modality_encoders", None)
-        self._modalities = {}
-        if callable(encoders):
-            for modality, encoder in encoders().items():
-                for p in encoder.parameters():
-                    self._modalities[names[id(p)]] = modality
+        self._modalities = {names[key]: modality for key, modality in parameter_modalities(pl_module).items()}
         self._names = names
 
     def _interval(self, trainer: pl.Trainer) -> int:

@@ -44,6 +44,28 @@ class ModalityAware(Protocol):
         ...
 
 
+def parameter_modalities(module: Any) -> dict[int, str]:
+    """``{id(parameter): modality}`` for the parameters of each modality's encoder; empty for a module without the
+    contract. Parameters outside the encoders (fusion, head) are absent: they are shared.
+
+    Example:
+        >>> class Two(torch.nn.Module):
+        ...     modality_logits, modality_targets = {}, None
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+        ...     def modality_encoders(self):
+        ...         return {"a": self.a}
+        >>> model = Two()
+        >>> sorted(parameter_modalities(model).values()), id(model.head.weight) in parameter_modalities(model)
+        (['a', 'a'], False)
+    """
+    encoders = getattr(module, "modality_encoders", None)
+    if not callable(encoders):
+        return {}
+    return {id(p): name for name, encoder in encoders().items() for p in encoder.parameters()}
+
+
 def require_modality_aware(module: Any, user: str) -> ModalityAware:
     """Return ``module`` if it implements :class:`ModalityAware`, else raise a ``TypeError`` saying what to add.
 
