@@ -191,26 +191,30 @@ class ModalityBalancer(Callback):
             return
         generator_device = grads[0].device
         generator = torch.Generator(device=generator_device).manual_seed(self.seed * 1_000_003 + trainer.global_step)
-        stats: dict[str, dict[str, float]] = {}
-        for name in self._modalities:
-            before = after = noise = 0.0
+        # Squared norms (before, after, noise) per modality, kept on the device: one host sync for the whole step.
+        squares = torch.zeros(len(self._modalities), 3, device=generator_device)
+        for row, name in enumerate(self._modalities):
             for p in self._params[name]:
                 if p.grad is None:
                     continue
                 original = p.grad
                 new = modulate_gradient(original, coefficients[name], self.method == "ogm_ge", generator)
-                before += float(original.float().pow(2).sum())
-                after += float(new.float().pow(2).sum())
-                noise += float((new - original * coefficients[name]).float().pow(2).sum())
+                squares[row, 0] += original.float().pow(2).sum()
+                squares[row, 1] += new.float().pow(2).sum()
+                squares[row, 2] += (new - original * coefficients[name]).float().pow(2).sum()
                 p.grad = new
-            stats[name] = {
+        norms = squares.sqrt().tolist()
+        stats: dict[str, dict[str, float]] = {
+            name: {
                 "score": scores_by_name[name],
                 "ratio": ratios[name],
                 "coefficient": coefficients[name],
-                "grad_norm_before": before**0.5,
-                "grad_norm_after": after**0.5,
-                "noise_norm": noise**0.5,
+                "grad_norm_before": norms[row][0],
+                "grad_norm_after": norms[row][1],
+                "noise_norm": norms[row][2],
             }
+            for row, name in enumerate(self._modalities)
+        }
         self.last = stats
         interval = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % interval == 0:

@@ -73,8 +73,9 @@ def modulate_gradient(grad: Tensor, coefficient: float, noise: bool, generator: 
     """
     modulated = grad * coefficient
     if noise:
-        std = float(grad.float().std()) + 1e-8 if grad.numel() > 1 else 1e-8
+        # The std stays a device tensor: no host synchronisation per modulated tensor.
+        std = grad.float().std() + 1e-8 if grad.numel() > 1 else torch.tensor(1e-8, device=grad.device)
         device = generator.device if generator is not None else grad.device
-        sample = torch.randn(grad.shape, generator=generator, dtype=torch.float32, device=device) * std
-        modulated = modulated + sample.to(device=grad.device, dtype=grad.dtype)
+        sample = torch.randn(grad.shape, generator=generator, dtype=torch.float32, device=device).to(grad.device) * std
+        modulated = modulated + sample.to(grad.dtype)
     return modulated
