@@ -27,6 +27,16 @@ from ml_optim_plugins.diagnostics import (
     TrainingCurves,
     hessian_top_eigenvalue,
 )
+from ml_optim_plugins.finetuning import (
+    FeatureCache,
+    GradualUnfreezing,
+    LinearProbeFinetune,
+    Stage,
+    StagedFinetuning,
+    encoder_blocks,
+    module_fingerprint,
+    select_parameters,
+)
 from ml_optim_plugins.gradcheck import (
     GradientCheck,
     GradientMonitor,
@@ -81,6 +91,14 @@ from ml_optim_plugins.schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FeatureCache",
+    "GradualUnfreezing",
+    "LinearProbeFinetune",
+    "Stage",
+    "StagedFinetuning",
+    "encoder_blocks",
+    "module_fingerprint",
+    "select_parameters",
     "COOLDOWN_SHAPES",
     "ConcatFusion",
     "CurvatureProbe",

@@ -82,15 +82,34 @@ def slice_batch(batch: Any, max_samples: int | None) -> Any:
     size = batch_size_of(batch)
     if max_samples is None or size is None or size <= max_samples:
         return batch
+    return select_samples(batch, slice(0, max_samples))
+
+
+def select_samples(batch: Any, index: slice | Tensor) -> Any:
+    """The samples ``index`` (a slice, or a 1-D tensor of positions) of ``batch``: tensors whose first dimension is
+    the batch size, and lists of per-sample values of that length, inside any nesting of dicts, lists and tuples;
+    everything else is kept as is.
+
+    Example:
+        >>> out = select_samples({"x": torch.arange(4), "text": list("abcd")}, torch.tensor([3, 1]))
+        >>> out["x"].tolist(), out["text"]
+        ([3, 1], ['d', 'b'])
+    """
+    size = batch_size_of(batch)
+    positions = index.tolist() if isinstance(index, Tensor) else None
 
     def cut(value: Any) -> Any:
         if isinstance(value, Tensor):
-            return value[:max_samples] if value.ndim and value.shape[0] == size else value
+            if not value.ndim or value.shape[0] != size:
+                return value
+            return value[index.to(value.device)] if isinstance(index, Tensor) else value[index]
         if isinstance(value, dict):
             return type(value)((key, cut(item)) for key, item in value.items())
         if isinstance(value, (list, tuple)):
             is_samples = len(value) == size and not any(isinstance(v, (Tensor, dict, list, tuple)) for v in value)
-            return value[:max_samples] if is_samples else type(value)(cut(v) for v in value)
+            if not is_samples:
+                return type(value)(cut(v) for v in value)
+            return [value[i] for i in positions] if positions is not None else value[index]
         return value
 
     return cut(batch)

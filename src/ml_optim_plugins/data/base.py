@@ -11,7 +11,8 @@ from ml_optim_plugins.data.collate import MultimodalCollate, load_tokenizer
 
 
 class MultimodalDataModule(pl.LightningDataModule):
-    """Base of the library's data modules: batches of ``{"image", "text", "label"}`` with texts tokenised.
+    """Base of the library's data modules: batches of ``{"image", "text", "label", "index"}`` with texts tokenised
+    (``index``: each sample's position in its split, the sample id of feature caches).
 
     Subclasses fill ``self.datasets`` (``"train"``, ``"val"``, ``"test"``) in ``setup`` and define
     :attr:`class_names`. ``num_classes`` is known as soon as the data module is built, so LightningCLI links it to the

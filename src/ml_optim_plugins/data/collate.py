@@ -54,6 +54,8 @@ class MultimodalCollate:
             "image": torch.stack([sample["image"] for sample in samples]),
             "label": torch.tensor([int(sample["label"]) for sample in samples], dtype=torch.long),
         }
+        if "index" in samples[0]:  # sample ids, for caches of per-sample features
+            batch["index"] = torch.tensor([int(sample["index"]) for sample in samples], dtype=torch.long)
         if self.tokenizer is None:
             batch["text"] = texts
         else:

@@ -128,7 +128,8 @@ def _sorted_labels(labels: set[str]) -> list[str]:
 
 
 class ManifestDataset(Dataset):
-    """Loads the image of each row, applies ``transform``, and returns ``{"image", "text", "label"}``."""
+    """Loads the image of each row, applies ``transform``, and returns ``{"image", "text", "label", "index"}``
+    (``index``: the row's position, the sample id of feature caches)."""
 
     def __init__(self, rows: Sequence[ManifestRow], label_ids: dict[str, int], transform: Any) -> None:
         self.rows = list(rows)
@@ -142,7 +143,7 @@ class ManifestDataset(Dataset):
         row = self.rows[index]
         with Image.open(row.image) as image:
             pixels = self.transform(image.convert("RGB"))
-        return {"image": pixels, "text": row.text, "label": self.label_ids[row.label]}
+        return {"image": pixels, "text": row.text, "label": self.label_ids[row.label], "index": index}
 
 
 class ManifestDataModule(MultimodalDataModule):

@@ -182,6 +182,7 @@ class SyntheticSentimentDataset(Dataset):
             "image": make_image(rng, image_cue, self.num_classes, self.image_size),
             "text": make_text(rng, text_cue, self.num_classes),
             "label": label,
+            "index": index,
             "image_cue": image_status,
             "text_cue": text_status,
         }

@@ -153,11 +153,13 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         return list(self.encoders)
 
     def compute_features(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Encode each modality of ``batch``: ``{modality: (batch, dim)}``."""
+        """Encode each modality of ``batch``: ``{modality: (batch, dim)}`` (through the feature cache of frozen
+        encoders, when :class:`~ml_optim_plugins.StagedFinetuning` set one up)."""
         missing = [name for name in self.encoders if name not in batch]
         if missing:
             raise KeyError(f"batch lacks modalities {missing}; it has keys {sorted(batch)}")
-        return {name: encoder(batch[name]) for name, encoder in self.encoders.items()}
+        ids = batch.get(self.sample_id_key)
+        return {name: self.encode_modality(name, batch[name], ids) for name in self.encoders}
 
     def forward(self, batch: Mapping[str, Any]) -> Tensor:
         """Fused logits ``(batch, num_classes)``."""

@@ -136,11 +136,33 @@ class ModalityAwareMixin:
 
     encoders: nn.ModuleDict
     fusion: nn.Module
+    #: The batch key of the sample ids that :meth:`encode_modality` gives a feature cache.
+    sample_id_key: str = "index"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.modality_logits: dict[str, Tensor] = {}
         self.modality_targets: Tensor | None = None
+        #: A :class:`~ml_optim_plugins.FeatureCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or ``None``.
+        self.feature_cache: Any = None
+
+    def encode_modality(self, name: str, inputs: Any, sample_ids: Tensor | None = None) -> Tensor:
+        """Features of one modality's batch: from ``self.feature_cache`` while it serves this modality (a frozen
+        encoder) and the batch has sample ids, else from the encoder.
+
+        Raises:
+            KeyError: when the cache serves ``name`` but the batch has no sample ids (``sample_id_key``).
+        """
+        encoder = self.encoders[name]
+        cache = self.feature_cache
+        if cache is None or not cache.is_active(name):
+            return encoder(inputs)
+        if sample_ids is None:
+            raise KeyError(
+                f"the feature cache serves modality {name!r}, but the batch has no sample ids under "
+                f"{self.sample_id_key!r}; the library's data modules add them, your own must too (the dataset index)"
+            )
+        return cache.encode(name, encoder, inputs, sample_ids)
 
     def modality_encoders(self) -> Mapping[str, nn.Module]:
         """Return ``self.encoders`` as a plain ``{modality: encoder}`` mapping."""

@@ -58,11 +58,14 @@ class TimmImageEncoder(nn.Module):
     The model is built with ``timm.create_model(model_name, pretrained=False, num_classes=0)``, so no hub is
     contacted. Pretrained weights come from a local ``checkpoint_path`` (a timm / torch ``state_dict`` file,
     ``.pth``/``.bin``/``.safetensors``, optionally nested under ``"state_dict"`` or ``"model"``); the classifier's
-    weights in it are ignored, every other missing or unexpected key is an error.
+    weights in it are ignored, every other missing or unexpected key is an error. A Lightning checkpoint of a model
+    that holds this encoder works too: give ``checkpoint_prefix``, the encoder's name in that model (e.g.
+    ``"encoders.image."`` for :class:`~ml_optim_plugins.MultimodalClassifier`), and only its weights are taken.
 
     Args:
         model_name: any name of ``timm.list_models()``, e.g. ``"resnet18"`` or ``"mobilenetv3_small_050"``.
         checkpoint_path: local weights to load, or ``None`` for random initialisation.
+        checkpoint_prefix: keep only the checkpoint's keys under this prefix (removed before loading).
         pretrained: passed to timm; leave ``False`` offline (``True`` downloads from a hub).
         **model_kwargs: forwarded to ``timm.create_model`` (``drop_rate``, ``in_chans``, ...).
 
@@ -82,6 +85,7 @@ class TimmImageEncoder(nn.Module):
         model_name: str = "resnet18",
         checkpoint_path: str | Path | None = None,
         pretrained: bool = False,
+        checkpoint_prefix: str | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -93,15 +97,16 @@ class TimmImageEncoder(nn.Module):
         self.model_name = model_name
         self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **model_kwargs)
         if checkpoint_path is not None:
-            self.load_checkpoint(checkpoint_path)
+            self.load_checkpoint(checkpoint_path, checkpoint_prefix)
 
     @property
     def output_dim(self) -> int:
         """Size of the pooled feature vector."""
         return int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
-    def load_checkpoint(self, checkpoint_path: str | Path) -> None:
-        """Load backbone weights from a local file, ignoring the classifier's."""
+    def load_checkpoint(self, checkpoint_path: str | Path, prefix: str | None = None) -> None:
+        """Load backbone weights from a local file, ignoring the classifier's (and, with ``prefix``, every key not
+        under it)."""
         from timm.models import load_state_dict
 
         path = Path(checkpoint_path)
@@ -111,6 +116,12 @@ class TimmImageEncoder(nn.Module):
         for key in ("state_dict", "model"):
             if key in state and isinstance(state[key], Mapping):
                 state = state[key]
+        if prefix:
+            selected = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if not selected:
+                heads = sorted({k.split(".")[0] for k in state})[:8]
+                raise RuntimeError(f"checkpoint {str(path)!r} has no key under {prefix!r}; its keys start with {heads}")
+            state = selected
         state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
         classifier = self.model.pretrained_cfg.get("classifier") if hasattr(self.model, "pretrained_cfg") else None
         if isinstance(classifier, str):

@@ -203,13 +203,29 @@ class WarmupDecay(Callback):
         if base_lr is None and record["base_lr"] == 0:
             base_lr = float(group["lr"])
         if base_lr is not None:
-            keys = set(group_keys(group, self._names, self.lr_multipliers))
-            key = keys.pop() if len(keys) == 1 else None
-            record["base_lr"] = base_lr * (self.lr_multipliers[key] if key is not None else 1.0)
-            assert self.resolved is not None
-            self.resolved.check_base_lr(record["base_lr"], repr(record["name"]))
+            self.set_base_lr(optimizer_index, group_index, base_lr)
         record["first_step"] = self._steps[optimizer_index]
         record["warmup_steps"] = self._late_warmup() if warmup_steps is None else int(warmup_steps)
+
+    def set_base_lr(self, optimizer_index: int, group_index: int, base_lr: float) -> None:
+        """Change a param group's base LR (before its ``lr_multipliers`` factor) from the current step on, without a
+        new warmup; 0 gates the group (its LR stays 0). :class:`~ml_optim_plugins.StagedFinetuning` calls it when
+        a stage changes a group's multiplier or freezes it.
+
+        Raises:
+            ValueError: for a negative base LR, or one below an absolute ``min_lr``.
+        """
+        record = self._groups[optimizer_index][group_index]
+        group = self._optimizers[optimizer_index].param_groups[group_index]
+        keys = set(group_keys(group, self._names, self.lr_multipliers))
+        key = keys.pop() if len(keys) == 1 else None
+        record["base_lr"] = base_lr * (self.lr_multipliers[key] if key is not None else 1.0)
+        assert self.resolved is not None
+        self.resolved.check_base_lr(record["base_lr"], repr(record["name"]))
+
+    def drives(self, trainer: pl.Trainer, optimizer_index: int) -> bool:
+        """Whether this callback sets the LRs of ``trainer.optimizers[optimizer_index]``."""
+        return not trainer.fast_dev_run and optimizer_index in self._driven_indices(trainer)
 
     def current_lrs(self, optimizer_index: int = 0) -> dict[str, float]:
         """``{group name: LR}`` of a driven optimizer at its current step (what the next step will use)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -74,7 +74,7 @@ def check_multiplier_keys(multipliers: Mapping[str, float], names: Iterable[str]
             )
 
 
-def _common_module(names: list[str]) -> str:
+def common_module(names: list[str]) -> str:
     """Longest dotted prefix shared by every name (``""`` if none), cut at a module boundary."""
     if not names:
         return ""
@@ -93,29 +93,38 @@ def group_keys(group: Mapping[str, Any], names: Mapping[int, str], multipliers: 
     return [multiplier_key(names[id(p)], multipliers) if id(p) in names else None for p in group["params"]]
 
 
-def split_groups_by_multiplier(
-    optimizer: Optimizer, names: Mapping[int, str], multipliers: Mapping[str, float]
+def split_groups(
+    optimizer: Optimizer, names: Mapping[int, str], keys: Callable[[Mapping[str, Any]], list[str | None]]
 ) -> None:
-    """Split, in place, every param group whose parameters fall under different multipliers.
+    """Split, in place, every param group whose parameters get different ``keys(group)`` (one key per parameter).
 
-    Each part is named after its multiplier key (the part under none: after the innermost module holding all its
-    parameters, else ``default``) and keeps the group's hyperparameters; the optimizer's per-parameter state is keyed by parameter, so it is
-    unaffected. Parts are inserted where the group was, so group order is deterministic and a checkpoint of the split
-    optimizer loads into a freshly split one.
+    Each part is named after its key (the part under ``None``: after the innermost module holding all its
+    parameters, else ``default``), prefixed with the group's name if it has one, and keeps the group's
+    hyperparameters; the optimizer's per-parameter state is keyed by parameter, so it is unaffected. Parts are
+    inserted where the group was, in the order their keys first appear, so group order is deterministic and a
+    checkpoint of the split optimizer loads into a freshly split one.
     """
     new_groups: list[dict[str, Any]] = []
     for group in optimizer.param_groups:
-        keys = group_keys(group, names, multipliers)
-        if len(set(keys)) <= 1:
+        group_keys_ = keys(group)
+        if len(set(group_keys_)) <= 1:
             new_groups.append(group)
             continue
-        for key in dict.fromkeys(keys):
+        for key in dict.fromkeys(group_keys_):
             part = {k: v for k, v in group.items() if k != "params"}
-            part["params"] = [p for p, k in zip(group["params"], keys) if k == key]
-            label = key or _common_module([names[id(p)] for p in part["params"] if id(p) in names]) or "default"
+            part["params"] = [p for p, k in zip(group["params"], group_keys_) if k == key]
+            label = key or common_module([names[id(p)] for p in part["params"] if id(p) in names]) or "default"
             part["name"] = f"{group['name']}/{label}" if "name" in group else label
             new_groups.append(part)
     optimizer.param_groups[:] = new_groups
+
+
+def split_groups_by_multiplier(
+    optimizer: Optimizer, names: Mapping[int, str], multipliers: Mapping[str, float]
+) -> None:
+    """Split, in place, every param group whose parameters fall under different ``multipliers`` keys (see
+    :func:`split_groups`); each part is named after its multiplier key."""
+    split_groups(optimizer, names, lambda group: group_keys(group, names, multipliers))
 
 
 def name_group(optimizer: Optimizer, index: int, names: Mapping[int, str], multipliers: Mapping[str, float]) -> str:
@@ -129,7 +138,7 @@ def name_group(optimizer: Optimizer, index: int, names: Mapping[int, str], multi
     if "name" not in group:
         keys = set(group_keys(group, names, multipliers))
         key = keys.pop() if len(keys) == 1 else None
-        label = key or _common_module([names[id(p)] for p in group["params"] if id(p) in names]) or f"pg{index + 1}"
+        label = key or common_module([names[id(p)] for p in group["params"] if id(p) in names]) or f"pg{index + 1}"
         taken = {g.get("name") for i, g in enumerate(optimizer.param_groups) if i != index}
         group["name"] = label if label not in taken else f"{label}-{index + 1}"
     return group["name"]

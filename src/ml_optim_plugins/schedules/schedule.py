@@ -293,10 +293,11 @@ class WarmupDecaySchedule:
         return self.min_lr if self.min_lr is not None else base_lr * self.min_lr_ratio
 
     def check_base_lr(self, base_lr: float, group: str) -> None:
-        """Raise a ``ValueError`` naming ``group`` if its base LR is negative or below the decay's floor."""
+        """Raise a ``ValueError`` naming ``group`` if its base LR is negative or below the decay's floor (a base LR
+        of 0 is a gated group, e.g. a frozen encoder, and stays 0)."""
         if base_lr < 0:
             raise ValueError(f"param group {group} has a negative learning rate ({base_lr})")
-        if self.min_lr is not None and self.min_lr > base_lr:
+        if self.min_lr is not None and self.min_lr > base_lr > 0:
             raise ValueError(
                 f"min_lr ({self.min_lr}) is above the base learning rate of param group {group} ({base_lr}); the "
                 "decay would raise the LR. Lower min_lr or use min_lr_ratio"
@@ -339,13 +340,15 @@ class WarmupDecaySchedule:
 
         A group present from the start follows :meth:`lr`. A later group follows it too, multiplied by its own warmup
         (same shape and start factor, ``warmup_steps`` long, default the schedule's) counted from ``first_step``, so
-        newly trainable weights are not hit by the full LR on their first step.
+        newly trainable weights are not hit by the full LR on their first step. A base LR of 0 (a gated group) gives 0.
 
         Example:
             >>> s = WarmupDecaySchedule(warmup_steps=10, decay="constant")
             >>> s.group_lr(50, 1.0, first_step=45), s.group_lr(60, 1.0, first_step=45)
             (0.5, 1.0)
         """
+        if base_lr == 0:
+            return 0.0  # a gated group (frozen encoder) stays at 0, whatever the decay's floor
         lr = self.lr(step, base_lr)
         if first_step <= 0:
             return lr

@@ -1,0 +1,219 @@
+"""StagedFinetuning: frozen stays frozen (no grads, eval mode), unfreezing trains, LRs and warmups per stage,
+triggers by epoch, step and plateau, plans, and clear errors."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from ml_optim_plugins import GradualUnfreezing, LinearProbeFinetune, Stage, StagedFinetuning, WarmupDecay
+from tests.finetuning.tiny import loader, tiny_staged_model, trainer
+
+
+class Recorder(pl.Callback):
+    """Per training batch: modes of the encoders' submodules, which parameters have gradients, and the LRs."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.rows.append({
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "training": {n: m.training for n, m in pl_module.named_modules() if n.startswith("encoders.")},
+            "grads": {n for n, p in pl_module.named_parameters() if p.grad is not None},
+            "lrs": {g["name"]: g["lr"] for g in optimizer.param_groups},
+        })
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before, model, prefix):
+    return {k for k, v in model.state_dict().items() if k.startswith(prefix) and not torch.equal(v, before[k])}
+
+
+def test_frozen_encoders_stay_in_eval_get_no_gradients_and_do_not_change():
+    model, recorder = tiny_staged_model(), Recorder()
+    before = _snapshot(model)
+    trainer(max_epochs=2, callbacks=[StagedFinetuning([Stage()]), recorder]).fit(model, loader())
+    assert len(recorder.rows) == 12
+    for row in recorder.rows:
+        assert not any(row["training"].values())  # BatchNorm and dropout of frozen encoders in eval
+        assert row["grads"] and all(name.startswith("fusion.") for name in row["grads"])
+    assert not _changed(before, model, "encoders.")  # weights and BatchNorm statistics
+    assert _changed(before, model, "fusion.head")
+
+
+def test_unfreezing_trains_and_restores_train_mode():
+    model, recorder = tiny_staged_model(), Recorder()
+    before = _snapshot(model)
+    plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image", "text[-1]"])])
+    trainer(max_epochs=2, callbacks=[plan, recorder]).fit(model, loader())
+    first, later = recorder.rows[:6], recorder.rows[6:]
+    assert not any(first[0]["training"].values())
+    assert all(later[0]["training"][n] for n in ("encoders.image", "encoders.image.block.1", "encoders.text.norm",
+                                                 "encoders.text.layers.2.2"))
+    assert not later[0]["training"]["encoders.text.layers.0"]  # still frozen
+    assert "encoders.image.block.0.weight" in later[0]["grads"]
+    assert "encoders.text.layers.1.0.weight" not in later[0]["grads"]
+    changed = _changed(before, model, "encoders.")
+    assert "encoders.image.stem.1.running_mean" in changed and "encoders.text.layers.2.0.weight" in changed
+    assert not any(k.startswith(("encoders.text.embed", "encoders.text.layers.0", "encoders.text.layers.1"))
+                   for k in changed)
+    assert [(b["stage"], b["epoch"], b["step"]) for b in plan.boundaries] == [(0, 0, 0), (1, 1, 6)]
+
+
+def test_train_bn_false_keeps_batchnorm_frozen_in_trainable_modules():
+    model, recorder = tiny_staged_model(), Recorder()
+    before = _snapshot(model)
+    plan = StagedFinetuning([Stage(trainable=["image"], train_bn=False)])
+    trainer(max_epochs=1, callbacks=[plan, recorder]).fit(model, loader())
+    row = recorder.rows[0]
+    assert row["training"]["encoders.image.stem.0"] and not row["training"]["encoders.image.stem.1"]
+    changed = _changed(before, model, "encoders.image")
+    assert "encoders.image.stem.0.weight" in changed
+    assert not any(".stem.1." in k or ".block.1." in k for k in changed)
+
+
+def test_groups_are_split_named_and_gated_with_warmup_for_unfrozen_ones():
+    model, recorder = tiny_staged_model(lr=0.1), Recorder()
+    plan = StagedFinetuning([
+        Stage(),
+        Stage(start_step=4, trainable=["image", "text[-2:]"], lr_multipliers={"text[-1]": 0.5, "text[-2]": 0.25},
+              warmup_steps=4),
+    ])
+    # WarmupDecay listed first: StagedFinetuning moves itself ahead so it splits the groups before they are registered.
+    trainer(max_epochs=2, callbacks=[WarmupDecay(warmup_steps=2, decay="constant"), plan, recorder]).fit(model, loader())
+    names = list(recorder.rows[0]["lrs"])
+    assert names == ["encoders.image", "encoders.text/embed..layers.0.0", "encoders.text/layers.1.0",
+                     "encoders.text/layers.2.0..norm", "fusion"]
+    lrs = [row["lrs"] for row in recorder.rows]
+    assert [r["fusion"] for r in lrs[:3]] == pytest.approx([0.0, 0.05, 0.1])  # global linear warmup of 2 steps
+    assert all(r[n] == 0 for r in lrs[:4] for n in names[:4])  # gated while frozen
+    # From step 4: its own linear warmup of 4 steps (the same shape as the global one), times the multiplier.
+    image = [r["encoders.image"] for r in lrs[4:9]]
+    assert image == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    assert [r["encoders.text/layers.2.0..norm"] for r in lrs[4:9]] == pytest.approx([x * 0.5 for x in image])
+    assert [r["encoders.text/layers.1.0"] for r in lrs[4:9]] == pytest.approx([x * 0.25 for x in image])
+    assert all(r["encoders.text/embed..layers.0.0"] == 0 for r in lrs)
+
+
+def test_without_a_scheduler_the_stage_sets_the_lrs():
+    model, recorder = tiny_staged_model(lr=0.1), Recorder()
+    plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["text"], lr_multipliers={"text": 0.3})])
+    trainer(max_epochs=2, callbacks=[plan, recorder]).fit(model, loader())
+    assert recorder.rows[0]["lrs"]["encoders.text"] == 0 and recorder.rows[0]["lrs"]["fusion"] == 0.1
+    assert recorder.rows[-1]["lrs"]["encoders.text"] == pytest.approx(0.03)
+    assert recorder.rows[-1]["lrs"]["encoders.image"] == 0
+
+
+class LogMetric(pl.Callback):
+    """Logs ``values[epoch]`` as the validation metric ``val/score``."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("val/score", float(self.values[trainer.current_epoch]))
+
+
+def test_plateau_trigger_starts_the_next_stage_after_patience():
+    model = tiny_staged_model()
+    plan = StagedFinetuning([Stage(), Stage(monitor="val/score", mode="max", patience=2, trainable=["image"])])
+    trainer(max_epochs=6, callbacks=[plan, LogMetric([0, 1, 1, 1, 1, 1])]).fit(model, loader(), loader(n=16))
+    # Best at epoch 1; epochs 2 and 3 do not improve: the stage starts with epoch 4's first batch.
+    assert [(b["stage"], b["epoch"]) for b in plan.boundaries] == [(0, 0), (1, 4)]
+
+
+def test_a_monitor_that_is_never_logged_is_an_error_naming_the_logged_ones():
+    plan = StagedFinetuning([Stage(), Stage(monitor="val/nope", trainable=["image"])])
+    with pytest.raises(MisconfigurationException, match="monitors 'val/nope', which was not logged; logged metrics"):
+        trainer(max_epochs=2, callbacks=[plan]).fit(tiny_staged_model(), loader(), loader(n=16))
+
+
+def test_step_triggers_wait_for_the_start_of_an_accumulation_window():
+    model, recorder = tiny_staged_model(), Recorder()
+    plan = StagedFinetuning([Stage(), Stage(start_step=1, trainable=["image"])])
+    trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[plan, recorder]).fit(model, loader())
+    assert [(b["stage"], b["step"]) for b in plan.boundaries] == [(0, 0), (1, 1)]
+    assert "encoders.image.stem.0.weight" not in recorder.rows[0]["grads"]
+    assert "encoders.image.stem.0.weight" in recorder.rows[1]["grads"]
+
+
+def test_linear_probe_then_finetune_unfreezes_every_encoder():
+    model, recorder = tiny_staged_model(), Recorder()
+    plan = LinearProbeFinetune(probe_epochs=1, lr_multipliers={"text": 0.5})
+    trainer(max_epochs=2, callbacks=[plan, recorder]).fit(model, loader())
+    assert plan.stage_name() == "finetune"
+    assert {"encoders.image.stem.0.weight", "encoders.text.embed.weight"} <= recorder.rows[-1]["grads"]
+    assert recorder.rows[-1]["lrs"]["encoders.text"] == pytest.approx(0.5 * recorder.rows[-1]["lrs"]["encoders.image"])
+
+
+def test_gradual_unfreezing_unfreezes_top_down_with_discriminative_lrs():
+    model, recorder = tiny_staged_model(lr=0.1), Recorder()
+    plan = GradualUnfreezing(epochs_per_stage=1, factor=2.0)
+    trainer(max_epochs=5, callbacks=[plan, recorder]).fit(model, loader())
+    assert [s.trainable for s in plan._plan] == [
+        [], ["image[-1:]", "text[-1:]"], ["image[-2:]", "text[-2:]"], ["image[-2:]", "text[-3:]"],
+        ["image[-2:]", "text[-4:]"],
+    ]
+    grads = [row["grads"] for row in recorder.rows[::6]]
+    assert "encoders.text.layers.2.0.weight" in grads[1] and "encoders.text.layers.1.0.weight" not in grads[1]
+    assert "encoders.text.embed.weight" in grads[4] and "encoders.text.embed.weight" not in grads[3]
+    last = recorder.rows[-1]["lrs"]
+    by_block = {name: lr for name, lr in last.items() if name.startswith("encoders.text")}
+    assert sorted(by_block.values(), reverse=True) == pytest.approx([0.1, 0.05, 0.025, 0.0125])
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "configure", "error", "message"),
+    [
+        (lambda: [StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image"], warmup_steps=3)])], None,
+         MisconfigurationException, "needs ml_optim_plugins.WarmupDecay"),
+        (lambda: [StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image"],
+                                                   lr_multipliers={"image": 0.1})])], "scheduler",
+         MisconfigurationException, "has a LR scheduler from configure_optimizers"),
+        (lambda: [StagedFinetuning([Stage(trainable=["fusion"])])], None, ValueError,
+         "does not manage .*fusion.head"),
+        (lambda: [StagedFinetuning([Stage(trainable=["audio"])])], None, ValueError, "'audio' matches no parameter"),
+        (lambda: [StagedFinetuning([Stage()], cache_features=True)], "plain", MisconfigurationException,
+         "needs a module that encodes through encode_modality"),
+    ],
+)
+def test_clear_errors_before_the_first_step(callbacks, configure, error, message):
+    model = tiny_staged_model()
+    if configure == "scheduler":
+        model.scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    if configure == "plain":
+        model.encode_modality = None
+    with pytest.raises(error, match=message):
+        trainer(max_epochs=1, callbacks=callbacks()).fit(model, loader())
+    assert model.global_step == 0
+
+
+class Plain(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.head(self.body(batch["text"])), batch["label"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_module_without_the_contract_needs_modules_and_then_works():
+    with pytest.raises(ValueError, match="has no modality contract"):
+        trainer(max_epochs=1, callbacks=[StagedFinetuning([Stage()])]).fit(Plain(), loader())
+    model = Plain()
+    before = model.body.weight.detach().clone()
+    plan = StagedFinetuning([Stage(), Stage(start_step=3, trainable=["body"])], modules=["body"])
+    trainer(max_steps=3, callbacks=[plan]).fit(model, loader())
+    assert torch.equal(model.body.weight, before)
+    trainer(max_steps=6, callbacks=[plan]).fit(model, loader())
+    assert not torch.equal(model.body.weight, before)

@@ -1,0 +1,60 @@
+"""A run stopped in the middle of a stage and resumed from its checkpoint continues in the same stage with the same
+groups, LRs, plateau counters and cache validity, and ends with the same weights as a run that never stopped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ml_optim_plugins import Stage, StagedFinetuning, WarmupDecay
+from tests.finetuning.test_callback import LogMetric, Recorder
+from tests.finetuning.tiny import loader, tiny_staged_model, trainer
+
+PLANS = {
+    "epochs": lambda: [Stage(name="probe"), Stage(start_epoch=1, trainable=["image", "text[-1]"], warmup_steps=4,
+                                                   lr_multipliers={"text": 0.5}),
+                       Stage(start_epoch=3, trainable=["image", "text"], lr_multipliers={"text[:2]": 0.1})],
+    "steps": lambda: [Stage(name="probe"), Stage(start_step=9, trainable=["text[-2:]"], warmup_steps=3),
+                      Stage(start_step=20, trainable=["image", "text"])],
+    "plateau": lambda: [Stage(name="probe"), Stage(monitor="val/score", mode="max", patience=1, trainable=["image"]),
+                        Stage(monitor="val/score", mode="max", patience=1, trainable=["image", "text"])],
+}
+
+
+def _model():
+    model = tiny_staged_model()
+    for module in model.modules():  # checkpoints do not carry the RNG: no dropout noise, so the runs can be compared
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_resume_in_the_middle_of_a_stage_is_exact(plan, tmp_path):
+    def run(epochs, checkpoint=None, save=False):
+        staged, recorder = StagedFinetuning(PLANS[plan](), cache_features=True), Recorder()
+        callbacks = [staged, WarmupDecay(warmup_steps=2, decay="cosine"), recorder, LogMetric([0, 0, 1, 1, 1])]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_on_train_epoch_end=True))
+        model = _model()
+        trainer(tmp_path, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=save).fit(
+            model, loader(), loader(n=16), ckpt_path=checkpoint)
+        return model, staged, recorder
+
+    straight, straight_plan, straight_rows = run(5, save=True)
+    # The checkpoint of epoch 1 (0-based) ends in the middle of stage 1 (or, for the plateau plan, with stage 1
+    # pending: the plateau was detected at that epoch's validation).
+    resumed, resumed_plan, resumed_rows = run(5, checkpoint=tmp_path / "ckpt" / "epoch=1-step=12.ckpt")
+    assert resumed_plan.stage_index == straight_plan.stage_index == 2
+    assert resumed_plan.boundaries == straight_plan.boundaries
+    assert len(straight_plan.boundaries) == 3
+    assert resumed_plan.cache.active == straight_plan.cache.active == []
+    def lrs(rows):
+        return [(name, lr) for row in rows for name, lr in row["lrs"].items()]
+
+    assert [n for n, _ in lrs(resumed_rows.rows)] == [n for n, _ in lrs(straight_rows.rows[12:])]
+    assert [lr for _, lr in lrs(resumed_rows.rows)] == pytest.approx([lr for _, lr in lrs(straight_rows.rows[12:])])
+    assert [r["grads"] for r in resumed_rows.rows] == [r["grads"] for r in straight_rows.rows[12:]]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
