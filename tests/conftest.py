@@ -64,7 +64,10 @@ def tiny_model() -> MultimodalClassifier:
 def tiny_config(tmp_path: Path) -> Path:
     """The quick-start recipe shrunk to seconds: tiny data, a tiny CNN, one short epoch, logs under tmp_path."""
     config = yaml.safe_load(QUICKSTART.read_text())
-    config["model"]["init_args"]["encoders"]["image"]["init_args"]["model_name"] = "test_resnet"
+    image = config["model"]["init_args"]["encoders"]["image"]["init_args"]
+    image["model_name"] = "test_resnet"
+    # The recipe loads the encoder pretrained by recipes/pretrain_image.yaml; tests/test_cli.py runs that pipeline.
+    image.pop("checkpoint_path"), image.pop("checkpoint_prefix")
     config["model"]["init_args"]["encoders"]["text"]["init_args"]["max_seq_length"] = 24
     config["data"]["init_args"].update(
         train_size=32, val_size=16, test_size=16, image_size=32, batch_size=8, max_length=24

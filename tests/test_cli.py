@@ -26,13 +26,16 @@ def test_fit_through_the_cli_leaves_one_complete_run_directory(tiny_config, tmp_
     assert not (log_dir.parent / "version_1").exists()
     assert 0.0 <= last_value(log_dir / "metrics.csv", "val/acc") <= 1.0
     assert last_value(log_dir / "metrics.csv", "val/image/acc") >= 0.0
-    # WarmupDecay from the recipe: 2 optimizer steps, 1 of warmup; one LR column per named param group.
+    # WarmupDecay from the recipe: 2 optimizer steps, 1 of warmup; one LR column per named param group. In the
+    # recipe's probe stage the encoders are gated (LR 0); the text encoder is split where its top two layers start.
     warmup = next(c for c in cli.trainer.callbacks if type(c).__name__ == "WarmupDecay")
     assert (warmup.resolved.total_steps, warmup.resolved.warmup_steps) == (2, 1)
-    for group in ("encoders.image", "encoders.text", "fusion"):
-        lrs = [float(row[f"lr-AdamW/{group}"]) for row in csv.DictReader((log_dir / "metrics.csv").open())
-               if row.get(f"lr-AdamW/{group}")]
-        assert lrs == pytest.approx([0.0, 3e-4]), group
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    groups = sorted(key.removeprefix("lr-AdamW/") for key in rows[0] if key.startswith("lr-AdamW/"))
+    assert groups == ["encoders.image", "encoders.text/finetune", "encoders.text/frozen", "fusion"]
+    for group in groups:
+        lrs = [float(row[f"lr-AdamW/{group}"]) for row in rows if row.get(f"lr-AdamW/{group}")]
+        assert lrs == pytest.approx([0.0, 1e-3 if group == "fusion" else 0.0]), group
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     assert best.is_file() and best.parent == log_dir / "checkpoints"
     checkpoint = torch.load(best, map_location="cpu", weights_only=False)
@@ -88,3 +91,65 @@ def test_gaussian_dropout_variant_stacks_on_the_recipe(tiny_config, tmp_path, mo
     assert isinstance(cli.model.modality_dropout, ModalityDropout) and cli.model.modality_dropout.p == 0.2
     assert Path(cli.trainer.log_dir).resolve() == tmp_path / "runs" / "quickstart-gaussian-dropout" / "version_0"
     assert cli.trainer.global_step == 1
+
+
+def test_pretrain_image_then_staged_quick_start(tiny_config, tmp_path):
+    """The README's pipeline on tiny data: recipes/pretrain_image.yaml saves the image encoder, the quick start loads
+    it, probes with both encoders frozen (cached features), then finetunes the image encoder and the top text layers."""
+    from ml_optim_plugins import LinearProbeFinetune, TimmImageEncoder
+
+    pretrain = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "pretrain_image.yaml").read_text())
+    pretrain["model"]["init_args"]["encoders"]["image"]["init_args"]["model_name"] = "test_resnet"
+    pretrain["data"]["init_args"].update(train_size=32, val_size=16, test_size=16, image_size=32, batch_size=8)
+    pretrain["trainer"].update(max_epochs=1, accelerator="cpu", enable_model_summary=False)
+    pretrain["trainer"]["logger"][0]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    callbacks = [c for c in pretrain["trainer"]["callbacks"] if not c["class_path"].endswith("RichProgressBar")]
+    next(c for c in callbacks if c["class_path"].endswith("ModelCheckpoint"))["init_args"]["dirpath"] = str(tmp_path)
+    pretrain["trainer"]["callbacks"] = callbacks
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(pretrain))
+    run(["fit", "-c", str(tmp_path / "pretrain.yaml")])
+    weights = tmp_path / "image-encoder.ckpt"
+    saved = torch.load(weights, map_location="cpu", weights_only=False)["state_dict"]
+
+    config = yaml.safe_load(tiny_config.read_text())
+    config["model"]["init_args"]["encoders"]["image"]["init_args"].update(
+        checkpoint_path=str(weights), checkpoint_prefix="encoders.image."
+    )
+    config["trainer"]["max_epochs"] = 3
+    plan = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LinearProbeFinetune"))
+    plan["init_args"]["probe_epochs"] = 2
+    tiny_config.write_text(yaml.safe_dump(config))
+    loaded = TimmImageEncoder("test_resnet", checkpoint_path=weights, checkpoint_prefix="encoders.image.")
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[f"encoders.image.{name}"]), name
+
+    cli = run(["fit", "-c", str(tiny_config)])
+    staged = next(c for c in cli.trainer.callbacks if isinstance(c, LinearProbeFinetune))
+    assert [(b["name"], b["epoch"]) for b in staged.boundaries] == [("probe", 0), ("finetune", 2)]
+    # 32 train and 16 val samples: the sanity check and epoch 0 computed them once; epoch 0's validation (after the
+    # sanity check) and all of epoch 1 were served from the cache.
+    assert staged.cache.stats()["text"] == {"hits": 16 + 32 + 16, "misses": 32 + 16}
+    final = cli.model.encoders["image"].state_dict()
+    assert any(not torch.equal(final[k], loaded.state_dict()[k]) for k in final)  # finetuned after the probe
+    with pytest.raises(RuntimeError, match="has no key under 'encoders.audio.'"):
+        TimmImageEncoder("test_resnet", checkpoint_path=weights, checkpoint_prefix="encoders.audio.")
+
+
+def test_staged_finetuning_stages_from_yaml(tiny_config):
+    """A plan written as YAML in a recipe becomes Stage objects (LightningCLI / jsonargparse)."""
+    from ml_optim_plugins import Stage, StagedFinetuning
+
+    config = yaml.safe_load(tiny_config.read_text())
+    callbacks = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("LinearProbeFinetune")]
+    callbacks.insert(0, {"class_path": "ml_optim_plugins.StagedFinetuning", "init_args": {"stages": [
+        {"name": "probe"},
+        {"name": "top", "start_step": 1, "trainable": ["text[-1]", "image"], "lr_multipliers": {"text": 0.5},
+         "warmup_steps": 1},
+    ]}})
+    config["trainer"]["callbacks"] = callbacks
+    tiny_config.write_text(yaml.safe_dump(config))
+    cli = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "2"])
+    staged = next(c for c in cli.trainer.callbacks if isinstance(c, StagedFinetuning))
+    assert staged.stages == [Stage(name="probe"), Stage(name="top", start_step=1, trainable=["text[-1]", "image"],
+                                                        lr_multipliers={"text": 0.5}, warmup_steps=1)]
+    assert [(b["name"], b["step"]) for b in staged.boundaries] == [("probe", 0), ("top", 1)]

@@ -121,10 +121,28 @@ def test_balancing_examples_run(capsys):
     assert "['image', 'text'] True" in capsys.readouterr().out.splitlines()
 
 
+def test_finetuning_examples_run_and_the_yaml_builds_the_same_plan(capsys):
+    import yaml
+
+    from ml_optim_plugins import StagedFinetuning
+
+    page = REPO / "docs" / "finetuning.md"
+    python, blocks = python_blocks(page)
+    exec(compile(python, "docs/finetuning.md", "exec"), namespace := {})
+    exec(compile(blocks, "docs/finetuning.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["5 ['model.layer4.0.conv1.weight', 'model.layer4.0.bn1.weight']"]
+    text = page.read_text()
+    config = yaml.safe_load(text[text.index("```yaml") + 7:text.index("```", text.index("```yaml") + 7)])
+    from_yaml = StagedFinetuning(**config["trainer"]["callbacks"][0]["init_args"])
+    from_python = next(c for c in namespace["trainer"].callbacks if isinstance(c, StagedFinetuning))
+    assert from_yaml.stages == from_python.stages and from_yaml.cache_features == from_python.cache_features
+
+
 @pytest.mark.parametrize(
     "page",
     ["index.md", "quickstart.md", "data.md", "schedules.md", "regularization.md", "benchmarks.md", "gradcheck.md",
-     "diagnostics.md", "balancing.md"],
+     "diagnostics.md", "balancing.md", "finetuning.md"],
 )
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()

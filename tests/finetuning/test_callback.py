@@ -89,17 +89,17 @@ def test_groups_are_split_named_and_gated_with_warmup_for_unfrozen_ones():
     # WarmupDecay listed first: StagedFinetuning moves itself ahead so it splits the groups before they are registered.
     trainer(max_epochs=2, callbacks=[WarmupDecay(warmup_steps=2, decay="constant"), plan, recorder]).fit(model, loader())
     names = list(recorder.rows[0]["lrs"])
-    assert names == ["encoders.image", "encoders.text/embed..layers.0.0", "encoders.text/layers.1.0",
-                     "encoders.text/layers.2.0..norm", "fusion"]
+    assert names == ["encoders.image", "encoders.text/frozen", "encoders.text/stage1x0.25", "encoders.text/stage1x0.5",
+                     "fusion"]
     lrs = [row["lrs"] for row in recorder.rows]
     assert [r["fusion"] for r in lrs[:3]] == pytest.approx([0.0, 0.05, 0.1])  # global linear warmup of 2 steps
     assert all(r[n] == 0 for r in lrs[:4] for n in names[:4])  # gated while frozen
     # From step 4: its own linear warmup of 4 steps (the same shape as the global one), times the multiplier.
     image = [r["encoders.image"] for r in lrs[4:9]]
     assert image == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
-    assert [r["encoders.text/layers.2.0..norm"] for r in lrs[4:9]] == pytest.approx([x * 0.5 for x in image])
-    assert [r["encoders.text/layers.1.0"] for r in lrs[4:9]] == pytest.approx([x * 0.25 for x in image])
-    assert all(r["encoders.text/embed..layers.0.0"] == 0 for r in lrs)
+    assert [r["encoders.text/stage1x0.5"] for r in lrs[4:9]] == pytest.approx([x * 0.5 for x in image])
+    assert [r["encoders.text/stage1x0.25"] for r in lrs[4:9]] == pytest.approx([x * 0.25 for x in image])
+    assert all(r["encoders.text/frozen"] == 0 for r in lrs)
 
 
 def test_without_a_scheduler_the_stage_sets_the_lrs():

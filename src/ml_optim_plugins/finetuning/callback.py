@@ -20,7 +20,7 @@ from ml_optim_plugins.finetuning.blocks import encoder_blocks, parse_selector, s
 from ml_optim_plugins.finetuning.cache import FeatureCache
 from ml_optim_plugins.finetuning.stage import Stage
 from ml_optim_plugins.schedules.callback import WarmupDecay
-from ml_optim_plugins.schedules.param_groups import common_module, parameter_names, split_groups
+from ml_optim_plugins.schedules.param_groups import parameter_names, split_groups
 
 #: Param-group key holding a group's base LR before stage multipliers (saved with the optimizer's state).
 BASE_LR_KEY = "staged_base_lr"
@@ -49,8 +49,8 @@ class StagedFinetuning(Callback):
       (:class:`~ml_optim_plugins.FeatureCache`), invalidated when it is unfrozen.
 
     Design: every param group exists from the start and is *gated*. At ``on_fit_start`` the optimizer's groups are
-    split so that parameters following different stage plans are in different groups (named, e.g.
-    ``encoders.text/model.0.model.encoder.layer``); a frozen group has LR 0. With
+    split so that parameters following different stage plans are in different groups, named after the stage in which
+    they start training (e.g. ``encoders.text/finetune`` and ``encoders.text/frozen``); a frozen group has LR 0. With
     :class:`~ml_optim_plugins.WarmupDecay` driving the optimizer, each stage sets the groups' base LRs there (base LR x
     stage multiplier) and gives newly trainable groups their own warmup; without a scheduler it sets the LRs itself.
     So the optimizer's shape never changes: ``LearningRateMonitor`` keys are stable, checkpoints load, and
@@ -316,19 +316,25 @@ class StagedFinetuning(Callback):
                 group.setdefault(BASE_LR_KEY, float(group.get("initial_lr", group["lr"])))
 
     def _group_labels(self, group: Mapping[str, Any]) -> list[str | None]:
-        """One label per parameter of ``group``: equal for parameters with the same plan, so they share a group."""
+        """One label per parameter of ``group``: equal for parameters with the same plan, so they share a group.
+
+        A part is named after the stage in which it first trains (``"frozen"`` if never), plus its LR multiplier in
+        that stage where two parts start together: ``encoders.text/frozen``, ``encoders.text/finetune``,
+        ``encoders.text/top2x0.38``.
+        """
         params = group["params"]
         plans = [self._trajectory(id(p)) for p in params]
         if len(set(plans)) <= 1:
             return [None] * len(params)
+        first: dict[tuple, int | None] = {
+            plan: next((i for i, (on, _) in enumerate(plan) if on), None) for plan in dict.fromkeys(plans)
+        }
+        starts = list(first.values())
         labels: dict[tuple, str] = {}
-        prefix = f"{group['name']}." if "name" in group else ""
-        for plan in dict.fromkeys(plans):
-            names = [self._names[id(p)].removeprefix(prefix) for p, q in zip(params, plans) if q == plan]
-            label = common_module(names)
-            if not label:  # e.g. the last layer and the final norm: name the first and last module
-                first, last = names[0].rsplit(".", 1)[0], names[-1].rsplit(".", 1)[0]
-                label = first if first == last else f"{first}..{last}"
+        for plan, start in first.items():
+            label = "frozen" if start is None else self.stage_name(start)
+            if start is not None and starts.count(start) > 1:
+                label += f"x{plan[start][1]:.3g}"
             while label in labels.values():
                 label += "+"
             labels[plan] = label

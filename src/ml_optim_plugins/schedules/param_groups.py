@@ -74,7 +74,7 @@ def check_multiplier_keys(multipliers: Mapping[str, float], names: Iterable[str]
             )
 
 
-def common_module(names: list[str]) -> str:
+def _common_module(names: list[str]) -> str:
     """Longest dotted prefix shared by every name (``""`` if none), cut at a module boundary."""
     if not names:
         return ""
@@ -113,7 +113,7 @@ def split_groups(
         for key in dict.fromkeys(group_keys_):
             part = {k: v for k, v in group.items() if k != "params"}
             part["params"] = [p for p, k in zip(group["params"], group_keys_) if k == key]
-            label = key or common_module([names[id(p)] for p in part["params"] if id(p) in names]) or "default"
+            label = key or _common_module([names[id(p)] for p in part["params"] if id(p) in names]) or "default"
             part["name"] = f"{group['name']}/{label}" if "name" in group else label
             new_groups.append(part)
     optimizer.param_groups[:] = new_groups
@@ -138,7 +138,7 @@ def name_group(optimizer: Optimizer, index: int, names: Mapping[int, str], multi
     if "name" not in group:
         keys = set(group_keys(group, names, multipliers))
         key = keys.pop() if len(keys) == 1 else None
-        label = key or common_module([names[id(p)] for p in group["params"] if id(p) in names]) or f"pg{index + 1}"
+        label = key or _common_module([names[id(p)] for p in group["params"] if id(p) in names]) or f"pg{index + 1}"
         taken = {g.get("name") for i, g in enumerate(optimizer.param_groups) if i != index}
         group["name"] = label if label not in taken else f"{label}-{index + 1}"
     return group["name"]
