@@ -7,7 +7,7 @@ linear probe of the weak (image) modality: a logistic regression trained on the 
 split, scored on the test split. Every configuration's row is printed, good or bad.
 
     HF_HUB_OFFLINE=1 python benchmarks/balancing.py --seeds 0 1 2
-    HF_HUB_OFFLINE=1 python benchmarks/balancing.py --configs baseline aux --epochs 2 --train-size 600
+    HF_HUB_OFFLINE=1 python benchmarks/balancing.py --configs baseline "aux w=1" --epochs 2 --train-size 600
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ CONFIGS = {
                                         "window_unit": "step"}, 0.0),
     "agm a=0.5": ({"method": "agm", "alpha": 0.5}, 0.0),
     "aux w=1": (None, 1.0),
+    "mmpareto (aux w=1)": ({"method": "mmpareto"}, 1.0),
 }
 
 
@@ -98,7 +99,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = {name: [run(name, seed, args) for seed in args.seeds] for name in args.configs}
+    rows: dict[str, list[dict[str, float]]] = {}
+    for name in args.configs:
+        for seed in args.seeds:
+            rows.setdefault(name, []).append(run(name, seed, args))
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name][-1].items()), flush=True)
     print(f"\n{len(args.seeds)} seeds {args.seeds}, {args.epochs} epochs, {args.train_size} training samples, "
           f"400 val / 400 test; mean ± std over seeds; best checkpoint on val/acc\n")
     print("| configuration | test acc | test macro-F1 | image branch acc | text branch acc | image probe acc | fit s |")

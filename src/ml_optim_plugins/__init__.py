@@ -5,6 +5,9 @@ Everything a user imports is exported here; other module paths may change betwee
 
 from ml_optim_plugins.balancing import (
     agm_coefficients,
+    mmpareto_combine,
+    mmpareto_weights,
+    mmpareto_weights_from_dots,
     mono_modal_losses,
     ModalityBalancer,
     modulate_gradient,
@@ -91,6 +94,9 @@ from ml_optim_plugins.schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "mmpareto_combine",
+    "mmpareto_weights",
+    "mmpareto_weights_from_dots",
     "FeatureCache",
     "GradualUnfreezing",
     "LinearProbeFinetune",

@@ -8,11 +8,11 @@ from torch.utils.data import DataLoader
 from ml_optim_plugins import ConcatFusion, MultimodalClassifier
 
 
-def tiny_classifier(seed: int = 0) -> MultimodalClassifier:
+def tiny_classifier(seed: int = 0, **kwargs) -> MultimodalClassifier:
     torch.manual_seed(seed)
     return MultimodalClassifier(
-        {"a": torch.nn.Linear(4, 8), "b": torch.nn.Linear(6, 8)}, fusion=ConcatFusion(), num_classes=3,
-        feature_dims={"a": 8, "b": 8}, optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        {"a": torch.nn.Linear(4, 8), "b": torch.nn.Linear(6, 8)}, fusion=kwargs.pop("fusion", ConcatFusion()),
+        num_classes=3, feature_dims={"a": 8, "b": 8}, optimizer=lambda params: torch.optim.SGD(params, lr=0.5), **kwargs,
     )
 
 

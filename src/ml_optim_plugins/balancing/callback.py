@@ -13,11 +13,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ml_optim_plugins.balancing.agm import agm_coefficients, mono_modal_losses, update_running
+from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers
 from ml_optim_plugins.multimodal.contract import require_modality_aware
 
-METHODS = ("ogm_ge", "ogm", "agm")
+METHODS = ("ogm_ge", "ogm", "agm", "mmpareto")
 PARAMETER_KINDS = ("all", "weights", "conv")
 
 
@@ -48,23 +49,38 @@ class ModalityBalancer(Callback):
        name substrings) by its coefficient and, for ``"ogm_ge"``, adds Gaussian noise with the std of the
        unmodulated gradient, drawn from a generator seeded with ``(seed, step)`` so every rank adds the same noise.
 
+    ``"mmpareto"`` (MMPareto, Wei & Hu ICML 2024) works differently: it needs the module's unimodal losses
+    (``MultimodalClassifier(aux_loss_weight > 0)``, which records them in ``modality_losses``). Before each backward
+    pass it computes each encoder's gradient of its own unimodal loss (one extra backward through each encoder); at
+    the optimizer step it takes the multimodal part as the rest of the encoder's gradient, all-reduces the unimodal
+    part under DDP, and combines the two per encoder (:func:`~ml_optim_plugins.mmpareto_weights`: equal weights when
+    they agree, the minimum-norm weights when they conflict) and per tensor
+    (:func:`~ml_optim_plugins.mmpareto_combine`: never smaller than the plain gradient, times ``gamma``).
+
     Only inside the modulation ``window``; steps with non-finite gradients are left alone (AMP's scaler or a monitor
     deals with them). Logs per modality, every ``log_every_n_steps``: ``balance/{m}/score``, ``ratio``,
-    ``coefficient``, ``grad_norm_before``, ``grad_norm_after`` and ``noise_norm``.
+    ``coefficient``, ``grad_norm_before``, ``grad_norm_after`` and ``noise_norm``; for MMPareto ``cosine``,
+    ``k_multimodal``, ``k_unimodal`` and the norms.
 
     Args:
-        method: ``"ogm_ge"`` (modulation + Gaussian enhancement), ``"ogm"`` (modulation only) or ``"agm"``.
+        method: ``"ogm_ge"`` (modulation + Gaussian enhancement), ``"ogm"`` (modulation only), ``"agm"`` or
+            ``"mmpareto"``.
         alpha: modulation strength (required by the reference code, tuned per dataset in the paper: sweep it).
         smooth: the continuous coefficient ``1 - tanh(alpha * (rho - 1))`` instead of the reference's discontinuous one.
         window: ``(first, last)`` epoch or step (inclusive) during which to modulate; ``None``: always. The reference
             code modulates epochs 0 to 50.
         window_unit: ``"epoch"`` or ``"step"``.
-        parameters: which encoder parameters to modulate: ``"weights"`` (tensors of 2 or more dimensions, default),
-            ``"all"``, or ``"conv"`` (4-D kernels only, as the reference code, which leaves a transformer untouched).
+        parameters: which encoder parameters to modulate: ``"weights"`` (tensors of 2 or more dimensions; the default
+            of the OGM and AGM methods), ``"all"`` (MMPareto's default, as its reference code), or ``"conv"`` (4-D
+            kernels only, as the OGM-GE reference code, which leaves a transformer untouched).
         seed: seed of the enhancement noise.
         log_every_n_steps: logging interval; ``None``: the Trainer's.
         clamp: ``(low, high)`` bounds of AGM's coefficients, which grow exponentially (the reference has none);
             ``None``: unbounded.
+        gamma: MMPareto's final gradient scale (1.5 in the reference code).
+        scores: how per-modality predictions are obtained (``"head_split"``, ``"masking"``, ``"aux_heads"``; see
+            :meth:`~ml_optim_plugins.ModalityAwareMixin.set_modality_scoring`); ``None`` leaves the module's choice.
+            A choice that is meaningless for the module's fusion is an error at fit start.
 
     Raises:
         TypeError: at fit start, if the module is not modality-aware (with what to implement).
@@ -82,10 +98,12 @@ class ModalityBalancer(Callback):
         smooth: bool = False,
         window: Sequence[int] | None = None,
         window_unit: str = "epoch",
-        parameters: str = "weights",
+        parameters: str | None = None,
         seed: int = 0,
         log_every_n_steps: int | None = None,
         clamp: Sequence[float] | None = (0.1, 10.0),
+        gamma: float = 1.5,
+        scores: str | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)}")
@@ -95,6 +113,8 @@ class ModalityBalancer(Callback):
             raise ValueError(f"window must be (first, last) with first <= last, got {window}")
         if window_unit not in ("epoch", "step"):
             raise ValueError(f"window_unit={window_unit!r}; expected 'epoch' or 'step'")
+        if parameters is None:
+            parameters = "all" if method == "mmpareto" else "weights"
         if parameters not in PARAMETER_KINDS:
             raise ValueError(f"parameters={parameters!r}; expected one of {', '.join(PARAMETER_KINDS)}")
         self.method, self.alpha, self.smooth = method, alpha, smooth
@@ -104,6 +124,10 @@ class ModalityBalancer(Callback):
         if clamp is not None and (len(clamp) != 2 or not 0 < clamp[0] <= 1 <= clamp[1]):
             raise ValueError(f"clamp must be (low, high) with 0 < low <= 1 <= high, got {clamp}")
         self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+        if gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        self.gamma, self.scores = gamma, scores
+        self._unimodal: dict[str, dict[int, Tensor]] = {}
         self._running: dict[str, float] = {}
         self._agm_steps = 0
         self._modalities: list[str] = []
@@ -114,6 +138,19 @@ class ModalityBalancer(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module = require_modality_aware(pl_module, "ModalityBalancer")
+        if self.scores is not None:
+            setter = getattr(module, "set_modality_scoring", None)
+            if not callable(setter):
+                raise TypeError(
+                    f"ModalityBalancer(scores={self.scores!r}) needs a module with set_modality_scoring() "
+                    f"(ModalityAwareMixin); {type(module).__name__} decides its per-modality logits itself"
+                )
+            setter(self.scores)
+        if self.method == "mmpareto" and getattr(module, "aux_loss_weight", None) == 0:
+            raise ValueError(
+                "ModalityBalancer('mmpareto') combines each encoder's multimodal and unimodal gradients, so the module "
+                "needs unimodal losses: MultimodalClassifier(aux_loss_weight=1.0) (the reference weighs them 1)"
+            )
         encoders = module.modality_encoders()
         if len(encoders) < 2:
             raise ValueError(f"ModalityBalancer needs at least two modalities, the module has {sorted(encoders)}")
@@ -163,9 +200,38 @@ class ModalityBalancer(Callback):
         ratios = {name: score / weakest if weakest > 0 else 1.0 for name, score in scores.items()}
         return scores, ratios, ogm_ge_coefficients(scores, self.alpha, self.smooth)
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self.method != "mmpareto" or not self._in_window(trainer):
+            return
+        losses = getattr(pl_module, "modality_losses", None) or {}
+        missing = [name for name in self._modalities if name not in losses]
+        if missing:
+            raise RuntimeError(
+                f"ModalityBalancer('mmpareto'): the training step recorded no unimodal loss for {missing} in "
+                "modality_losses; MultimodalClassifier records them when aux_loss_weight > 0, your own module must set "
+                "self.modality_losses = {modality: loss} (with its graph) in training_step"
+            )
+        # The unimodal gradient of each encoder, unscaled like the gradients the optimizer step will see: AMP's loss
+        # scale (kept against fp16 underflow) and Lightning's 1/accumulate_grad_batches are divided out again.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        for name in self._modalities:
+            params = [p for p in self._params[name] if p.requires_grad]
+            if not params:
+                continue
+            grads = torch.autograd.grad(losses[name] * scale, params, retain_graph=True, allow_unused=True)
+            buffer = self._unimodal.setdefault(name, {})
+            for p, g in zip(params, grads):
+                if g is not None:
+                    g = g / (scale * accumulate)
+                    buffer[id(p)] = g if id(p) not in buffer else buffer[id(p)] + g
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.method == "mmpareto":
+            return
         if self._stepped:  # this batch's scores went into the step
             self._stepped = False
             return
@@ -176,6 +242,9 @@ class ModalityBalancer(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if self.method == "mmpareto":
+            self._pareto_step(trainer, pl_module)
+            return
         self._stepped = True
         scores = self._current_scores(pl_module)
         if scores is None:
@@ -215,6 +284,47 @@ class ModalityBalancer(Callback):
             }
             for row, name in enumerate(self._modalities)
         }
+        self._log(trainer, stats)
+
+    def _pareto_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        buffers, self._unimodal = self._unimodal, {}
+        if not buffers or not self._in_window(trainer):
+            return
+        weight = float(getattr(pl_module, "aux_loss_weight", 1.0))
+        entries = [(row, p, buffers.get(name, {}).get(id(p))) for row, name in enumerate(self._modalities)
+                   for p in self._params[name] if p.grad is not None]
+        if not entries:
+            return
+        unimodal = [g if g is not None else torch.zeros_like(p.grad) for _, p, g in entries]
+        if trainer.world_size > 1:  # DDP averaged the total gradients; average the unimodal parts the same way
+            flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in unimodal]), reduce_op="mean")
+            unimodal = [part.view_as(g) for part, g in zip(torch.split(flat, [g.numel() for g in unimodal]), unimodal)]
+        checks = torch.stack([x.float().sum() for (_, p, _), g in zip(entries, unimodal) for x in (p.grad, g)])
+        if not bool(torch.isfinite(checks).all()):
+            return
+        device = entries[0][1].grad.device
+        dots = torch.zeros(len(self._modalities), 5, device=device)
+        multimodal = []
+        for (row, p, _), g_u in zip(entries, unimodal):
+            g_mm = p.grad - weight * g_u
+            multimodal.append(g_mm)
+            a, b = g_mm.double().reshape(-1), g_u.double().reshape(-1)
+            dots[row, :3] += torch.stack([a @ a, b @ b, a @ b]).to(dots.dtype)
+        weights = {name: mmpareto_weights_from_dots(*values[:3]) for name, values in zip(self._modalities, dots.tolist())}
+        for (row, p, _), g_mm, g_u in zip(entries, multimodal, unimodal):
+            k_mm, k_u, _ = weights[self._modalities[row]]
+            new = mmpareto_combine(p.grad, g_mm, g_u, k_mm, k_u, self.gamma)
+            dots[row, 3] += p.grad.float().pow(2).sum()
+            dots[row, 4] += new.float().pow(2).sum()
+            p.grad = new
+        norms = dots[:, 3:].sqrt().tolist()
+        self._log(trainer, {
+            name: {"cosine": weights[name][2], "k_multimodal": weights[name][0], "k_unimodal": weights[name][1],
+                   "grad_norm_before": norms[row][0], "grad_norm_after": norms[row][1]}
+            for row, name in enumerate(self._modalities)
+        })
+
+    def _log(self, trainer: pl.Trainer, stats: dict[str, dict[str, float]]) -> None:
         self.last = stats
         interval = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % interval == 0:

@@ -62,6 +62,9 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             head on its features, and the sum of their cross-entropies times this weight is added to the training
             objective (the simple balancing baseline: every encoder gets a direct learning signal, cf. Du et al. 2023).
             ``{split}/loss`` stays the fused loss; ``{split}/{modality}/aux_loss`` is logged.
+        modality_scoring: how the per-modality predictions that callbacks read are obtained: ``"auto"``,
+            ``"head_split"``, ``"masking"`` or ``"aux_heads"`` (see :meth:`set_modality_scoring`; a choice that is
+            meaningless for the fusion is an error here).
 
     Example:
         >>> from ml_optim_plugins import SumFusion
@@ -87,6 +90,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         class_names: Sequence[str] | None = None,
         modality_dropout: nn.Module | None = None,
         aux_loss_weight: float = 0.0,
+        modality_scoring: str = "auto",
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -133,6 +137,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             if aux_loss_weight > 0
             else None
         )
+        self.set_modality_scoring(modality_scoring)
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -183,8 +188,11 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         batch_size = targets.shape[0]
         objective = loss
         if self.aux_heads is not None:
+            self.modality_losses = {}
             for name, head in self.aux_heads.items():
                 aux_loss = F.cross_entropy(head(features[name]), targets)
+                if split == "train":
+                    self.modality_losses[name] = aux_loss
                 self.log(f"{split}/{name}/aux_loss", aux_loss, on_step=False, on_epoch=True, batch_size=batch_size)
                 objective = objective + self.aux_loss_weight * aux_loss
         if split == "train":

@@ -14,6 +14,9 @@ import torch
 from torch import Tensor, nn
 
 
+MODALITY_SCORINGS = ("auto", "head_split", "masking", "aux_heads")
+
+
 @runtime_checkable
 class ModalityAware(Protocol):
     """Protocol of a module whose modalities callbacks can inspect.
@@ -138,6 +141,8 @@ class ModalityAwareMixin:
     fusion: nn.Module
     #: The batch key of the sample ids that :meth:`encode_modality` gives a feature cache.
     sample_id_key: str = "index"
+    #: How :meth:`record_modality_outputs` gets per-modality logits; see :meth:`set_modality_scoring`.
+    modality_scoring: str = "auto"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -145,6 +150,36 @@ class ModalityAwareMixin:
         self.modality_targets: Tensor | None = None
         #: A :class:`~ml_optim_plugins.FeatureCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or ``None``.
         self.feature_cache: Any = None
+        #: Unimodal losses of the last training step, with their graphs (for MMPareto), if the module has them.
+        self.modality_losses: dict[str, Tensor] = {}
+
+    def set_modality_scoring(self, scoring: str) -> None:
+        """Choose how each modality's own prediction is obtained.
+
+        * ``"head_split"``: the fusion's exact split of its linear head (``ConcatFusion``, ``SumFusion``); an error for
+          a fusion whose head couples the modalities (``GatedFusion``), where a split would be silently wrong;
+        * ``"masking"``: the fused head with the other modalities replaced by a neutral value (any fusion; one head
+          evaluation per modality);
+        * ``"aux_heads"``: the module's own unimodal heads (``aux_heads``, e.g. ``MultimodalClassifier(aux_loss_weight>0)``);
+        * ``"auto"``: the split where it is exact, masking otherwise.
+
+        Raises:
+            ValueError: an unknown choice, or one that is meaningless for this module, saying what to use instead.
+        """
+        if scoring not in MODALITY_SCORINGS:
+            raise ValueError(f"modality scoring {scoring!r}; expected one of {', '.join(MODALITY_SCORINGS)}")
+        fusion = type(self.fusion).__name__
+        if scoring == "head_split" and not getattr(self.fusion, "exact_split", False):
+            raise ValueError(
+                f"{fusion} couples the modalities before its head, so splitting the head per modality is meaningless; "
+                "use 'masking' (or 'aux_heads' with unimodal heads)"
+            )
+        if scoring == "aux_heads" and getattr(self, "aux_heads", None) is None:
+            raise ValueError(
+                "'aux_heads' scoring needs unimodal heads: MultimodalClassifier(aux_loss_weight=...) with a weight > 0, "
+                "or an nn.ModuleDict aux_heads {modality: head} in your module"
+            )
+        self.modality_scoring = scoring
 
     def encode_modality(self, name: str, inputs: Any, sample_ids: Tensor | None = None) -> Tensor:
         """Features of one modality's batch: from ``self.feature_cache`` while it serves this modality (a frozen
@@ -170,6 +205,13 @@ class ModalityAwareMixin:
 
     @torch.no_grad()
     def record_modality_outputs(self, features: Mapping[str, Tensor], targets: Tensor) -> None:
-        """Compute and keep the per-modality logits and targets of the current training step (no gradient)."""
-        self.modality_logits = {name: logits.detach() for name, logits in self.fusion.modality_logits(features).items()}
+        """Compute and keep the per-modality logits and targets of the current training step (no gradient), as
+        :attr:`modality_scoring` says."""
+        if self.modality_scoring == "masking":
+            logits = self.fusion.masked_logits(features)
+        elif self.modality_scoring == "aux_heads":
+            logits = {name: head(features[name]) for name, head in self.aux_heads.items()}
+        else:
+            logits = self.fusion.modality_logits(features)
+        self.modality_logits = {name: value.detach() for name, value in logits.items()}
         self.modality_targets = targets.detach()

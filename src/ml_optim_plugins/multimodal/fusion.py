@@ -102,8 +102,17 @@ class Fusion(nn.Module):
             return torch.zeros_like(like)
         return self.get_buffer(f"_running_mean_{name}").to(like.dtype).expand_as(like)
 
+    #: Whether :meth:`modality_logits` splits the head exactly (a linear late fusion) rather than masking.
+    exact_split: bool = False
+
     def modality_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per-modality logits by masking: the fused head with the other modalities set to their neutral value."""
+        """What each modality alone predicts: by default :meth:`masked_logits`; fusions whose logits decompose
+        exactly over the modalities override it with the exact split (and set ``exact_split``)."""
+        return self.masked_logits(features)
+
+    def masked_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-modality logits by masking: the fused head with the other modalities set to their neutral value
+        (one head evaluation per modality). Meaningful for any fusion."""
         self._check_features(features)
         out = {}
         for name in self.in_dims:
@@ -132,6 +141,8 @@ def dropout_layer(dropout: float | nn.Module) -> nn.Module:
 
 class _LinearLateFusion(Fusion):
     """Shared constructor of the linear late fusions: sizes (optional) and a dropout on the features."""
+
+    exact_split = True
 
     def __init__(
         self,

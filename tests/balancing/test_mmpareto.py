@@ -1,0 +1,150 @@
+"""MMPareto: the functional core against hand-computed values, the callback against a from-scratch computation on
+the same batch, gradient accumulation, 2-process DDP, and clear errors; explicit per-modality scoring choices."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ml_optim_plugins import (
+    GatedFusion,
+    ModalityBalancer,
+    mmpareto_combine,
+    mmpareto_weights,
+    mmpareto_weights_from_dots,
+)
+from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
+
+
+@pytest.mark.parametrize(
+    ("g_mm", "g_u", "expected"),
+    [
+        ([1.0, 0.0], [1.0, 1.0], (0.5, 0.5)),  # agree: equal weights
+        ([1.0, 0.0], [-1.0, 1.0], (0.6, 0.4)),  # conflict: min-norm point, (g_u.g_u - g_mm.g_u) / |g_mm - g_u|^2
+        ([1.0, 0.0], [-3.0, 0.0], (0.75, 0.25)),  # opposite: the combination cancels exactly
+        ([0.0, 0.0], [0.0, 0.0], (0.5, 0.5)),
+    ],
+)
+def test_weights_by_hand(g_mm, g_u, expected):
+    k_mm, k_u, _ = mmpareto_weights(torch.tensor(g_mm), torch.tensor(g_u))
+    assert (k_mm, k_u) == pytest.approx(expected)
+    if expected != (0.5, 0.5):  # the min-norm point is orthogonal to the segment between the two gradients
+        point = k_mm * torch.tensor(g_mm) + k_u * torch.tensor(g_u)
+        assert float(point @ (torch.tensor(g_mm) - torch.tensor(g_u))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_weights_from_dots_give_the_cosine():
+    assert mmpareto_weights_from_dots(4.0, 1.0, 2.0) == (0.5, 0.5, 1.0)
+
+
+def test_combine_scales_up_to_the_plain_norm_never_down():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    up = mmpareto_combine(a + b, a, b, 0.6, 0.4, gamma=1.5)
+    assert up.norm().item() == pytest.approx(1.5 * (a + b).norm().item())
+    assert torch.allclose(up / up.norm(), torch.tensor([0.4, 0.8]) / torch.tensor([0.4, 0.8]).norm())
+    big = mmpareto_combine(torch.tensor([0.1, 0.0]), a, a, 0.5, 0.5, gamma=1.0)
+    assert torch.allclose(big, 2 * a)  # larger than the plain gradient: kept
+    assert torch.equal(mmpareto_combine(a, torch.zeros(2), torch.zeros(2), 0.5, 0.5), torch.zeros(2))
+
+
+class GradRecorder(pl.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not hasattr(self, "grads"):
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def test_the_callback_matches_a_from_scratch_computation():
+    model = tiny_classifier(aux_loss_weight=1.0)
+    reference = copy.deepcopy(model)
+    recorder = GradRecorder()
+    pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[ModalityBalancer("mmpareto"), recorder]).fit(model, loader(16))
+    samples = imbalanced_samples()[:16]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    features = reference.compute_features(batch)
+    fused = F.cross_entropy(reference.fusion(features), batch["label"])
+    for name in ("a", "b"):
+        params = list(reference.encoders[name].parameters())
+        unimodal = F.cross_entropy(reference.aux_heads[name](features[name]), batch["label"])
+        g_mm = torch.autograd.grad(fused, params, retain_graph=True)
+        g_u = torch.autograd.grad(unimodal, params, retain_graph=True)
+        k_mm, k_u, _ = mmpareto_weights(torch.cat([g.flatten() for g in g_mm]), torch.cat([g.flatten() for g in g_u]))
+        for (pname, _), a, b in zip(reference.encoders[name].named_parameters(), g_mm, g_u):
+            expected = mmpareto_combine(a + b, a, b, k_mm, k_u, gamma=1.5)
+            assert torch.allclose(recorder.grads[f"encoders.{name}.{pname}"], expected, atol=1e-6), pname
+    head = torch.autograd.grad(fused, [reference.fusion.head.weight], retain_graph=True)[0]
+    assert torch.allclose(recorder.grads["fusion.head.weight"], head, atol=1e-6)  # heads keep their gradients
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    def fit(batch_size, accumulate):
+        model = tiny_classifier(aux_loss_weight=1.0)
+        pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[ModalityBalancer("mmpareto")]).fit(model, loader(batch_size))
+        return model
+
+    whole, accumulated = fit(16, 1), fit(8, 2)
+    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_mmpareto_ranks_agree_and_match_one_process(run_python_subprocess, tmp_path):
+    run_python_subprocess(str(Path(__file__).with_name("ddp_balance.py")), str(tmp_path), "mmpareto", "1")
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["params"] == rank1["params"]
+    everything = imbalanced_samples()
+    index = [next(i for i, s in enumerate(everything) if abs(s["a"][0].item() - v) < 1e-6)
+             for rank in (rank0, rank1) for v in rank["a0"]]
+    model = tiny_classifier(aux_loss_weight=1.0)
+    subset = [everything[i] for i in index]
+    pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[ModalityBalancer("mmpareto", parameters="all")]).fit(
+        model, torch.utils.data.DataLoader(subset, batch_size=16))
+    for p, q in zip(model.parameters(), rank0["params"]):
+        assert torch.allclose(p.detach().flatten(), torch.tensor(q), atol=1e-5)
+
+
+def test_mmpareto_needs_unimodal_losses():
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ModalityBalancer("mmpareto")])
+    with pytest.raises(ValueError, match=r"aux_loss_weight=1.0"):
+        trainer.fit(tiny_classifier(), loader())
+
+
+@pytest.mark.parametrize(
+    ("fusion", "scores", "message"),
+    [
+        (GatedFusion(), "head_split", "GatedFusion couples the modalities"),
+        (None, "aux_heads", "'aux_heads' scoring needs unimodal heads"),
+        (None, "shapley", "expected one of auto, head_split, masking, aux_heads"),
+    ],
+)
+def test_meaningless_scoring_choices_are_errors(fusion, scores, message):
+    model = tiny_classifier(fusion=fusion) if fusion is not None else tiny_classifier()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ModalityBalancer("ogm", scores=scores)])
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, loader())
+
+
+@pytest.mark.parametrize("scores", ["masking", "aux_heads", "head_split"])
+def test_scoring_choices_decide_the_recorded_logits(scores):
+    model = tiny_classifier(aux_loss_weight=0.5, modality_scoring=scores)
+    batch = next(iter(loader()))
+    model.training_step(batch, 0)
+    features = model.compute_features(batch)
+    expected = {
+        "masking": model.fusion.masked_logits(features),
+        "aux_heads": {m: model.aux_heads[m](features[m]) for m in ("a", "b")},
+        "head_split": model.fusion.modality_logits(features),
+    }[scores]
+    for m in ("a", "b"):
+        assert torch.allclose(model.modality_logits[m], expected[m].detach())
+    assert not torch.allclose(model.fusion.masked_logits(features)["a"], model.fusion.modality_logits(features)["a"])
