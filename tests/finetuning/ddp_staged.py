@@ -1,6 +1,10 @@
-"""Run by test_ddp.py as ``python ddp_staged.py OUT_DIR SYNC``: 2-process DDP on CPU; the encoders are frozen when
-DDP wraps the model and unfrozen at epoch 1. Each rank writes its parameters before and after training, and which
-parameters the callback synchronised itself. SYNC=0 disables that synchronisation (the control: ranks diverge)."""
+"""Run by test_ddp.py as ``python ddp_staged.py OUT_DIR MODE``: 2-process DDP on CPU; the encoders are frozen when DDP
+wraps the model and unfrozen later. Each rank writes its parameters before and after training, which parameters the
+callback synchronised itself, and the stage boundaries.
+
+MODE: ``sync`` (unfreeze at epoch 1), ``nosync`` (the same without the callback's synchronisation: the control,
+ranks diverge), ``plateau`` (unfreeze when a validation metric that each rank logs on its own, without sync_dist,
+stops improving: rank 1's stalls, rank 0's does not)."""
 
 from __future__ import annotations
 
@@ -9,26 +13,36 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 from ml_optim_plugins import Stage, StagedFinetuning, WarmupDecay
 from tests.finetuning.tiny import loader, tiny_staged_model
 
+
+class RankMetric(pl.Callback):
+    def on_validation_epoch_end(self, trainer, pl_module):
+        value = trainer.current_epoch if trainer.global_rank == 0 else 0.0
+        pl_module.log("val/rank_metric", float(value))
+
+
 if __name__ == "__main__":
-    out, sync = Path(sys.argv[1]), sys.argv[2] == "1"
-    plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image", "text[-2:]"], warmup_steps=2)],
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    trigger = dict(monitor="val/rank_metric", mode="max", patience=1) if mode == "plateau" else dict(start_epoch=1)
+    plan = StagedFinetuning([Stage(), Stage(trainable=["image", "text[-2:]"], warmup_steps=2, **trigger)],
                             cache_features=True)
-    if not sync:
-        plan.on_after_backward = lambda trainer, pl_module: None
+    if mode == "nosync":
+        plan._sync_gradients = lambda params: None
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[plan, WarmupDecay(warmup_steps=2, decay="constant")],
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3 if mode == "plateau" else 2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[plan, WarmupDecay(warmup_steps=2, decay="constant"), RankMetric()],
     )
     model = tiny_staged_model()
+    model.encoders["image"].unused = torch.nn.Linear(2, 2)  # unfrozen with the encoder, never gets a gradient
     before = {n: p.detach().flatten().tolist() for n, p in model.named_parameters()}
-    trainer.fit(model, train_dataloaders=loader(batch_size=4, shuffle=True))
+    trainer.fit(model, train_dataloaders=loader(batch_size=4, shuffle=True), val_dataloaders=loader(n=16))
     after = {n: p.detach().flatten().tolist() for n, p in model.named_parameters()}
     unsynced = sorted(n for n, p in model.named_parameters() if any(p is q for q in plan._unsynced))
     result = {"before": before, "after": after, "unsynced": unsynced, "stage": plan.stage_index,
-              "hits": plan.cache.stats()}
+              "boundaries": plan.boundaries, "hits": plan.cache.stats()}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

@@ -116,3 +116,25 @@ def test_cached_batches_need_sample_ids():
     with pytest.raises(KeyError, match="no sample ids under 'index'"):
         trainer(max_epochs=1, callbacks=[LinearProbeFinetune(cache_features=True)]).fit(
             model, torch.utils.data.DataLoader(data, batch_size=8))
+
+
+def test_disk_rows_from_other_data_are_caught_by_verification(encoder, tmp_path):
+    first = FeatureCache(tmp_path)
+    first.activate("x", encoder)
+    first.encode("x", encoder, torch.randn(4, 3), torch.arange(4))
+    other = FeatureCache(tmp_path)  # same weights, same ids, other inputs: partly cached batch
+    other.activate("x", encoder)
+    with pytest.raises(RuntimeError, match="differ from recomputed ones"):
+        other.encode("x", encoder, torch.randn(6, 3), torch.arange(6))
+
+
+def test_fingerprints_cover_batchnorm_buffers():
+    from ml_optim_plugins import module_fingerprint
+    from tests.finetuning.tiny import TinyCNN
+
+    torch.manual_seed(0)
+    a = TinyCNN()
+    b = copy.deepcopy(a)
+    assert module_fingerprint(a) == module_fingerprint(b)
+    b.stem[1].running_mean += 1
+    assert module_fingerprint(a) != module_fingerprint(b)

@@ -217,3 +217,99 @@ def test_a_module_without_the_contract_needs_modules_and_then_works():
     assert torch.equal(model.body.weight, before)
     trainer(max_steps=6, callbacks=[plan]).fit(model, loader())
     assert not torch.equal(model.body.weight, before)
+
+
+@pytest.mark.parametrize("method", ["ogm_ge", "agm", "mmpareto"])
+def test_works_with_balancing_and_gradient_monitoring(method):
+    from ml_optim_plugins import GradientMonitor, ModalityBalancer
+
+    model = tiny_staged_model(aux_loss_weight=1.0 if method == "mmpareto" else 0.0)
+    before = _snapshot(model)
+    plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image"])])
+    balancer = ModalityBalancer(method, alpha=0.5, log_every_n_steps=1)
+    trainer(max_epochs=2, callbacks=[plan, balancer, GradientMonitor(log_every_n_steps=1)]).fit(model, loader())
+    assert not _changed(before, model, "encoders.text")  # frozen throughout: the balancer never touched it
+    assert _changed(before, model, "encoders.image.stem.0")
+    assert set(balancer.last) == {"image", "text"}
+
+
+def test_a_scheduler_from_configure_optimizers_is_refused_when_groups_must_be_split():
+    model = tiny_staged_model()
+    model.scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["text[-1]"])])
+    with pytest.raises(MisconfigurationException, match="was built for the unsplit groups"):
+        trainer(max_epochs=2, callbacks=[plan]).fit(model, loader())
+    model = tiny_staged_model()  # no split needed: freezing whole encoders works with any scheduler
+    model.scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainer(max_epochs=2, callbacks=[StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image"])])]).fit(
+        model, loader())
+
+
+def test_parameters_missing_from_the_optimizer_are_an_error():
+    model = tiny_staged_model()
+    model.optimizer_factory = lambda groups: torch.optim.AdamW(
+        [p for g in groups for p in g["params"] if p.requires_grad], lr=0.01)  # a common filter
+    plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image"])])
+    with pytest.raises(MisconfigurationException, match="are in no optimizer"):
+        trainer(max_epochs=2, callbacks=[plan]).fit(model, loader())
+
+
+def test_unnamed_groups_get_unique_names_for_the_lr_monitor(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = tiny_staged_model()
+    model.optimizer_factory = lambda groups: torch.optim.AdamW([  # decay / no-decay, unnamed
+        {"params": [p for g in groups for p in g["params"] if p.ndim > 1]},
+        {"params": [p for g in groups for p in g["params"] if p.ndim <= 1], "weight_decay": 0.0},
+    ], lr=0.01)
+    recorder = Recorder()
+    plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image"])])
+    trainer(max_epochs=1, logger=CSVLogger(tmp_path), callbacks=[plan, recorder, LearningRateMonitor()]).fit(
+        model, loader())
+    names = list(recorder.rows[0]["lrs"])
+    # Each group holds image (trains from stage 1), text (frozen) and fusion (always) parameters.
+    assert names == ["pg1/stage1", "pg1/frozen", "pg1/stage0", "pg2/stage1", "pg2/frozen", "pg2/stage0"]
+
+
+@pytest.mark.parametrize(
+    ("plan", "warmup", "kwargs", "message"),
+    [
+        (lambda: [Stage(), Stage(start_epoch=1, trainable=["image"], lr_multipliers={"image": 0.01})],
+         lambda: WarmupDecay(warmup_steps=1, decay="cosine", min_lr=1e-3), {}, "stage 1 .*min_lr"),
+        (lambda: [Stage(), Stage(monitor="val/loss", trainable=["image"])], lambda: None, {},
+         "has no validation loop"),
+    ],
+)
+def test_stage_problems_found_before_the_first_step(plan, warmup, kwargs, message):
+    model = tiny_staged_model(lr=0.05)
+    callbacks = [StagedFinetuning(plan())] + ([warmup()] if warmup() is not None else [])
+    with pytest.raises((ValueError, MisconfigurationException), match=message):
+        trainer(max_epochs=2, callbacks=callbacks, **kwargs).fit(model, loader())
+    assert model.global_step == 0
+
+
+def test_fast_dev_run_with_a_stage_warmup_runs():
+    plan = StagedFinetuning([Stage(), Stage(start_step=1, trainable=["image"], warmup_steps=2)])
+    trainer(fast_dev_run=2, callbacks=[plan, WarmupDecay(warmup_steps=1)]).fit(tiny_staged_model(), loader())
+    assert plan.stage_index == 1
+
+
+def test_compiled_encoders_are_resolved_through_the_wrapper():
+    import types
+
+    from ml_optim_plugins import encoder_blocks
+
+    model = tiny_staged_model()
+    model.encoders["image"] = torch.compile(model.encoders["image"])
+    blocks = encoder_blocks(model.encoders["image"])
+    assert blocks[0][0] == "_orig_mod.stem.0.weight" and len(blocks) == 2
+    plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image[-1]"])])
+    plan.setup(types.SimpleNamespace(callbacks=[plan], global_rank=0), model, "fit")
+    assert not any(p.requires_grad for p in model.encoders["image"].parameters())
+    assert len(plan._trainable[1] - plan._trainable[0]) == 4  # block.0 and block.1, weight and bias
+
+
+def test_gradual_unfreezing_without_the_contract_says_so():
+    with pytest.raises(ValueError, match="has no modality contract"):
+        trainer(max_epochs=1, callbacks=[GradualUnfreezing()]).fit(Plain(), loader())

@@ -1,5 +1,6 @@
 """2-process DDP on CPU: encoders frozen when DDP wraps the model (so DDP does not sync them) train in sync once
-unfrozen, because StagedFinetuning all-reduces their gradients; without that, the ranks drift apart."""
+unfrozen, because StagedFinetuning all-reduces their gradients; without that, the ranks drift apart. A parameter that
+gets no gradient stays untouched, and a plateau seen by one rank moves both to the next stage together."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 @pytest.mark.parametrize("sync", [True, False], ids=["synchronised", "control-without-sync"])
 def test_unfrozen_encoders_train_identically_on_both_ranks(run_python_subprocess, tmp_path, sync):
-    run_python_subprocess(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "1" if sync else "0")
+    run_python_subprocess(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "sync" if sync else "nosync")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["stage"] == rank1["stage"] == 1
     assert rank0["unsynced"] == rank1["unsynced"]
@@ -27,3 +28,14 @@ def test_unfrozen_encoders_train_identically_on_both_ranks(run_python_subprocess
         assert all(rank0["after"][name] != rank1["after"][name] for name in unfrozen)
         assert rank0["after"]["fusion.head.weight"] == rank1["after"]["fusion.head.weight"]  # DDP's own sync
     assert rank0["hits"]["text"]["misses"] > 0
+    unused = ["encoders.image.unused.weight", "encoders.image.unused.bias"]
+    assert all(rank["after"][n] == rank["before"][n] for rank in (rank0, rank1) for n in unused)  # no decay
+
+
+def test_a_plateau_on_one_rank_moves_both_ranks(run_python_subprocess, tmp_path):
+    run_python_subprocess(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "plateau")
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # Rank 1's metric stalls after epoch 0's validation; patience 1: stage 1 from epoch 2 on both ranks.
+    assert rank0["boundaries"] == rank1["boundaries"]
+    assert [(b["stage"], b["epoch"]) for b in rank0["boundaries"]] == [(0, 0), (1, 2)]
+    assert rank0["after"] == rank1["after"]

@@ -83,6 +83,8 @@ def encoder_blocks(module: nn.Module) -> list[list[str]]:
 
     if isinstance(module, (TimmImageEncoder, SentenceTransformerTextEncoder)):
         return _prefixed("model.", encoder_blocks(module.model))
+    if isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+        return _prefixed("_orig_mod.", encoder_blocks(module._orig_mod))
     blocks = _timm_blocks(module) or _layer_list_blocks(module)
     if blocks is None:
         own = [name for name, _ in module.named_parameters(recurse=False)]

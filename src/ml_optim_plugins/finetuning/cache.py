@@ -27,7 +27,7 @@ def module_fingerprint(module: nn.Module) -> str:
     digest = hashlib.sha1()
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -88,12 +88,14 @@ class FeatureCache:
     Features are kept per split (``train``, ``val``, ...) and modality, as float32 rows indexed by sample id: in
     memory, or in memory-mapped ``.npy`` files under ``directory`` for data sets larger than RAM (each process of a
     DDP run needs its own directory). A directory's features are reused by a later run only if the encoder's
-    fingerprint (a hash of its weights) is the same.
+    fingerprint (a hash of its weights and buffers) is the same; rows are keyed by sample id, so give each data set
+    its own directory (verification catches a mismatch on the first cached batch).
 
     Args:
         directory: where to keep the features on disk; ``None``: in memory.
-        verify: on the first batch served entirely from the cache (per split and modality), recompute the features
-            and raise if they differ: it catches random augmentation or an encoder that is not really frozen.
+        verify: on the first batch served (entirely or partly) from the cache, per split and modality, recompute the
+            cached features and raise if they differ: it catches random augmentation, an encoder that is not really
+            frozen, and files in ``directory`` left by a run on other data.
 
     Example:
         >>> cache = FeatureCache()
@@ -185,7 +187,7 @@ class FeatureCache:
         if ids.numel() and bool(hit.all()):
             assert store is not None
             counts["hits"] += ids.numel()
-            device = _device_of(inputs)
+            device = _device_of(inputs, encoder)
             cached = store.values[ids].to(device=device, dtype=self._dtypes.get(modality, torch.float32))
             if self.verify and key not in self._verified:
                 self._check(modality, cached, encoder, inputs)
@@ -210,7 +212,11 @@ class FeatureCache:
         out = torch.empty(ids.numel(), fresh.shape[1], device=fresh.device, dtype=fresh.dtype)
         out[miss.to(fresh.device)] = fresh
         hit_rows = hit.nonzero().reshape(-1)
-        out[hit_rows.to(fresh.device)] = store.values[ids[hit_rows]].to(fresh.device, fresh.dtype)
+        cached = store.values[ids[hit_rows]].to(fresh.device, fresh.dtype)
+        if self.verify and key not in self._verified:  # e.g. rows left on disk by a run on other data
+            self._check(modality, cached, encoder, select_samples(inputs, hit_rows))
+            self._verified.add(key)
+        out[hit_rows.to(fresh.device)] = cached
         return out
 
     def _check(self, modality: str, cached: Tensor, encoder: Callable[[Any], Tensor], inputs: Any) -> None:
@@ -261,7 +267,11 @@ class FeatureCache:
         return FeatureCache(None, self.verify)
 
 
-def _device_of(inputs: Any) -> torch.device:
+def _device_of(inputs: Any, encoder: Any = None) -> torch.device:
+    """Where the encoder would put its features: its parameters' device, else its inputs'."""
+    if isinstance(encoder, nn.Module):
+        for tensor in (*encoder.parameters(), *encoder.buffers()):
+            return tensor.device
     if isinstance(inputs, Tensor):
         return inputs.device
     if isinstance(inputs, dict):

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -20,7 +21,7 @@ from ml_optim_plugins.finetuning.blocks import encoder_blocks, parse_selector, s
 from ml_optim_plugins.finetuning.cache import FeatureCache
 from ml_optim_plugins.finetuning.stage import Stage
 from ml_optim_plugins.schedules.callback import WarmupDecay
-from ml_optim_plugins.schedules.param_groups import parameter_names, split_groups
+from ml_optim_plugins.schedules.param_groups import name_group, parameter_names, split_groups
 
 #: Param-group key holding a group's base LR before stage multipliers (saved with the optimizer's state).
 BASE_LR_KEY = "staged_base_lr"
@@ -33,6 +34,14 @@ def _modality_modules(pl_module: nn.Module) -> dict[str, str]:
         return {}
     names = {id(m): name for name, m in pl_module.named_modules()}
     return {modality: names[id(encoder)] for modality, encoder in encoders().items() if id(encoder) in names}
+
+
+def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether this fit will run validation (a validation step, batches, and a validation dataloader)."""
+    if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
+        return False
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    return source is None or source.is_defined()  # Lightning internals: if they change, assume it will
 
 
 class StagedFinetuning(Callback):
@@ -60,8 +69,8 @@ class StagedFinetuning(Callback):
     DDP: the modules frozen when DDP wraps the model are not registered with DDP's gradient reducer (Lightning issue
     20340: they would never train in sync once unfrozen). This callback all-reduces (averages) the gradients of those
     parameters itself once they are trainable, after the last backward of each optimizer step, so every rank applies
-    the same update. Re-freezing a parameter that DDP syncs needs ``DDPStrategy(find_unused_parameters=True)``. FSDP is
-    not supported.
+    the same update; plateau triggers are decided jointly by all ranks. Re-freezing a parameter that DDP syncs (one
+    trainable in the first stage) needs ``DDPStrategy(find_unused_parameters=True)``. FSDP is not supported.
 
     Args:
         stages: the plan, first stage first (a :class:`~ml_optim_plugins.Stage` or its arguments as a mapping).
@@ -77,9 +86,10 @@ class StagedFinetuning(Callback):
     Raises:
         ValueError: an empty plan, a later stage without a trigger, triggers out of order, a selector that matches
             nothing, or a stage that trains a module outside ``modules`` (at setup, before any step).
-        MisconfigurationException: a stage needs a warmup or LR multipliers but no
-            :class:`~ml_optim_plugins.WarmupDecay` drives the optimizer and a foreign scheduler owns its LRs; FSDP; a
-            re-freeze under DDP without ``find_unused_parameters``.
+        MisconfigurationException: a stage needs a warmup or LR multipliers, or groups must be split, but no
+            :class:`~ml_optim_plugins.WarmupDecay` drives the optimizer and a foreign scheduler owns its LRs; a staged
+            parameter in no optimizer; a ``monitor`` stage without validation; FSDP; a re-freeze under DDP without
+            ``find_unused_parameters`` (all at fit start).
 
     Example::
 
@@ -170,7 +180,7 @@ class StagedFinetuning(Callback):
 
     def _select(self, selector: str) -> set[int]:
         assert self._module is not None
-        by_name = {name: pid for pid, name in self._names.items()}
+        by_name = {name: id(p) for name, p in self._module.named_parameters()}
         return {by_name[name] for name in select_parameters(self._module, selector, self._modalities) if name in by_name}
 
     def _resolve(self, pl_module: pl.LightningModule) -> None:
@@ -178,9 +188,6 @@ class StagedFinetuning(Callback):
         self._modalities = _modality_modules(pl_module)
         self._names = parameter_names(pl_module)
         self._params = {id(p): p for p in pl_module.parameters()}
-        plan = self.build_stages(pl_module, self._modalities)
-        self._check_plan(plan)
-        self._plan = plan
         if self.modules is not None:
             selectors = self.modules
         elif self._modalities:
@@ -190,6 +197,9 @@ class StagedFinetuning(Callback):
                 f"StagedFinetuning: {type(pl_module).__name__} has no modality contract (modality_encoders()); name the "
                 "modules to freeze and unfreeze with modules=[...]"
             )
+        plan = self.build_stages(pl_module, self._modalities)
+        self._check_plan(plan)
+        self._plan = plan
         self._managed = set().union(*(self._select(s) for s in selectors))
         batchnorm = {id(p) for m in pl_module.modules() if isinstance(m, _BatchNorm) for p in m.parameters()}
         self._trainable, self._multipliers = [], []
@@ -263,7 +273,9 @@ class StagedFinetuning(Callback):
             directory = None if self.cache_dir is None else self.cache_dir / f"rank{trainer.global_rank}"
             self.cache = FeatureCache(directory, verify=self.verify_cache)
             pl_module.feature_cache = self.cache
-        self._apply_freeze(self.stage_index)
+        # Before DDP wraps the model: it registers the first stage's trainable parameters, also when resuming (the
+        # restored stage is entered at on_fit_start), so fresh and resumed runs synchronise the same way.
+        self._apply_freeze(0)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.cache is not None and getattr(pl_module, "feature_cache", None) is self.cache:
@@ -278,10 +290,10 @@ class StagedFinetuning(Callback):
         self._registered = None
         model = trainer.strategy.model
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            # What DDP registered when it wrapped the model: the parameters trainable at that moment.
-            self._registered = {pid for pid, p in self._params.items() if p.requires_grad}
+            # What DDP registered when it wrapped the model: the first stage's trainable parameters (see setup).
+            self._registered = set(self._trainable[0])
             find_unused = bool(getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False))
-            for i in range(self.stage_index + 1, len(self._plan)):
+            for i in range(1, len(self._plan)):
                 refrozen = self._registered - self._trainable[i]
                 if refrozen and not find_unused:
                     example = sorted(self._names[p] for p in refrozen)[:3]
@@ -290,6 +302,21 @@ class StagedFinetuning(Callback):
                         f"{example}); DDP then waits for their gradients forever. Use "
                         "DDPStrategy(find_unused_parameters=True), or keep them trainable"
                     )
+        in_optimizers = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups
+                         for p in group["params"]}
+        never = {pid for trainable in self._trainable[1:] for pid in trainable} - in_optimizers
+        if never:
+            example = sorted(self._names[p] for p in never)[:3]
+            raise MisconfigurationException(
+                f"StagedFinetuning: parameters that a later stage trains are in no optimizer (e.g. {example}), so they "
+                "would never train. configure_optimizers probably kept only parameters with requires_grad=True, which "
+                "the frozen ones are not at that point; give the optimizer every parameter (frozen ones are skipped)"
+            )
+        if any(s.monitor is not None for s in self._plan) and not _has_validation(trainer, pl_module):
+            raise MisconfigurationException(
+                "StagedFinetuning: a stage starts on a validation metric (monitor), but this run has no validation "
+                "loop; add validation data or use start_epoch / start_step"
+            )
         self._prepare_optimizers(trainer)
         self._enter(trainer, self.stage_index, initial=True)
 
@@ -300,17 +327,27 @@ class StagedFinetuning(Callback):
         )
         for index, optimizer in enumerate(trainer.optimizers):
             driven = self._warmup_for(trainer, index) is not None
+            needs_split = any(len(set(self._group_labels(group))) > 1 for group in optimizer.param_groups)
+            if not driven and id(optimizer) in scheduled and needs_split:
+                raise MisconfigurationException(
+                    f"StagedFinetuning must split param groups of optimizer {index} ({type(optimizer).__name__}) so "
+                    "that modules with different stage plans can have different LRs, but the LR scheduler from "
+                    "configure_optimizers was built for the unsplit groups. Drive the optimizer with "
+                    "ml_optim_plugins.WarmupDecay instead, or give each staged module its own param group"
+                )
             if not driven and id(optimizer) in scheduled and needs_lr_control:
                 raise MisconfigurationException(
                     f"StagedFinetuning: a stage sets LR multipliers or a warmup, but optimizer {index} "
                     f"({type(optimizer).__name__}) has a LR scheduler from configure_optimizers, which owns its LRs. "
                     "Drive it with ml_optim_plugins.WarmupDecay instead, or drop lr_multipliers / warmup_steps"
                 )
-            if not driven and any(s.warmup_steps for s in self._plan):
+            if not driven and not trainer.fast_dev_run and any(s.warmup_steps for s in self._plan):
                 raise MisconfigurationException(
                     "StagedFinetuning: a stage asks for warmup_steps, which needs ml_optim_plugins.WarmupDecay in the "
                     "Trainer's callbacks (it warms up each newly trainable group)"
                 )
+            for group_index in range(len(optimizer.param_groups)):  # unnamed groups: parts need a unique prefix
+                name_group(optimizer, group_index, self._names, {})
             split_groups(optimizer, self._names, self._group_labels)
             for group in optimizer.param_groups:
                 group.setdefault(BASE_LR_KEY, float(group.get("initial_lr", group["lr"])))
@@ -437,20 +474,38 @@ class StagedFinetuning(Callback):
             self.cache.split = "train"
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._unsynced or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return
-        if pl_module.automatic_optimization and trainer.fit_loop.epoch_loop._should_accumulate():
+        if not pl_module.automatic_optimization or trainer.fit_loop.epoch_loop._should_accumulate():
             return  # DDP also waits for the last micro-batch (no_sync); so do we
-        params = [p for p in self._unsynced if p.requires_grad]
+        self._sync_gradients(self._unsynced)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if pl_module.automatic_optimization or not self._unsynced:
+            return
+        # Manual optimization: once per step of this optimizer, for its own parameters.
+        raw = getattr(optimizer, "optimizer", optimizer)
+        own = {id(p) for group in raw.param_groups for p in group["params"]}
+        self._sync_gradients([p for p in self._unsynced if id(p) in own])
+
+    def _sync_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average the gradients of trainable ``params`` over the DDP ranks, like DDP does for the ones it
+        registered; a parameter without a gradient on every rank keeps none (so the optimizer skips it)."""
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        params = [p for p in params if p.requires_grad]
         if not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device,
+                                dtype=grads[0].dtype)
+        flat = torch.cat([*(g.reshape(-1) for g in grads), has_grad])
         torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
+        counts = flat[-len(params):].tolist()
+        flat = flat[:-len(params)] / torch.distributed.get_world_size()
         offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        for p, g, count in zip(params, grads, counts):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone() if count > 0 else None
             offset += g.numel()
 
     # ------------------------------------------------------------------ hooks: evaluation
@@ -484,8 +539,10 @@ class StagedFinetuning(Callback):
             self._plateau.update(best=value, wait=0)
         else:
             self._plateau["wait"] += 1
-            if self._plateau["wait"] >= nxt.patience:
-                self._plateau["pending"] = True
+        # Under DDP each rank has its own value unless it was logged with sync_dist: the stage starts on every rank
+        # when it starts on any (as EarlyStopping decides), so the ranks never train in different stages.
+        pending = self._plateau["wait"] >= nxt.patience
+        self._plateau["pending"] = bool(trainer.strategy.reduce_boolean_decision(pending, all=False))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -506,13 +563,26 @@ class StagedFinetuning(Callback):
         index = int(state_dict["stage"])
         if self._plan and index >= len(self._plan):
             raise ValueError(f"the checkpoint is in stage {index}, but this plan has {len(self._plan)} stages")
-        self.stage_index = index
-        if self._module is not None:
-            # Restored before DDP wraps the model: the restored stage's trainable set is what DDP registers.
-            self._apply_freeze(index)
+        self.stage_index = index  # entered at on_fit_start
         self._restored_plateau = plateau
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every stage's base LRs against WarmupDecay's floor (its schedule is resolved now), before the first step.
+        for opt_index, optimizer in enumerate(trainer.optimizers):
+            warmup = self._warmup_for(trainer, opt_index)
+            if warmup is None or warmup.resolved is None:
+                continue
+            for group_index, group in enumerate(optimizer.param_groups):
+                first = next((id(p) for p in group["params"]), None)
+                if first is None or BASE_LR_KEY not in group:
+                    continue
+                for i in range(len(self._plan)):
+                    if first in self._trainable[i]:
+                        try:
+                            warmup.check_base_lr(opt_index, group_index,
+                                                 group[BASE_LR_KEY] * self._multipliers[i].get(first, 1.0))
+                        except ValueError as err:
+                            raise ValueError(f"stage {i} ({self.stage_name(i)}): {err}") from err
         if self._restored_plateau is not None:
             self._plateau = self._restored_plateau  # on_fit_start's _enter reset it
             self._restored_plateau = None

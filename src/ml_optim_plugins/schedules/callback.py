@@ -216,12 +216,22 @@ class WarmupDecay(Callback):
             ValueError: for a negative base LR, or one below an absolute ``min_lr``.
         """
         record = self._groups[optimizer_index][group_index]
+        record["base_lr"] = self.check_base_lr(optimizer_index, group_index, base_lr)
+
+    def check_base_lr(self, optimizer_index: int, group_index: int, base_lr: float) -> float:
+        """The group's base LR after its ``lr_multipliers`` factor, if ``base_lr`` would be valid for it (without
+        changing anything).
+
+        Raises:
+            ValueError: for a negative base LR, or one below an absolute ``min_lr``.
+        """
         group = self._optimizers[optimizer_index].param_groups[group_index]
         keys = set(group_keys(group, self._names, self.lr_multipliers))
         key = keys.pop() if len(keys) == 1 else None
-        record["base_lr"] = base_lr * (self.lr_multipliers[key] if key is not None else 1.0)
+        value = base_lr * (self.lr_multipliers[key] if key is not None else 1.0)
         assert self.resolved is not None
-        self.resolved.check_base_lr(record["base_lr"], repr(record["name"]))
+        self.resolved.check_base_lr(value, repr(self._groups[optimizer_index][group_index]["name"]))
+        return value
 
     def drives(self, trainer: pl.Trainer, optimizer_index: int) -> bool:
         """Whether this callback sets the LRs of ``trainer.optimizers[optimizer_index]``."""
