@@ -28,13 +28,14 @@ from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
         ([1.0, 0.0], [1.0, 1.0], (0.5, 0.5)),  # agree: equal weights
         ([1.0, 0.0], [-1.0, 1.0], (0.6, 0.4)),  # conflict: min-norm point, (g_u.g_u - g_mm.g_u) / |g_mm - g_u|^2
         ([1.0, 0.0], [-3.0, 0.0], (0.75, 0.25)),  # opposite: the combination cancels exactly
-        ([0.0, 0.0], [0.0, 0.0], (0.5, 0.5)),
+        ([0.0, 0.0], [1.0, 0.0], (0.999, 0.001)),  # one side zero: the reference solver's edge cases
+        ([1.0, 0.0], [0.0, 0.0], (0.001, 0.999)),
     ],
 )
 def test_weights_by_hand(g_mm, g_u, expected):
     k_mm, k_u, _ = mmpareto_weights(torch.tensor(g_mm), torch.tensor(g_u))
     assert (k_mm, k_u) == pytest.approx(expected)
-    if expected != (0.5, 0.5):  # the min-norm point is orthogonal to the segment between the two gradients
+    if expected[0] not in (0.5, 0.999, 0.001):  # the min-norm point is orthogonal to the segment between the two gradients
         point = k_mm * torch.tensor(g_mm) + k_u * torch.tensor(g_u)
         assert float(point @ (torch.tensor(g_mm) - torch.tensor(g_u))) == pytest.approx(0.0, abs=1e-6)
 
@@ -51,6 +52,9 @@ def test_combine_scales_up_to_the_plain_norm_never_down():
     big = mmpareto_combine(torch.tensor([0.1, 0.0]), a, a, 0.5, 0.5, gamma=1.0)
     assert torch.allclose(big, 2 * a)  # larger than the plain gradient: kept
     assert torch.equal(mmpareto_combine(a, torch.zeros(2), torch.zeros(2), 0.5, 0.5), torch.zeros(2))
+    # One side zero: the combination is a sliver of the other, scaled back up to the plain gradient (times gamma).
+    k_mm, k_u, _ = mmpareto_weights(torch.zeros(2), a)
+    assert torch.allclose(mmpareto_combine(a, torch.zeros(2), a, k_mm, k_u, gamma=1.5), 1.5 * a)
 
 
 class GradRecorder(pl.Callback):
@@ -123,7 +127,6 @@ def test_mmpareto_needs_unimodal_losses():
     [
         (GatedFusion(), "head_split", "GatedFusion couples the modalities"),
         (None, "aux_heads", "'aux_heads' scoring needs unimodal heads"),
-        (None, "shapley", "expected one of auto, head_split, masking, aux_heads"),
     ],
 )
 def test_meaningless_scoring_choices_are_errors(fusion, scores, message):
@@ -132,6 +135,20 @@ def test_meaningless_scoring_choices_are_errors(fusion, scores, message):
                          enable_model_summary=False, callbacks=[ModalityBalancer("ogm", scores=scores)])
     with pytest.raises(ValueError, match=message):
         trainer.fit(model, loader())
+
+
+def test_unknown_scoring_is_refused_at_construction():
+    with pytest.raises(ValueError, match="expected one of auto, head_split, masking, aux_heads or None"):
+        ModalityBalancer("ogm", scores="shapley")
+
+
+def test_frozen_or_unused_encoders_are_not_reported():
+    model = tiny_classifier(aux_loss_weight=1.0)
+    model.encoders["b"].requires_grad_(False)
+    balancer = ModalityBalancer("mmpareto")
+    pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[balancer]).fit(model, loader(16))
+    assert set(balancer.last) == {"a"}
 
 
 @pytest.mark.parametrize("scores", ["masking", "aux_heads", "head_split"])
@@ -148,3 +165,15 @@ def test_scoring_choices_decide_the_recorded_logits(scores):
     for m in ("a", "b"):
         assert torch.allclose(model.modality_logits[m], expected[m].detach())
     assert not torch.allclose(model.fusion.masked_logits(features)["a"], model.fusion.modality_logits(features)["a"])
+    model.validation_step(batch, 0)  # validation's per-modality metrics use the same scoring
+    assert model.metrics["val_a"]["acc"].update_count == 1
+
+
+def test_masked_scores_are_deterministic_with_fusion_dropout():
+    from ml_optim_plugins import ConcatFusion
+
+    model = tiny_classifier(fusion=ConcatFusion(dropout=0.5))
+    model.train()
+    features = model.compute_features(next(iter(loader())))
+    first, second = model.fusion.masked_logits(features), model.fusion.masked_logits(features)
+    assert all(torch.equal(first[m], second[m]) for m in first) and model.fusion.training

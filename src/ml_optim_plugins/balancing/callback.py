@@ -8,7 +8,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -16,7 +18,7 @@ from ml_optim_plugins.balancing.agm import agm_coefficients, mono_modal_losses, 
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers
-from ml_optim_plugins.multimodal.contract import require_modality_aware
+from ml_optim_plugins.multimodal.contract import MODALITY_SCORINGS, require_modality_aware
 
 METHODS = ("ogm_ge", "ogm", "agm", "mmpareto")
 PARAMETER_KINDS = ("all", "weights", "conv")
@@ -126,6 +128,8 @@ class ModalityBalancer(Callback):
         self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
         if gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
+        if scores is not None and scores not in MODALITY_SCORINGS:
+            raise ValueError(f"scores={scores!r}; expected one of {', '.join(MODALITY_SCORINGS)} or None")
         self.gamma, self.scores = gamma, scores
         self._unimodal: dict[str, dict[int, Tensor]] = {}
         self._running: dict[str, float] = {}
@@ -145,11 +149,16 @@ class ModalityBalancer(Callback):
                     f"ModalityBalancer(scores={self.scores!r}) needs a module with set_modality_scoring() "
                     f"(ModalityAwareMixin); {type(module).__name__} decides its per-modality logits itself"
                 )
+            if getattr(module, "modality_scoring", None) != self.scores:
+                rank_zero_info(f"ModalityBalancer: per-modality logits by {self.scores!r} (the module had "
+                               f"{getattr(module, 'modality_scoring', None)!r})")
             setter(self.scores)
-        if self.method == "mmpareto" and getattr(module, "aux_loss_weight", None) == 0:
+        if self.method == "mmpareto" and not getattr(module, "aux_loss_weight", 0):
             raise ValueError(
                 "ModalityBalancer('mmpareto') combines each encoder's multimodal and unimodal gradients, so the module "
-                "needs unimodal losses: MultimodalClassifier(aux_loss_weight=1.0) (the reference weighs them 1)"
+                "needs unimodal losses and their weight in the objective: MultimodalClassifier(aux_loss_weight=1.0) "
+                "(the reference weighs them 1), or, in your own module, an aux_loss_weight attribute and "
+                "self.modality_losses = {modality: loss} set in training_step"
             )
         encoders = module.modality_encoders()
         if len(encoders) < 2:
@@ -243,7 +252,7 @@ class ModalityBalancer(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if self.method == "mmpareto":
-            self._pareto_step(trainer, pl_module)
+            self._pareto_step(trainer, pl_module, getattr(optimizer, "optimizer", optimizer))
             return
         self._stepped = True
         scores = self._current_scores(pl_module)
@@ -286,42 +295,50 @@ class ModalityBalancer(Callback):
         }
         self._log(trainer, stats)
 
-    def _pareto_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _pareto_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         buffers, self._unimodal = self._unimodal, {}
         if not buffers or not self._in_window(trainer):
             return
-        weight = float(getattr(pl_module, "aux_loss_weight", 1.0))
+        weight = float(pl_module.aux_loss_weight)
         entries = [(row, p, buffers.get(name, {}).get(id(p))) for row, name in enumerate(self._modalities)
                    for p in self._params[name] if p.grad is not None]
         if not entries:
             return
-        unimodal = [g if g is not None else torch.zeros_like(p.grad) for _, p, g in entries]
+        # The unimodal task's gradient as it enters the objective (aux_loss_weight x its loss's gradient).
+        unimodal = [weight * g if g is not None else torch.zeros_like(p.grad) for _, p, g in entries]
         if trainer.world_size > 1:  # DDP averaged the total gradients; average the unimodal parts the same way
             flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in unimodal]), reduce_op="mean")
             unimodal = [part.view_as(g) for part, g in zip(torch.split(flat, [g.numel() for g in unimodal]), unimodal)]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled() and _optimizer_handles_unscaling(optimizer):
+            # Fused optimizers unscale inside their step: the gradients here still carry AMP's loss scale.
+            scale = scaler.get_scale()
+            unimodal = [g * scale for g in unimodal]
         checks = torch.stack([x.float().sum() for (_, p, _), g in zip(entries, unimodal) for x in (p.grad, g)])
         if not bool(torch.isfinite(checks).all()):
             return
         device = entries[0][1].grad.device
-        dots = torch.zeros(len(self._modalities), 5, device=device)
+        dots = torch.zeros(len(self._modalities), 5, device=device,
+                           dtype=torch.float32 if device.type == "mps" else torch.float64)
         multimodal = []
         for (row, p, _), g_u in zip(entries, unimodal):
-            g_mm = p.grad - weight * g_u
+            g_mm = p.grad - g_u
             multimodal.append(g_mm)
-            a, b = g_mm.double().reshape(-1), g_u.double().reshape(-1)
-            dots[row, :3] += torch.stack([a @ a, b @ b, a @ b]).to(dots.dtype)
+            a, b = g_mm.to(dots.dtype).reshape(-1), g_u.to(dots.dtype).reshape(-1)
+            dots[row, :3] += torch.stack([a @ a, b @ b, a @ b])
         weights = {name: mmpareto_weights_from_dots(*values[:3]) for name, values in zip(self._modalities, dots.tolist())}
         for (row, p, _), g_mm, g_u in zip(entries, multimodal, unimodal):
             k_mm, k_u, _ = weights[self._modalities[row]]
             new = mmpareto_combine(p.grad, g_mm, g_u, k_mm, k_u, self.gamma)
-            dots[row, 3] += p.grad.float().pow(2).sum()
-            dots[row, 4] += new.float().pow(2).sum()
+            dots[row, 3] += p.grad.to(dots.dtype).pow(2).sum()
+            dots[row, 4] += new.to(dots.dtype).pow(2).sum()
             p.grad = new
         norms = dots[:, 3:].sqrt().tolist()
+        rows = {row for row, _, _ in entries}  # modalities with trainable, used parameters (not a frozen encoder)
         self._log(trainer, {
             name: {"cosine": weights[name][2], "k_multimodal": weights[name][0], "k_unimodal": weights[name][1],
                    "grad_norm_before": norms[row][0], "grad_norm_after": norms[row][1]}
-            for row, name in enumerate(self._modalities)
+            for row, name in enumerate(self._modalities) if row in rows
         })
 
     def _log(self, trainer: pl.Trainer, stats: dict[str, dict[str, float]]) -> None:

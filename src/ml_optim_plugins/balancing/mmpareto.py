@@ -14,7 +14,8 @@ def mmpareto_weights_from_dots(mm_mm: float, uni_uni: float, mm_uni: float) -> t
     When the multimodal gradient ``g_mm`` and the unimodal one ``g_u`` agree (cosine > 0), both get weight 1/2; when
     they conflict, the weights of the minimum-norm point of their convex hull (the two-task case of the
     multiple-gradient descent algorithm): ``k_mm = (g_u.g_u - g_mm.g_u) / |g_mm - g_u|^2`` clipped to [0, 1],
-    ``k_u = 1 - k_mm``, a direction that decreases neither loss less than needed and increases neither.
+    ``k_u = 1 - k_mm``, a direction that increases neither loss; when one of them is zero, ``(0.999, 0.001)`` or
+    ``(0.001, 0.999)`` as the reference's solver returns.
 
     Example:
         >>> mmpareto_weights_from_dots(1.0, 2.0, -1.0)  # g_mm = (1, 0), g_u = (-1, 1)
@@ -24,10 +25,13 @@ def mmpareto_weights_from_dots(mm_mm: float, uni_uni: float, mm_uni: float) -> t
     cosine = mm_uni / norm if norm > 0 else 0.0
     if cosine > 0:
         return 0.5, 0.5, cosine
-    distance = mm_mm + uni_uni - 2.0 * mm_uni
-    if distance <= 0:  # both zero
-        return 0.5, 0.5, cosine
-    k_mm = min(1.0, max(0.0, (uni_uni - mm_uni) / distance))
+    # The reference solver's edge cases: when one gradient is (nearly) zero, keep a sliver of it rather than zeroing
+    # the combination, which the norm rescaling then brings back to the plain gradient's size.
+    if mm_uni >= mm_mm:
+        return 0.999, 0.001, cosine
+    if mm_uni >= uni_uni:
+        return 0.001, 0.999, cosine
+    k_mm = (uni_uni - mm_uni) / (mm_mm + uni_uni - 2.0 * mm_uni)
     return k_mm, 1.0 - k_mm, cosine
 
 

@@ -38,7 +38,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     The batch is a mapping with one entry per modality name (the keys of ``encoders``) plus ``label_key``.
     ``training_step`` records the per-modality logits and targets for callbacks (:class:`ModalityAware`). Every split
     logs, as epoch aggregates: ``{split}/loss``, ``{split}/acc`` and ``{split}/f1`` (macro) for the fused prediction,
-    and ``{split}/{modality}/loss|acc|f1`` for each modality's own prediction (from the fusion's per-modality logits).
+    and ``{split}/{modality}/loss|acc|f1`` for each modality's own prediction (the fusion's per-modality logits, or
+    as ``modality_scoring`` says).
 
     Subclass it to change the loss or the batch layout (override :meth:`compute_features` or :meth:`step`), or bring
     your own module that implements :class:`ModalityAware`.
@@ -199,7 +200,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             self.record_modality_outputs(features, targets)
             per_modality = self.modality_logits
         else:
-            per_modality = self.fusion.modality_logits(features)
+            per_modality = self.modality_outputs(features)
         self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
         self._update_metrics(split, FUSED, logits.detach(), targets)
         for name, modality_logits in per_modality.items():

@@ -203,15 +203,18 @@ class ModalityAwareMixin:
         """Return ``self.encoders`` as a plain ``{modality: encoder}`` mapping."""
         return dict(self.encoders.items())
 
+    def modality_outputs(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What each modality alone predicts from ``features``, as :attr:`modality_scoring` says (the same on every
+        split, so training and validation per-modality metrics measure the same thing)."""
+        if self.modality_scoring == "masking":
+            return self.fusion.masked_logits(features)
+        if self.modality_scoring == "aux_heads":
+            return {name: head(features[name]) for name, head in self.aux_heads.items()}
+        return self.fusion.modality_logits(features)
+
     @torch.no_grad()
     def record_modality_outputs(self, features: Mapping[str, Tensor], targets: Tensor) -> None:
         """Compute and keep the per-modality logits and targets of the current training step (no gradient), as
         :attr:`modality_scoring` says."""
-        if self.modality_scoring == "masking":
-            logits = self.fusion.masked_logits(features)
-        elif self.modality_scoring == "aux_heads":
-            logits = {name: head(features[name]) for name, head in self.aux_heads.items()}
-        else:
-            logits = self.fusion.modality_logits(features)
-        self.modality_logits = {name: value.detach() for name, value in logits.items()}
+        self.modality_logits = {name: value.detach() for name, value in self.modality_outputs(features).items()}
         self.modality_targets = targets.detach()

@@ -112,15 +112,21 @@ class Fusion(nn.Module):
 
     def masked_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per-modality logits by masking: the fused head with the other modalities set to their neutral value
-        (one head evaluation per modality). Meaningful for any fusion."""
+        (one head evaluation per modality, with the fusion's dropout off, so the scores are deterministic and draw no
+        random numbers). Meaningful for any fusion."""
         self._check_features(features)
-        out = {}
-        for name in self.in_dims:
-            masked = {
-                other: feat if other == name else self.neutral_features(other, feat)
-                for other, feat in features.items()
-            }
-            out[name] = self.fuse(masked)
+        training = self.training
+        self.eval()
+        try:
+            out = {}
+            for name in self.in_dims:
+                masked = {
+                    other: feat if other == name else self.neutral_features(other, feat)
+                    for other, feat in features.items()
+                }
+                out[name] = self.fuse(masked)
+        finally:
+            self.train(training)
         return out
 
     def _check_features(self, features: Mapping[str, Tensor]) -> None:
