@@ -135,6 +135,17 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def mean_over_ranks(strategy: Any, tensors: list[Tensor]) -> list[Tensor]:
+    """The mean of each tensor over the processes of ``strategy`` (a Lightning strategy), in one collective on one
+    flat buffer; new tensors shaped like the inputs (the inputs themselves on one process)."""
+    if not tensors or getattr(strategy, "world_size", 1) < 2:
+        return list(tensors)
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    flat = strategy.reduce(torch.cat([t.reshape(-1).to(dtype) for t in tensors]), reduce_op="mean")
+    parts = torch.split(flat, [t.numel() for t in tensors])
+    return [part.view_as(t).to(t.dtype) for part, t in zip(parts, tensors)]
+
+
 def log_to_loggers(trainer: Any, metrics: dict[str, float | Tensor]) -> None:
     """Send ``metrics`` straight to the Trainer's loggers at the current step, as ``LearningRateMonitor`` does.
 

@@ -31,7 +31,7 @@ if __name__ == "__main__":
     plan = StagedFinetuning([Stage(), Stage(trainable=["image", "text[-2:]"], warmup_steps=2, **trigger)],
                             cache_features=True)
     if mode == "nosync":
-        plan._sync_gradients = lambda params: None
+        plan._sync_gradients = lambda trainer, params: None
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=3 if mode == "plateau" else 2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from ml_optim_plugins.balancing.agm import agm_coefficients, mono_modal_losses, update_running
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coefficients, true_class_scores
-from ml_optim_plugins.evaluation import log_to_loggers
+from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
 from ml_optim_plugins.multimodal.contract import MODALITY_SCORINGS, require_modality_aware
 
 METHODS = ("ogm_ge", "ogm", "agm", "mmpareto")
@@ -306,9 +306,8 @@ class ModalityBalancer(Callback):
             return
         # The unimodal task's gradient as it enters the objective (aux_loss_weight x its loss's gradient).
         unimodal = [weight * g if g is not None else torch.zeros_like(p.grad) for _, p, g in entries]
-        if trainer.world_size > 1:  # DDP averaged the total gradients; average the unimodal parts the same way
-            flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in unimodal]), reduce_op="mean")
-            unimodal = [part.view_as(g) for part, g in zip(torch.split(flat, [g.numel() for g in unimodal]), unimodal)]
+        # DDP averaged the total gradients; average the unimodal parts the same way.
+        unimodal = mean_over_ranks(trainer.strategy, unimodal)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled() and _optimizer_handles_unscaling(optimizer):
             # Fused optimizers unscale inside their step: the gradients here still carry AMP's loss scale.

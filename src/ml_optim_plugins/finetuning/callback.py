@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ml_optim_plugins.evaluation import log_to_loggers
+from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
 from ml_optim_plugins.finetuning.blocks import encoder_blocks, parse_selector, select_parameters
 from ml_optim_plugins.finetuning.cache import FeatureCache
 from ml_optim_plugins.finetuning.stage import Stage
@@ -377,6 +377,22 @@ class StagedFinetuning(Callback):
             labels[plan] = label
         return [labels[plan] for plan in plans]
 
+    def _staged_groups(self, trainer: pl.Trainer) -> Iterator[tuple[int, WarmupDecay | None, int, dict[str, Any], int]]:
+        """``(optimizer index, its WarmupDecay or None, group index, group, id of the group's first parameter)`` for
+        every group this callback prepared; all parameters of a group share one stage plan, the first one's."""
+        for opt_index, optimizer in enumerate(trainer.optimizers):
+            warmup = self._warmup_for(trainer, opt_index)
+            for group_index, group in enumerate(optimizer.param_groups):
+                first = next((id(p) for p in group["params"]), None)
+                if first is not None and BASE_LR_KEY in group:
+                    yield opt_index, warmup, group_index, group, first
+
+    def _stage_base_lr(self, group: Mapping[str, Any], first: int, stage: int) -> float:
+        """The group's base LR in ``stage``: its configured LR times the stage's multiplier, 0 while frozen."""
+        if first not in self._trainable[stage]:
+            return 0.0
+        return group[BASE_LR_KEY] * self._multipliers[stage].get(first, 1.0)
+
     @staticmethod
     def _warmup_for(trainer: pl.Trainer, index: int) -> WarmupDecay | None:
         for callback in trainer.callbacks:
@@ -394,24 +410,17 @@ class StagedFinetuning(Callback):
         for module in was_eval:  # unfrozen modules follow the model's mode again
             module.train(self._module.training)
         self._keep_frozen_in_eval()
-        trainable, multipliers = self._trainable[index], self._multipliers[index]
-        stage = self._plan[index]
+        trainable, stage = self._trainable[index], self._plan[index]
         scheduled = {id(config.scheduler.optimizer) for config in trainer.lr_scheduler_configs}
-        for opt_index, optimizer in enumerate(trainer.optimizers):
-            warmup = self._warmup_for(trainer, opt_index)
-            for group_index, group in enumerate(optimizer.param_groups):
-                first = next((id(p) for p in group["params"]), None)
-                if first is None or BASE_LR_KEY not in group:
-                    continue
-                on = first in trainable
-                base = group[BASE_LR_KEY] * multipliers.get(first, 1.0) if on else 0.0
-                if warmup is not None and not initial:
-                    if on and first not in previous:
-                        warmup.restart_warmup(opt_index, group_index, stage.warmup_steps, base_lr=base)
-                    else:
-                        warmup.set_base_lr(opt_index, group_index, base)
-                elif warmup is not None or id(optimizer) not in scheduled:
-                    group["lr"] = base  # WarmupDecay (registering after this) reads it as the group's base LR
+        for opt_index, warmup, group_index, group, first in self._staged_groups(trainer):
+            base = self._stage_base_lr(group, first, index)
+            if warmup is not None and not initial:
+                if first in trainable and first not in previous:
+                    warmup.restart_warmup(opt_index, group_index, stage.warmup_steps, base_lr=base)
+                else:
+                    warmup.set_base_lr(opt_index, group_index, base)
+            elif warmup is not None or id(trainer.optimizers[opt_index]) not in scheduled:
+                group["lr"] = base  # WarmupDecay (registering after this) reads it as the group's base LR
         self._unsynced = []
         if self._registered is not None:
             self._unsynced = [self._params[p] for p in sorted(trainable - self._registered, key=self._names.get)]
@@ -476,7 +485,7 @@ class StagedFinetuning(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization or trainer.fit_loop.epoch_loop._should_accumulate():
             return  # DDP also waits for the last micro-batch (no_sync); so do we
-        self._sync_gradients(self._unsynced)
+        self._sync_gradients(trainer, self._unsynced)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -486,27 +495,19 @@ class StagedFinetuning(Callback):
         # Manual optimization: once per step of this optimizer, for its own parameters.
         raw = getattr(optimizer, "optimizer", optimizer)
         own = {id(p) for group in raw.param_groups for p in group["params"]}
-        self._sync_gradients([p for p in self._unsynced if id(p) in own])
+        self._sync_gradients(trainer, [p for p in self._unsynced if id(p) in own])
 
-    def _sync_gradients(self, params: list[nn.Parameter]) -> None:
+    def _sync_gradients(self, trainer: pl.Trainer, params: list[nn.Parameter]) -> None:
         """Average the gradients of trainable ``params`` over the DDP ranks, like DDP does for the ones it
         registered; a parameter without a gradient on every rank keeps none (so the optimizer skips it)."""
-        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return
         params = [p for p in params if p.requires_grad]
-        if not params:
+        if trainer.world_size < 2 or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device,
-                                dtype=grads[0].dtype)
-        flat = torch.cat([*(g.reshape(-1) for g in grads), has_grad])
-        torch.distributed.all_reduce(flat)
-        counts = flat[-len(params):].tolist()
-        flat = flat[:-len(params)] / torch.distributed.get_world_size()
-        offset = 0
-        for p, g, count in zip(params, grads, counts):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone() if count > 0 else None
-            offset += g.numel()
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+        *averaged, any_grad = mean_over_ranks(trainer.strategy, [*grads, has_grad])
+        for p, grad, flag in zip(params, averaged, any_grad.tolist()):
+            p.grad = grad if flag > 0 else None
 
     # ------------------------------------------------------------------ hooks: evaluation
     def _set_split(self, split: str, dataloader_idx: int) -> None:
@@ -568,21 +569,15 @@ class StagedFinetuning(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every stage's base LRs against WarmupDecay's floor (its schedule is resolved now), before the first step.
-        for opt_index, optimizer in enumerate(trainer.optimizers):
-            warmup = self._warmup_for(trainer, opt_index)
+        for opt_index, warmup, group_index, group, first in self._staged_groups(trainer):
             if warmup is None or warmup.resolved is None:
                 continue
-            for group_index, group in enumerate(optimizer.param_groups):
-                first = next((id(p) for p in group["params"]), None)
-                if first is None or BASE_LR_KEY not in group:
-                    continue
-                for i in range(len(self._plan)):
-                    if first in self._trainable[i]:
-                        try:
-                            warmup.check_base_lr(opt_index, group_index,
-                                                 group[BASE_LR_KEY] * self._multipliers[i].get(first, 1.0))
-                        except ValueError as err:
-                            raise ValueError(f"stage {i} ({self.stage_name(i)}): {err}") from err
+            for i in range(len(self._plan)):
+                if first in self._trainable[i]:
+                    try:
+                        warmup.check_base_lr(opt_index, group_index, self._stage_base_lr(group, first, i))
+                    except ValueError as err:
+                        raise ValueError(f"stage {i} ({self.stage_name(i)}): {err}") from err
         if self._restored_plateau is not None:
             self._plateau = self._restored_plateau  # on_fit_start's _enter reset it
             self._restored_plateau = None
