@@ -646,9 +646,10 @@ class GradualUnfreezing(StagedFinetuning):
         **kwargs: ``modules`` (encoders to unfreeze: modality or module names, no block selection), and the cache
             arguments of :class:`~ml_optim_plugins.StagedFinetuning`.
 
-    Example::
-
-        GradualUnfreezing(epochs_per_stage=1, factor=2.6, max_blocks=3, warmup_steps=20)
+    Example:
+        >>> plan = GradualUnfreezing(epochs_per_stage=1, factor=2.6, max_blocks=3, warmup_steps=20)
+        >>> [round(plan.factor ** -d, 3) for d in range(3)]  # LR multipliers of the top three blocks
+        [1.0, 0.385, 0.148]
     """
 
     def __init__(
