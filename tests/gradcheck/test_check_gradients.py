@@ -140,3 +140,26 @@ def test_module_without_training_step_needs_a_loss_fn():
 def test_empty_report_renders():
     report = GradCheckReport([], 1e-6, 1e-4, 1e-8, 0.0, 0.0, 0)
     assert report.passed and "PASSED" in str(report)
+
+
+def test_the_float64_copy_shares_factories_and_drops_a_redirected_forward():
+    """What LightningCLI and DDP leave on a module: a factory whose closure reaches objects that cannot be deep-copied
+    (the CLI, its Trainer, the DDP wrapper), and Lightning's forward redirection's bound ``forward`` in the instance
+    dict. The copy shares the first, ignores the second, and the original is left as it was."""
+    import functools
+
+    from ml_optim_plugins.evaluation import detached_copy
+
+    class NotCopyable:
+        def __deepcopy__(self, memo):
+            raise RuntimeError("deep-copied a DDP wrapper")
+
+    model = BoringModel()
+    model.optimizer_factory = functools.partial(torch.optim.SGD, lr=0.1, foreach=NotCopyable())
+    model.forward = model.forward  # as _ForwardRedirection leaves it after a step
+    clone = detached_copy(model, torch.float64)
+    assert clone.optimizer_factory is model.optimizer_factory
+    assert "forward" not in vars(clone) and clone.layer.weight.dtype == torch.float64
+    assert vars(model)["forward"].__self__ is model and model.layer.weight.dtype == torch.float32
+    batch = torch.randn(2, 32)
+    assert torch.allclose(clone(batch.double()).float(), model(batch), atol=1e-6)
