@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from ml_optim_plugins.balancing.agm import agm_coefficients, mono_modal_losses, update_running
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
-from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coefficients, true_class_scores
+from ml_optim_plugins.balancing.ogm_ge import modulate_with_noise, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
 from ml_optim_plugins.multimodal.contract import MODALITY_SCORINGS, require_modality_aware
 
@@ -276,10 +276,12 @@ class ModalityBalancer(Callback):
                 if p.grad is None:
                     continue
                 original = p.grad
-                new = modulate_gradient(original, coefficients[name], self.method == "ogm_ge", generator)
-                squares[row, 0] += original.float().pow(2).sum()
-                squares[row, 1] += new.float().pow(2).sum()
-                squares[row, 2] += (new - original * coefficients[name]).float().pow(2).sum()
+                new, noise = modulate_with_noise(original, coefficients[name], self.method == "ogm_ge", generator)
+                # Norms in one pass each, without temporaries of the gradient's size.
+                squares[row, 0] += torch.linalg.vector_norm(original, dtype=torch.float32).square()
+                squares[row, 1] += torch.linalg.vector_norm(new, dtype=torch.float32).square()
+                if noise is not None:
+                    squares[row, 2] += torch.linalg.vector_norm(noise, dtype=torch.float32).square()
                 p.grad = new
         norms = squares.sqrt().tolist()
         stats: dict[str, dict[str, float]] = {

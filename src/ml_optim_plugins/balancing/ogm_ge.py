@@ -71,11 +71,19 @@ def modulate_gradient(grad: Tensor, coefficient: float, noise: bool, generator: 
         >>> modulate_gradient(g, 0.5, noise=False)[0, 0].item()
         0.5
     """
+    return modulate_with_noise(grad, coefficient, noise, generator)[0]
+
+
+def modulate_with_noise(
+    grad: Tensor, coefficient: float, noise: bool, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`modulate_gradient` that also returns the noise it added (``None`` without noise), for statistics."""
     modulated = grad * coefficient
-    if noise:
-        # The std stays a device tensor: no host synchronisation per modulated tensor.
-        std = grad.float().std() + 1e-8 if grad.numel() > 1 else torch.tensor(1e-8, device=grad.device)
-        device = generator.device if generator is not None else grad.device
-        sample = torch.randn(grad.shape, generator=generator, dtype=torch.float32, device=device).to(grad.device) * std
-        modulated = modulated + sample.to(grad.dtype)
-    return modulated
+    if not noise:
+        return modulated, None
+    # The std stays a device tensor: no host synchronisation per modulated tensor.
+    std = grad.float().std() + 1e-8 if grad.numel() > 1 else torch.tensor(1e-8, device=grad.device)
+    device = generator.device if generator is not None else grad.device
+    sample = torch.randn(grad.shape, generator=generator, dtype=torch.float32, device=device).to(grad.device)
+    sample = sample.mul_(std).to(grad.dtype)
+    return modulated.add_(sample), sample
