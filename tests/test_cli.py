@@ -21,7 +21,12 @@ def test_fit_through_the_cli_leaves_one_complete_run_directory(tiny_config, tmp_
     log_dir = Path(cli.trainer.log_dir)
     assert log_dir == tmp_path / "runs" / "quickstart" / "version_0"
     assert (log_dir / "config.yaml").is_file() and (log_dir / "metrics.csv").is_file()
-    assert (log_dir / "curves.png").is_file()  # TrainingCurves from the recipe
+    # RunReport from the recipe; fit tested the best checkpoint afterwards, so the report has its test column.
+    report = (log_dir / "report.md").read_text()
+    for plot in ("loss.png", "metrics.png", "lr.png"):
+        assert (log_dir / plot).is_file() and f"]({plot})" in report
+    assert "| fused |" in report and "| image |" in report and "test macro-F1" in report
+    assert "test/f1" in cli.trainer.callback_metrics
     assert list(log_dir.glob("events.out.tfevents.*")), "TensorBoard events not in the run directory"
     assert not (log_dir.parent / "version_1").exists()
     assert 0.0 <= last_value(log_dir / "metrics.csv", "val/acc") <= 1.0
@@ -59,7 +64,7 @@ def test_quickstart_recipe_parses_with_all_library_classes(tmp_path):
     assert config["data"]["class_path"] == "ml_optim_plugins.SyntheticSentimentDataModule"
     assert set(config["model"]["init_args"]["encoders"]) == {"image", "text"}
     callbacks = {c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]}
-    assert {"WarmupDecay", "GradientCheck", "TrainingCurves", "LearningRateMonitor", "ModelCheckpoint"} <= callbacks
+    assert {"WarmupDecay", "GradientCheck", "RunReport", "LearningRateMonitor", "ModelCheckpoint"} <= callbacks
 
 
 def test_unknown_config_key_is_rejected_before_training(tiny_config, capsys):
@@ -123,7 +128,7 @@ def test_pretrain_image_then_staged_quick_start(tiny_config, tmp_path):
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, saved[f"encoders.image.{name}"]), name
 
-    cli = run(["fit", "-c", str(tiny_config)])
+    cli = run(["fit", "-c", str(tiny_config), "--test_after_fit", "false"])  # keep the last weights to compare
     staged = next(c for c in cli.trainer.callbacks if isinstance(c, LinearProbeFinetune))
     assert [(b["name"], b["epoch"]) for b in staged.boundaries] == [("probe", 0), ("finetune", 2)]
     # 32 train and 16 val samples: the sanity check and epoch 0 computed them once; epoch 0's validation (after the

@@ -109,10 +109,13 @@ def test_gradcheck_page_example_finds_the_planted_bug_as_shown(capsys):
         assert line.split()[:4] == next(l for l in page.splitlines() if l.startswith(line.split()[0])).split()[:4]
 
 
-def test_diagnostics_page_examples_run(tmp_path, monkeypatch):
+def test_diagnostics_page_examples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for block in python_blocks(REPO / "docs" / "diagnostics.md"):
         exec(compile(block, "docs/diagnostics.md", "exec"), {})
+    assert "['loss.png', 'lr.png', 'metrics.png']" in capsys.readouterr().out.splitlines()
+    (report,) = tmp_path.glob("runs/**/report.md")
+    assert "test macro-F1" in report.read_text() and "| text |" in report.read_text()
 
 
 def test_balancing_examples_run(capsys):
@@ -142,7 +145,8 @@ def test_finetuning_examples_run_and_the_yaml_builds_the_same_plan(capsys):
 @pytest.mark.parametrize(
     "page",
     ["index.md", "quickstart.md", "data.md", "schedules.md", "regularization.md", "benchmarks.md", "gradcheck.md",
-     "diagnostics.md", "balancing.md", "finetuning.md"],
+     "diagnostics.md", "balancing.md", "finetuning.md", "recipes.md", "methods.md", "compatibility.md",
+     "baselines.md"],
 )
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()

@@ -14,19 +14,34 @@ from ml_optim_plugins.balancing import (
     ogm_ge_coefficients,
     true_class_scores,
 )
+from ml_optim_plugins.baselines import (
+    BaselineReport,
+    BaselineResult,
+    LabelledFeatures,
+    baselines_markdown,
+    baselines_table,
+    extract_features,
+    fit_baselines,
+    run_baselines,
+)
 from ml_optim_plugins.data import (
     ManifestDataModule,
     ManifestError,
     MultimodalCollate,
     MultimodalDataModule,
+    MVSADataModule,
     SyntheticSentimentDataModule,
     SyntheticSentimentDataset,
+    clean_mvsa_labels,
     load_tokenizer,
+    read_mvsa,
 )
 from ml_optim_plugins.diagnostics import (
     CurvatureProbe,
     HessianEigenvalues,
+    MetricHistory,
     OverfitBatchCheck,
+    RunReport,
     TrainingCurves,
     hessian_top_eigenvalue,
 )
@@ -94,6 +109,14 @@ from ml_optim_plugins.schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaselineReport",
+    "BaselineResult",
+    "LabelledFeatures",
+    "baselines_markdown",
+    "baselines_table",
+    "extract_features",
+    "fit_baselines",
+    "run_baselines",
     "mmpareto_combine",
     "mmpareto_weights",
     "mmpareto_weights_from_dots",
@@ -127,7 +150,10 @@ __all__ = [
     "MultimodalClassifier",
     "MultimodalCollate",
     "MultimodalDataModule",
+    "MVSADataModule",
+    "MetricHistory",
     "OverfitBatchCheck",
+    "RunReport",
     "PenaltyCallback",
     "SentenceTransformerTextEncoder",
     "SumFusion",
@@ -146,6 +172,7 @@ __all__ = [
     "__version__",
     "agm_coefficients",
     "check_gradients",
+    "clean_mvsa_labels",
     "elastic_net_penalty",
     "gaussian_dropout",
     "hessian_top_eigenvalue",
@@ -157,6 +184,7 @@ __all__ = [
     "mono_modal_losses",
     "ogm_ge_coefficients",
     "packaged_minilm_path",
+    "read_mvsa",
     "regularized_parameters",
     "replace_dropout",
     "require_modality_aware",

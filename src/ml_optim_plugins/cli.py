@@ -1,4 +1,5 @@
-"""Command line: ``ml-optim-plugins fit|validate|test|predict -c recipes/NAME.yaml``, built on LightningCLI."""
+"""Command line: ``ml-optim-plugins fit|validate|test|predict -c recipes/NAME.yaml``, built on LightningCLI, and
+``ml-optim-plugins baselines -c recipes/NAME.yaml`` (:func:`~ml_optim_plugins.baselines.run_baselines`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ class MultimodalCLI(LightningCLI):
     """LightningCLI for :class:`MultimodalClassifier` (or a subclass) and any :class:`MultimodalDataModule`.
 
     ``data.num_classes`` is linked to ``model.num_classes``. After ``fit`` / ``validate`` / ``test`` it prints the final
-    metrics, the log directory and the best checkpoint.
+    metrics, the log directory and the best checkpoint. ``fit`` then tests the best checkpoint (selected on
+    validation) when the data has a test split (``--test_after_fit false`` turns that off), so a
+    :class:`~ml_optim_plugins.RunReport` gets its test column.
 
     Example:
         >>> MultimodalCLI(args=["fit", "-c", "recipes/quickstart.yaml"])  # doctest: +SKIP
@@ -27,6 +30,12 @@ class MultimodalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit only: test the best checkpoint (selected on validation) when the data has a test split",
+        )
 
     def instantiate_trainer(self, **kwargs):  # noqa: D102 - LightningCLI hook
         trainer = super().instantiate_trainer(**kwargs)
@@ -35,6 +44,15 @@ class MultimodalCLI(LightningCLI):
 
     def after_fit(self) -> None:
         print_run_summary(self.trainer, "fit")
+        trainer, data = self.trainer, self.datamodule
+        wanted = self.config.get(self.subcommand, self.config).get("test_after_fit", True)
+        has_test = getattr(data, "has_split", lambda split: False)("test")
+        if not wanted or not has_test or trainer.interrupted or trainer.fast_dev_run:
+            return
+        # The model selected on validation, evaluated once on test: the figures a run report and a paper may quote.
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        trainer.test(self.model, datamodule=data, ckpt_path="best" if best else None, verbose=False)
+        print_run_summary(trainer, "test")
 
     def after_validate(self) -> None:
         print_run_summary(self.trainer, "validate")
@@ -48,7 +66,8 @@ def print_run_summary(trainer: Trainer, stage: str) -> None:
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if not trainer.is_global_zero:
         return
-    table = Table(title=f"ml-optim-plugins {stage}: final metrics")
+    title = f"ml-optim-plugins {stage}: final metrics"
+    table = Table(title=title, min_width=len(title) + 4)
     table.add_column("metric")
     table.add_column("value", justify="right")
     final = {
@@ -61,12 +80,12 @@ def print_run_summary(trainer: Trainer, stage: str) -> None:
     console = Console()
     console.print(table)
     if log_dir:
-        console.print(f"logs (CSV, TensorBoard, config): {Path(log_dir).resolve()}")
+        console.print(f"logs (CSV, TensorBoard, config): {Path(log_dir).resolve()}", soft_wrap=True)
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if checkpoint:
         score = trainer.checkpoint_callback.best_model_score
         shown = "" if score is None else f" ({trainer.checkpoint_callback.monitor} = {float(score):.4f})"
-        console.print(f"best checkpoint{shown}: {Path(checkpoint).resolve()}")
+        console.print(f"best checkpoint{shown}: {Path(checkpoint).resolve()}", soft_wrap=True)
 
 
 def align_logger_versions(trainer: Trainer) -> None:
@@ -85,8 +104,17 @@ def align_logger_versions(trainer: Trainer) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``ml-optim-plugins`` console script."""
+    """Entry point of the ``ml-optim-plugins`` console script (``baselines`` goes to
+    :func:`~ml_optim_plugins.baselines.run_baselines`, everything else to LightningCLI)."""
+    import sys
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["baselines"]:
+        from ml_optim_plugins.baselines import run_baselines
+
+        run_baselines(argv[1:])
+        return
     run(args)
 
 

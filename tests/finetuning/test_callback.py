@@ -129,6 +129,21 @@ def test_plateau_trigger_starts_the_next_stage_after_patience():
     assert [(b["stage"], b["epoch"]) for b in plan.boundaries] == [(0, 0), (1, 4)]
 
 
+@pytest.mark.parametrize("reset, last_epoch", [(True, 3), (False, 2)])
+def test_a_new_stage_gets_the_full_patience_of_early_stopping(reset, last_epoch):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    model, recorder = tiny_staged_model(), Recorder()
+    plan = LinearProbeFinetune(probe_epochs=2, reset_early_stopping=reset)
+    stopper = EarlyStopping(monitor="val/score", mode="max", patience=2)
+    # Best at epoch 0, no improvement after: patience runs out after epoch 2, or after epoch 3 when the finetune
+    # stage (from epoch 2) starts counting anew.
+    callbacks = [plan, LogMetric([1, 0, 0, 0, 0, 0]), stopper, recorder]
+    trainer(max_epochs=6, callbacks=callbacks).fit(model, loader(), loader(n=16))
+    assert max(row["epoch"] for row in recorder.rows) == last_epoch
+    assert float(stopper.best_score) == 1.0
+
+
 def test_a_monitor_that_is_never_logged_is_an_error_naming_the_logged_ones():
     plan = StagedFinetuning([Stage(), Stage(monitor="val/nope", trainable=["image"])])
     with pytest.raises(MisconfigurationException, match="monitors 'val/nope', which was not logged; logged metrics"):

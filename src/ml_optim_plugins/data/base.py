@@ -51,6 +51,11 @@ class MultimodalDataModule(pl.LightningDataModule):
         """Number of classes."""
         return len(self.class_names)
 
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` (``"train"``, ``"val"``, ``"test"``) has samples once ``setup`` has run."""
+        dataset = self.datasets.get(split)
+        return dataset is not None and len(dataset) > 0
+
     @property
     def collate(self) -> MultimodalCollate:
         """The batch collate function (tokenizer loaded on first use)."""

@@ -36,13 +36,18 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One sample of a manifest: where it came from, the image file, the text and the label name."""
+    """One sample of a manifest: where it came from, the image file, the text and the label name.
+
+    ``problem`` is why the reader could not use the line (a malformed line, a missing text file), ``""`` when it read
+    fine; :func:`row_problem` reports it like any other bad row.
+    """
 
     file: str
     line: int
     image: Path
     text: str
     label: str
+    problem: str = ""
 
 
 def read_manifest(
@@ -104,7 +109,10 @@ def read_manifest(
 
 
 def row_problem(row: ManifestRow, known_labels: set[str] | None) -> str | None:
-    """Why ``row`` cannot be used (missing or unreadable image, empty text, unknown label), or ``None``."""
+    """Why ``row`` cannot be used (a reading problem, missing or unreadable image, empty text, unknown label), or
+    ``None``."""
+    if row.problem:
+        return row.problem
     if not row.label:
         return "empty label"
     if known_labels is not None and row.label not in known_labels:
@@ -121,6 +129,22 @@ def row_problem(row: ManifestRow, known_labels: set[str] | None) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         return f"image {str(row.image)!r} is unreadable ({err})"
     return None
+
+
+def seeded_split(size: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Positions ``0 .. size - 1`` split at random (seeded) into ``"val"``, ``"test"`` and the rest, ``"train"``.
+
+    With both fractions 0, ``"train"`` keeps the original order.
+
+    Example:
+        >>> {name: len(positions) for name, positions in seeded_split(10, 0.2, 0.1, seed=0).items()}
+        {'val': 2, 'test': 1, 'train': 7}
+    """
+    n_val, n_test = int(round(val_fraction * size)), int(round(test_fraction * size))
+    if not (n_val or n_test):
+        return {"val": [], "test": [], "train": list(range(size))}
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
@@ -219,22 +243,25 @@ class ManifestDataModule(MultimodalDataModule):
         self.image_root = image_root
         self.on_bad_rows = on_bad_rows
         self.skipped_rows: list[tuple[str, int, str]] = []
-        self.splits = self._load(train, val, test, val_fraction, test_fraction, split_seed, labels)
+        self.manifests = {"train": train, "val": val, "test": test}
+        self.splits = self._load(val_fraction, test_fraction, split_seed, labels)
         self._class_names = list(labels) if labels is not None else _sorted_labels({r.label for r in self.splits["train"]})
         if len(self._class_names) < 2:
             raise ValueError(f"the training manifest has {len(self._class_names)} label(s); a classifier needs 2 or more")
 
+    def read_rows(self) -> dict[str, list[ManifestRow]]:
+        """The rows of ``"train"``, and of ``"val"`` / ``"test"`` where they have their own manifest, unchecked.
+
+        A subclass that reads another layout overrides this; checking, splitting and label mapping stay the same.
+        """
+        return {
+            name: read_manifest(path, *self.columns, self.image_root) for name, path in self.manifests.items() if path
+        }
+
     def _load(
-        self,
-        train: str,
-        val: str | None,
-        test: str | None,
-        val_fraction: float,
-        test_fraction: float,
-        seed: int,
-        labels: Sequence[str] | None,
+        self, val_fraction: float, test_fraction: float, seed: int, labels: Sequence[str] | None
     ) -> dict[str, list[ManifestRow]]:
-        read = {name: read_manifest(path, *self.columns, self.image_root) for name, path in (("train", train), ("val", val), ("test", test)) if path}
+        read = self.read_rows()
         known = set(labels) if labels is not None else {row.label for row in read["train"] if row.label}
         problems: list[tuple[str, int, str]] = []
         for name in read:
@@ -250,18 +277,17 @@ class ManifestDataModule(MultimodalDataModule):
             if self.on_bad_rows == "raise":
                 raise ManifestError(problems)
             self.skipped_rows = problems
-            rank_zero_warn(f"ManifestDataModule skipped {len(problems)} bad row(s); see .skipped_rows. First: {problems[0]}")
-        order = torch.randperm(len(read["train"]), generator=torch.Generator().manual_seed(seed)).tolist()
-        shuffled = [read["train"][i] for i in order]
-        n_val = 0 if val else int(round(val_fraction * len(shuffled)))
-        n_test = 0 if test else int(round(test_fraction * len(shuffled)))
-        splits = {
-            "val": read.get("val") or shuffled[:n_val],
-            "test": read.get("test") or shuffled[n_val : n_val + n_test],
-            "train": shuffled[n_val + n_test :] if (n_val or n_test) else read["train"],
-        }
+            rank_zero_warn(f"{type(self).__name__} skipped {len(problems)} bad row(s); see .skipped_rows. First: {problems[0]}")
+        positions = seeded_split(
+            len(read["train"]),
+            0.0 if "val" in read else val_fraction,
+            0.0 if "test" in read else test_fraction,
+            seed,
+        )
+        splits = {name: read.get(name) or [read["train"][i] for i in positions[name]] for name in ("val", "test")}
+        splits["train"] = [read["train"][i] for i in positions["train"]]
         if not splits["train"]:
-            raise ValueError(f"no usable training rows in {train!r}")
+            raise ValueError(f"no usable training rows in {self.manifests['train']!r}")
         return splits
 
     @property
@@ -286,12 +312,19 @@ class ManifestDataModule(MultimodalDataModule):
             for split, rows in self.splits.items()
             if rows
         }
+        self._save_to_log_dir("labels.json", self._class_names, "label names")
+
+    def _save_to_log_dir(self, name: str, content: Any, what: str) -> None:
+        """Write ``content`` as JSON file ``name`` into the run's log directory (rank 0; nothing without a Trainer)."""
         trainer = self.trainer
-        if trainer is not None and trainer.is_global_zero and trainer.log_dir is not None:
-            out = Path(trainer.log_dir)
+        if trainer is None:
+            return
+        log_dir = trainer.log_dir  # on every rank: it broadcasts rank 0's directory
+        if trainer.is_global_zero and log_dir is not None:
+            out = Path(log_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "labels.json").write_text(json.dumps(self._class_names, indent=2))
-            rank_zero_info(f"label names saved to {out / 'labels.json'}")
+            (out / name).write_text(json.dumps(content, indent=2))
+            rank_zero_info(f"{what} saved to {out / name}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"class_names": list(self._class_names)}

@@ -19,6 +19,19 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
+def param_group_lrs(trainer: pl.Trainer, optimizer: Any) -> dict[str, float]:
+    """The LR each param group of ``optimizer`` is about to be stepped with, whoever set it (a scheduler after the
+    previous step, WarmupDecay now), keyed by group name (``pgN`` for unnamed groups; ``optK/`` in front when the
+    Trainer has several optimizers). Call it in ``on_before_optimizer_step``."""
+    raw = getattr(optimizer, "optimizer", optimizer)
+    index = next((i for i, opt in enumerate(trainer.optimizers) if opt is raw), 0)
+    lrs = {}
+    for j, group in enumerate(raw.param_groups):
+        name = group.get("name", f"pg{j + 1}")
+        lrs[name if len(trainer.optimizers) == 1 else f"opt{index}/{name}"] = float(group["lr"])
+    return lrs
+
+
 class TrainingCurves(Callback):
     """Always plot your loss: draw the training and validation losses and every param group's LR over the steps.
 
@@ -55,13 +68,8 @@ class TrainingCurves(Callback):
             self.train_loss.append((trainer.global_step, loss))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        # The LR each group is stepped with, whoever sets it (a scheduler after the previous step, WarmupDecay now).
-        raw = getattr(optimizer, "optimizer", optimizer)
-        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is raw), 0)
-        for j, group in enumerate(raw.param_groups):
-            name = group.get("name", f"pg{j + 1}")
-            key = name if len(trainer.optimizers) == 1 else f"opt{index}/{name}"
-            self.lrs[key].append((trainer.global_step, float(group["lr"])))
+        for name, lr in param_group_lrs(trainer, optimizer).items():
+            self.lrs[name].append((trainer.global_step, lr))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -82,6 +82,9 @@ class StagedFinetuning(Callback):
         cache_dir: keep the cache in memory-mapped files under this directory (one subdirectory per process)
             instead of in memory.
         verify_cache: recompute the first fully cached batch of each split and modality and raise if it differs.
+        reset_early_stopping: at each stage boundary, reset the wait count of the Trainer's ``EarlyStopping``
+            callbacks, so a new stage gets their full patience (a probe that plateaued does not stop the run just
+            after the encoders were unfrozen); the best score is kept.
 
     Raises:
         ValueError: an empty plan, a later stage without a trigger, triggers out of order, a selector that matches
@@ -114,8 +117,10 @@ class StagedFinetuning(Callback):
         cache_features: bool = False,
         cache_dir: str | Path | None = None,
         verify_cache: bool = True,
+        reset_early_stopping: bool = True,
     ) -> None:
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in (stages or [])]
+        self.reset_early_stopping = reset_early_stopping
         if stages is not None:
             self._check_plan(self.stages)
         self.modules = None if modules is None else list(modules)
@@ -124,6 +129,7 @@ class StagedFinetuning(Callback):
         self.verify_cache = verify_cache
         self.stage_index = 0
         self.boundaries: list[dict[str, Any]] = []
+        self._fitting = True  # False in validate / test runs, which must not take a checkpoint's stage state
         self.cache: FeatureCache | None = None
         self._plateau = {"best": None, "wait": 0, "pending": False}
         self._module: pl.LightningModule | None = None
@@ -255,6 +261,7 @@ class StagedFinetuning(Callback):
 
     # ------------------------------------------------------------------ hooks: setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"
         if stage != "fit":
             return
         self._resolve(pl_module)
@@ -440,6 +447,9 @@ class StagedFinetuning(Callback):
         )
         if not initial:
             log_to_loggers(trainer, {"finetuning/stage": index})
+            if self.reset_early_stopping:
+                for callback in trainer.early_stopping_callbacks:
+                    callback.wait_count = 0
 
     def _update_cache(self) -> None:
         if self.cache is None:
@@ -559,6 +569,8 @@ class StagedFinetuning(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._fitting:
+            return  # validate / test from a checkpoint: the stages of the run that made it stay as they are
         self.boundaries = [dict(b) for b in state_dict["boundaries"]]
         plateau = dict(state_dict["plateau"])
         index = int(state_dict["stage"])
@@ -593,7 +605,7 @@ class LinearProbeFinetune(StagedFinetuning):
         lr_multipliers: LR multipliers of the finetune stage (e.g. ``{"text": 0.1, "image": 0.3}``).
         warmup_steps: warmup of the unfrozen groups (needs :class:`~ml_optim_plugins.WarmupDecay`).
         train_bn: whether BatchNorm trains in the finetune stage.
-        **kwargs: ``modules``, ``cache_features``, ``cache_dir``, ``verify_cache`` of
+        **kwargs: ``modules``, ``cache_features``, ``cache_dir``, ``verify_cache``, ``reset_early_stopping`` of
             :class:`~ml_optim_plugins.StagedFinetuning`.
 
     Example:

@@ -37,8 +37,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
 
     The batch is a mapping with one entry per modality name (the keys of ``encoders``) plus ``label_key``.
     ``training_step`` records the per-modality logits and targets for callbacks (:class:`ModalityAware`). Every split
-    logs, as epoch aggregates: ``{split}/loss``, ``{split}/acc`` and ``{split}/f1`` (macro) for the fused prediction,
-    and ``{split}/{modality}/loss|acc|f1`` for each modality's own prediction (the fusion's per-modality logits, or
+    logs, as epoch aggregates: ``{split}/loss``, ``{split}/acc``, ``{split}/f1`` (macro) and ``{split}/f1_weighted``
+    for the fused prediction, and ``{split}/{modality}/loss|acc|f1|f1_weighted`` for each modality's own prediction (the fusion's per-modality logits, or
     as ``modality_scoring`` says).
 
     Subclass it to change the loss or the batch layout (override :meth:`compute_features` or :meth:`step`), or bring
@@ -143,6 +143,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
                 "f1": MulticlassF1Score(num_classes, average="macro"),
+                "f1_weighted": MulticlassF1Score(num_classes, average="weighted"),
             }
         )
         self.metrics = nn.ModuleDict(

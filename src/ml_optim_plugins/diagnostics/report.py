@@ -1,0 +1,346 @@
+"""RunReport: at the end of fit, ``report.md`` and PNG plots in the run directory that explain the run."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from ml_optim_plugins.diagnostics.curves import param_group_lrs
+
+Series = list[tuple[int, float]]
+HEAD_METRICS = (("acc", "accuracy"), ("f1", "macro-F1"), ("f1_weighted", "weighted-F1"))
+BALANCE_STATS = ("score", "ratio", "coefficient", "cosine", "k_multimodal", "k_unimodal")
+
+
+class MetricHistory(Logger):
+    """A Lightning logger that keeps every scalar it receives in memory (rank 0): what the CSV logger writes, including
+    values that callbacks send straight to the loggers (balancing coefficients, LR monitors, gradient checks).
+
+    :class:`RunReport` adds one to the Trainer's loggers; it can also be used on its own.
+
+    Example:
+        >>> history = MetricHistory()
+        >>> history.log_metrics({"train/loss": 0.5}, step=3)
+        >>> history.series("train/loss")
+        [(3, 0.5)]
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "history"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        values = {}
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    continue
+                value = value.item()
+            if isinstance(value, (int, float)) and math.isfinite(float(value)):
+                values[key] = float(value)
+        if values:
+            self.rows.append((int(step or 0), values))
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Hyperparameters are not kept (the run directory has the config)."""
+
+    def keys(self) -> set[str]:
+        """Every metric name logged so far."""
+        return {key for _, values in self.rows for key in values}
+
+    def series(self, key: str) -> Series:
+        """``[(step, value), ...]`` of one metric, in logging order."""
+        return [(step, values[key]) for step, values in self.rows if key in values]
+
+
+class RunReport(Callback):
+    """Make a run explain itself: at the end of fit, rank 0 writes ``report.md`` and PNG plots into the run directory.
+
+    The plots (optimizer step on the x axis, stage boundaries of :class:`~ml_optim_plugins.StagedFinetuning` drawn as
+    dashed lines): ``loss.png`` (training loss per logged step, validation losses per epoch), ``metrics.png``
+    (accuracy and macro-F1 of the fused model and of each modality, training and validation), ``lr.png`` (the LR
+    every param group of every optimizer was stepped with) and, when a :class:`~ml_optim_plugins.ModalityBalancer`
+    logged them, ``balancing.png`` (per-modality scores, ratios and coefficients).
+
+    The report lists the run (directory, duration, steps, best checkpoint), the stages, the gradient checks, the
+    balancing coefficients and a final table: accuracy, macro-F1 and weighted-F1 of the fused model and of each
+    modality on validation (the epoch of the best checkpoint, or the last one without a monitored checkpoint) and on
+    test. Test figures come from a later ``trainer.test(ckpt_path="best")`` with this callback attached (the
+    ``ml-optim-plugins fit`` command runs one when the data has a test split): the report is rewritten with them.
+    A later ``trainer.validate`` likewise replaces the validation column.
+
+    Metrics come from a :class:`MetricHistory` added to the Trainer's loggers, so everything the loggers see is in
+    the report; the history is in ``state_dict``, so a resumed run reports the whole run. Needs at least one logger
+    (its directory is the run directory).
+
+    Args:
+        filename: name of the Markdown report in the run directory.
+        smoothing: window (in logged points) of the moving average drawn over the training loss.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[RunReport()], logger=True, max_epochs=1)  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule=data); trainer.test(ckpt_path="best")  # doctest: +SKIP
+    """
+
+    def __init__(self, filename: str = "report.md", smoothing: int = 10) -> None:
+        if not filename.endswith(".md"):
+            raise ValueError(f"filename={filename!r}: the report is Markdown, use a name ending in .md")
+        if smoothing < 1:
+            raise ValueError(f"smoothing={smoothing} must be >= 1")
+        self.filename, self.smoothing = filename, smoothing
+        self.history = MetricHistory()
+        self.lrs: dict[str, Series] = defaultdict(list)
+        self.final: dict[str, dict[str, float]] = {}
+        self.final_source: dict[str, str] = {}
+        self.fit_seconds = 0.0
+        self._fit_start: float | None = None
+        self._fitting = True
+        self.path: Path | None = None
+
+    # -- recording ---------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.loggers:
+            raise ValueError(
+                "RunReport needs a logger: the report goes to the logger's run directory. Pass logger=True or a "
+                "CSVLogger / TensorBoardLogger to the Trainer (trainer.logger in a recipe), or remove RunReport."
+            )
+        self._fitting = stage == "fit"
+        if self.history not in trainer.loggers:
+            trainer.loggers = [*trainer.loggers, self.history]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        for name, lr in param_group_lrs(trainer, optimizer).items():
+            self.lrs[name].append((trainer.global_step, lr))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # a validate run after fit (e.g. of the best checkpoint)
+            self._take_final(trainer, "val", "trainer.validate")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        path = getattr(trainer, "ckpt_path", None)
+        self._take_final(trainer, "test", f"checkpoint {Path(path).name}" if path else "the weights in memory")
+
+    def _take_final(self, trainer: pl.Trainer, split: str, source: str) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/") and v.numel() == 1}
+        self.final[split] = {k.removesuffix("_epoch"): v for k, v in values.items()}
+        self.final_source[split] = source
+        self.write(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit_start is not None:
+            self.fit_seconds += time.perf_counter() - self._fit_start
+            self._fit_start = None
+        row, source = self._selected_validation(trainer)
+        if row is not None:
+            self.final["val"] = {k: v for k, v in row.items() if k.startswith("val/")}
+            self.final_source["val"] = source
+        self.write(trainer)
+
+    def _selected_validation(self, trainer: pl.Trainer) -> tuple[dict[str, float] | None, str]:
+        """The logged validation metrics of the checkpoint that fit selected (or of the last validation)."""
+        rows = [(step, values) for step, values in self.history.rows if any(k.startswith("val/") for k in values)]
+        if not rows:
+            return None, ""
+        checkpoint = trainer.checkpoint_callback
+        monitor = getattr(checkpoint, "monitor", None)
+        best = getattr(checkpoint, "best_model_score", None)
+        if monitor and best is not None:
+            scored = [(step, values) for step, values in rows if monitor in values]
+            if scored:
+                step, values = min(scored, key=lambda item: abs(item[1][monitor] - float(best)))
+                epoch = int(values.get("epoch", -1))
+                return values, f"epoch {epoch}, the best {monitor} ({float(best):.4f})"
+        step, values = rows[-1]
+        return values, f"epoch {int(values.get('epoch', -1))}, the last validation"
+
+    # -- writing -----------------------------------------------------------------------------------------------------
+    def stage_boundaries(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
+        """Stage boundaries (``{"name", "epoch", "step"}``) of the staged-finetuning callbacks of ``trainer``."""
+        found = []
+        for callback in trainer.callbacks:
+            boundaries = getattr(callback, "boundaries", None)
+            for boundary in boundaries if isinstance(boundaries, list) else []:
+                if isinstance(boundary, Mapping) and "step" in boundary:
+                    found.append(dict(boundary))
+        return found
+
+    def write(self, trainer: pl.Trainer) -> Path | None:
+        """Draw the plots and write the report now (rank 0); returns the report's path."""
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return None
+        out = Path(log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        boundaries = self.stage_boundaries(trainer)
+        plots = (self._plot_loss, self._plot_metrics, self._plot_lr, self._plot_balancing)
+        figures = [figure for figure in (plot(out, boundaries) for plot in plots) if figure is not None]
+        self.path = out / self.filename
+        self.path.write_text(self._markdown(trainer, out, boundaries, figures))
+        rank_zero_info(f"RunReport: {self.path.resolve()}")
+        return self.path
+
+    def _plot_loss(self, out: Path, boundaries: list[dict[str, Any]]) -> str | None:
+        train = self.history.series("train/loss_step") or self.history.series("train/loss")
+        if not train:
+            return None
+        window = min(self.smoothing, len(train))
+        smooth = torch.tensor([v for _, v in train]).unfold(0, window, 1).mean(1).tolist()
+        lines = {"train (logged steps)": (train, {"alpha": 0.35}),
+                 f"train ({window}-point mean)": (list(zip([s for s, _ in train][window - 1:], smooth)), {})}
+        for key in sorted(self.history.keys()):
+            if key.startswith("val/") and key.endswith("loss"):
+                lines[key] = (self.history.series(key), {"marker": "o"})
+        values = [v for series, _ in lines.values() for _, v in series if v > 0]
+        log_scale = bool(values) and max(values) / min(values) > 10
+        return _figure(out / "loss.png", [("loss", lines, log_scale)], boundaries)
+
+    def _plot_metrics(self, out: Path, boundaries: list[dict[str, Any]]) -> str | None:
+        panels = []
+        for metric, title in HEAD_METRICS[:2]:
+            lines = {}
+            for split in ("val", "train"):
+                for key in sorted(self.history.keys()):
+                    parts = key.removesuffix("_epoch").split("/")
+                    if parts[0] == split and parts[-1] == metric and len(parts) <= 3:
+                        style = {"marker": "o"} if split == "val" else {"linestyle": "--"}
+                        lines[key.removesuffix("_epoch")] = (self.history.series(key), style)
+            if lines:
+                panels.append((title, lines, False))
+        return _figure(out / "metrics.png", panels, boundaries) if panels else None
+
+    def _plot_lr(self, out: Path, boundaries: list[dict[str, Any]]) -> str | None:
+        if not self.lrs:
+            return None
+        lines = {name: (points, {}) for name, points in self.lrs.items()}
+        return _figure(out / "lr.png", [("learning rate", lines, False)], boundaries)
+
+    def _plot_balancing(self, out: Path, boundaries: list[dict[str, Any]]) -> str | None:
+        keys = [k for k in self.history.keys() if k.startswith("balance/")]
+        panels = []
+        for stat in BALANCE_STATS:
+            lines = {k.split("/")[1]: (self.history.series(k), {}) for k in sorted(keys) if k.split("/")[-1] == stat}
+            if lines:
+                panels.append((stat, lines, False))
+        return _figure(out / "balancing.png", panels, boundaries) if panels else None
+
+    def _markdown(self, trainer: pl.Trainer, out: Path, boundaries: list[dict[str, Any]], figures: list[str]) -> str:
+        checkpoint = trainer.checkpoint_callback
+        best_path = getattr(checkpoint, "best_model_path", "") or ""
+        lines = [
+            f"# Run report: {out.resolve().parent.name}/{out.name}",
+            "",
+            f"- run directory: `{out.resolve()}` (metrics.csv, TensorBoard events, config.yaml, checkpoints)",
+            f"- fit: {trainer.current_epoch} epoch(s), {trainer.global_step} optimizer step(s), "
+            f"{self.fit_seconds:.1f} s in this process",
+        ]
+        if best_path:
+            score = getattr(checkpoint, "best_model_score", None)
+            shown = "" if score is None else f" ({checkpoint.monitor} = {float(score):.4f})"
+            lines.append(f"- best checkpoint{shown}: `{Path(best_path).name}`")
+        lines += ["", "## Final metrics", ""]
+        lines += self._final_table() or ["No validation or test metrics were logged."]
+        if boundaries:
+            lines += ["", "## Stages", "", "| stage | name | from epoch | from step |", "|---|---|---|---|"]
+            lines += [f"| {b.get('stage', i)} | {b.get('name', '')} | {b.get('epoch', '')} | {b['step']} |"
+                      for i, b in enumerate(boundaries)]
+        checks = self.history.series("gradcheck/passed")
+        if checks:
+            failed = dict(self.history.series("gradcheck/failed_tensors"))
+            lines += ["", "## Gradient checks", "", "| step | passed | failed tensors |", "|---|---|---|"]
+            lines += [f"| {step} | {'yes' if value else 'NO'} | {failed.get(step, 0):.0f} |" for step, value in checks]
+            lines.append("\nDetails: `gradcheck-epoch*.json` in the run directory.")
+        coefficients = {k.split("/")[1]: [v for _, v in self.history.series(k)]
+                        for k in sorted(self.history.keys()) if k.startswith("balance/") and k.endswith("/coefficient")}
+        if coefficients:
+            lines += ["", "## Balancing", "", "| modality | mean coefficient | min | last |", "|---|---|---|---|"]
+            lines += [f"| {m} | {sum(v) / len(v):.3f} | {min(v):.3f} | {v[-1]:.3f} |" for m, v in coefficients.items()]
+        if figures:
+            lines += ["", "## Plots", ""]
+            lines += [f"![{Path(name).stem}]({name})" for name in figures]
+        return "\n".join(lines) + "\n"
+
+    def _final_table(self) -> list[str]:
+        splits = [split for split in ("val", "test") if self.final.get(split)]
+        if not splits:
+            return []
+        heads = ["fused"] + sorted({k.split("/")[1] for split in splits for k in self.final[split] if k.count("/") == 2
+                                   and k.split("/")[2] in dict(HEAD_METRICS)})
+        header = "| model | " + " | ".join(f"{split} {title}" for split in splits for _, title in HEAD_METRICS) + " |"
+        rows = [header, "|---" * (1 + len(splits) * len(HEAD_METRICS)) + "|"]
+        for head in heads:
+            cells = []
+            for split in splits:
+                for metric, _ in HEAD_METRICS:
+                    key = f"{split}/{metric}" if head == "fused" else f"{split}/{head}/{metric}"
+                    value = self.final[split].get(key)
+                    cells.append("-" if value is None else f"{value:.4f}")
+            rows.append(f"| {head} | " + " | ".join(cells) + " |")
+        rows.append("")
+        rows += [f"- {split}: {self.final_source.get(split, '')}" for split in splits]
+        return rows
+
+    # -- state -------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": list(self.history.rows), "lrs": dict(self.lrs), "fit_seconds": self.fit_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.history.rows and not self._fitting:
+            return  # testing a checkpoint of this run (e.g. the best): keep the whole run's history, not the checkpoint's
+        self.history.rows = [(int(step), dict(values)) for step, values in state_dict["rows"]]
+        self.lrs = defaultdict(list, {k: [tuple(p) for p in v] for k, v in state_dict["lrs"].items()})
+        self.fit_seconds = float(state_dict.get("fit_seconds", 0.0))
+
+
+def _figure(
+    path: Path, panels: Sequence[tuple[str, dict[str, tuple[Series, dict[str, Any]]], bool]], boundaries: list[dict[str, Any]]
+) -> str:
+    """One PNG of stacked panels ``(y label, {line label: (points, plot kwargs)}, log scale)`` sharing the step axis,
+    with stage boundaries as dashed vertical lines; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 2.8 * len(panels) + 0.6), dpi=100, sharex=True, squeeze=False)
+    for ax, (label, lines, log_scale) in zip(axes[:, 0], panels):
+        for name, (points, style) in lines.items():
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, lw=1.3, label=name, **style)
+        for boundary in boundaries[1:] if boundaries and boundaries[0]["step"] == 0 else boundaries:
+            ax.axvline(boundary["step"], color="grey", linestyle=":", lw=1)
+            ax.annotate(str(boundary.get("name", "")), (boundary["step"], 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -10), textcoords="offset points", fontsize=7, color="grey")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, loc="best")
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name

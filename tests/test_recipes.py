@@ -1,0 +1,117 @@
+"""Every recipe composes the library's techniques and trains, shrunk to tiny data, with 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ml_optim_plugins import read_mvsa
+from tests.data.mvsa_fixture import write_mvsa
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TRAINING_RECIPES = ["quickstart", "mvsa_single", "mvsa_multiple", "manifest"]
+
+
+def callbacks_of(config: dict) -> dict[str, dict]:
+    return {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES)
+def test_recipe_composes_every_technique(name):
+    """Gradient check at the start, warmup + cosine, staged finetuning, OGM-GE, Gaussian dropout in the head, early
+    stopping and the best checkpoint on validation macro-F1, a run report."""
+    config = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    callbacks = callbacks_of(config)
+    assert callbacks["GradientCheck"].get("every_n_epochs") in (None, 2)  # always includes the first batch
+    assert callbacks["WarmupDecay"]["decay"] == "cosine"
+    assert callbacks["LinearProbeFinetune"]["probe_epochs"] >= 1
+    assert callbacks["ModalityBalancer"]["method"] == "ogm_ge"
+    for selection in ("ModelCheckpoint", "EarlyStopping"):
+        assert (callbacks[selection]["monitor"], callbacks[selection]["mode"]) == ("val/f1", "max"), selection
+    # Patience restarts at the unfreeze (StagedFinetuning(reset_early_stopping=True), the default).
+    assert callbacks["LinearProbeFinetune"].get("reset_early_stopping", True)
+    assert "RunReport" in callbacks
+    dropout = config["model"]["init_args"]["fusion"]["init_args"]["dropout"]
+    assert dropout["class_path"] == "ml_optim_plugins.GaussianDropout"
+
+
+def write_manifest(root: Path) -> Path:
+    """A CSV manifest of the clean samples of a tiny MVSA root, with paths relative to the manifest."""
+    rows, _ = read_mvsa(write_mvsa(root / "mvsa", n=40))
+    path = root / "train.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "text", "label"])
+        writer.writerows([row.image.relative_to(root).as_posix(), row.text, row.label] for row in rows)
+    return path
+
+
+def shrink(name: str, tmp_path: Path) -> Path:
+    """The recipe with a tiny CNN, short texts, tiny data, 2 epochs (1 of probe) and logs under tmp_path."""
+    config = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    image = config["model"]["init_args"]["encoders"]["image"]["init_args"]
+    image.update(model_name="test_resnet", checkpoint_path=None)
+    image.pop("checkpoint_prefix", None)
+    if "text" in config["model"]["init_args"]["encoders"]:
+        config["model"]["init_args"]["encoders"]["text"]["init_args"]["max_seq_length"] = 24
+    data = config["data"]["init_args"]
+    data.update(image_size=32, batch_size=8, max_length=24)
+    if name in ("quickstart", "pretrain_image"):
+        data.update(train_size=32, val_size=16, test_size=16)
+    elif name.startswith("mvsa"):
+        data.update(root=str(write_mvsa(tmp_path / "mvsa", n=40, variant=name.removeprefix("mvsa_"))), num_workers=0)
+    else:
+        data.update(train=str(write_manifest(tmp_path)), num_workers=0)
+    trainer = config["trainer"]
+    trainer.update(max_epochs=2, accelerator="cpu", log_every_n_steps=1, enable_model_summary=False)
+    for logger in trainer["logger"]:
+        logger["init_args"]["save_dir"] = str(tmp_path / "runs")
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("RichProgressBar")]
+    callbacks = callbacks_of(config)
+    if "LinearProbeFinetune" in callbacks:
+        callbacks["LinearProbeFinetune"].update(probe_epochs=1, warmup_steps=2)
+    if callbacks["ModelCheckpoint"].get("dirpath"):
+        callbacks["ModelCheckpoint"]["dirpath"] = str(tmp_path / "checkpoints")
+    path = tmp_path / f"{name}-tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_the_image_pretraining_recipe_trains_with_two_process_ddp(tmp_path, run_cli_subprocess):
+    config = shrink("pretrain_image", tmp_path)
+    result = run_cli_subprocess(
+        "fit", "-c", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+    )
+    saved = torch.load(tmp_path / "checkpoints" / "image-encoder.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2 * (saved["epoch"] + 1)  # 32 samples, batch 8, 2 processes: 2 steps an epoch
+    assert all(key.startswith(("encoders.image.", "fusion.", "metrics.")) for key in saved["state_dict"])
+    assert "test/acc" in result.stdout
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES[1:])  # the quick start's: tests/test_cli.py
+def test_recipe_trains_with_two_process_ddp(name, tmp_path, run_cli_subprocess):
+    config = shrink(name, tmp_path)
+    result = run_cli_subprocess(
+        "fit", "-c", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+        timeout=600,
+    )
+    assert "best checkpoint" in result.stdout and "test/f1" in result.stdout
+    run = tmp_path / "runs" / name / "version_0"
+    assert "StagedFinetuning: stage 1 'finetune' from epoch 1" in result.stderr
+    assert (run / "gradcheck-epoch0.json").is_file() and json.loads((run / "gradcheck-epoch0.json").read_text())["passed"]
+    assert json.loads((run / "labels.json").read_text()) == ["negative", "neutral", "positive"]
+    if name.startswith("mvsa"):
+        cleaning = json.loads((run / "mvsa_cleaning.json").read_text())
+        assert cleaning["dropped"]["conflict"] == 4
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    assert checkpoint["hyper_parameters"]["num_classes"] == 3
+    report = (run / "report.md").read_text()
+    assert "| fused |" in report and "test macro-F1" in report and "| 1 | finetune | 1 |" in report
+    for plot in ("loss.png", "metrics.png", "lr.png", "balancing.png"):
+        assert (run / plot).is_file(), plot
