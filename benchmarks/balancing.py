@@ -8,6 +8,10 @@ split, scored on the test split. Every configuration's row is printed, good or b
 
     HF_HUB_OFFLINE=1 python benchmarks/balancing.py --seeds 0 1 2
     HF_HUB_OFFLINE=1 python benchmarks/balancing.py --configs baseline "aux w=1" --epochs 2 --train-size 600
+    HF_HUB_OFFLINE=1 python benchmarks/balancing.py --freeze-text     # the issue's prototype: frozen MiniLM
+
+With ``--freeze-text`` the pretrained MiniLM stays frozen (``StagedFinetuning`` with one stage in which only the image
+encoder trains: MiniLM in eval mode, its features cached after the first epoch) and only the CNN and the head learn.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from quickstart_model import quickstart_model
 
-from ml_optim_plugins import ModalityBalancer, MultimodalClassifier, SyntheticSentimentDataModule, WarmupDecay
+from ml_optim_plugins import (
+    ModalityBalancer,
+    MultimodalClassifier,
+    Stage,
+    StagedFinetuning,
+    SyntheticSentimentDataModule,
+    WarmupDecay,
+)
 
 # name -> (ModalityBalancer arguments or None, auxiliary loss weight)
 CONFIGS = {
@@ -73,6 +84,8 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
                                         max_length=32, seed=1234)
     model = quickstart_model(lr=args.lr, aux_loss_weight=aux)
     callbacks = [WarmupDecay(warmup_ratio=0.1, decay="cosine", min_lr_ratio=0.01)]
+    if args.freeze_text:
+        callbacks.insert(0, StagedFinetuning([Stage(trainable=["image"], name="text frozen")], cache_features=True))
     if balancer_args:
         callbacks.append(ModalityBalancer(**balancer_args))
     with tempfile.TemporaryDirectory() as directory:
@@ -97,6 +110,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=800)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--freeze-text", action="store_true", help="keep the pretrained MiniLM frozen")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: dict[str, list[dict[str, float]]] = {}

@@ -237,3 +237,17 @@ def test_docs_example_prints_the_table_shown(capsys):
     (shown,) = re.findall(r"```text\n(.*?)```", page, flags=re.S)
     exec(compile(block, "docs/baselines.md", "exec"), {})
     assert capsys.readouterr().out.strip() == shown.strip()
+
+
+def test_training_features_come_without_augmentation(tmp_path):
+    """Random crops and flips of the training transform would give the baselines one random view per image."""
+    from ml_optim_plugins import MVSADataModule
+    from ml_optim_plugins.baselines import _in_order
+    from tests.data.mvsa_fixture import write_mvsa
+
+    data = MVSADataModule(str(write_mvsa(tmp_path, n=20)), image_size=16, augment=True, batch_size=8, max_length=16)
+    data.setup("fit")
+    first, second = (torch.cat([b["image"] for b in _in_order(data, "train")]) for _ in range(2))
+    assert torch.equal(first, second)
+    torch.manual_seed(0)  # two draws of the training transform (seeded: the test must not flake)
+    assert not torch.equal(data.datasets["train"][0]["image"], data.datasets["train"][0]["image"])  # still augments

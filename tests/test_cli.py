@@ -50,6 +50,25 @@ def test_fit_through_the_cli_leaves_one_complete_run_directory(tiny_config, tmp_
     assert "val/acc" in printed and "best checkpoint" in printed and str(best.name) in printed
 
 
+def test_resuming_continues_in_the_checkpoints_run_directory(tiny_config, tmp_path):
+    """Resume from version_0's last.ckpt: the same directory (no version_1), ModelCheckpoint keeps its best score
+    across the resume, and the report covers both sessions."""
+    first = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--test_after_fit", "false"])
+    best_before = float(first.trainer.checkpoint_callback.best_model_score)
+    last = first.trainer.checkpoint_callback.last_model_path
+    resumed = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "2",
+                   "--ckpt_path", last, "--test_after_fit", "false"])
+    run_dir = tmp_path / "runs" / "quickstart"
+    assert Path(resumed.trainer.log_dir) == run_dir / "version_0" and not (run_dir / "version_1").exists()
+    checkpoint = resumed.trainer.checkpoint_callback
+    scores = [float(row["val/f1"]) for row in csv.DictReader((run_dir / "version_0" / "metrics.csv").open())
+              if row.get("val/f1")]
+    assert len(scores) == 2 and float(checkpoint.best_model_score) == pytest.approx(max(scores), abs=1e-6)
+    assert float(checkpoint.best_model_score) >= best_before
+    report = (run_dir / "version_0" / "report.md").read_text()
+    assert "fit: 2 epoch(s), 2 optimizer step(s)" in report
+
+
 def test_validate_from_a_fit_checkpoint(tiny_config, capsys):
     cli = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1"])
     best = cli.trainer.checkpoint_callback.best_model_path

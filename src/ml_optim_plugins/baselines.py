@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import warnings
@@ -484,10 +485,14 @@ def _setup_splits(data: MultimodalDataModule) -> dict[str, int]:
 
 
 def _in_order(data: MultimodalDataModule, split: str) -> DataLoader:
-    """The split's batches in dataset order (no shuffling, so runs repeat), as the data module collates them."""
-    return DataLoader(
-        data.datasets[split], batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=data.collate
-    )
+    """The split's batches in dataset order (no shuffling, so runs repeat), as the data module collates them; the
+    training split through the evaluation transform (no random crops or flips) when the data module has one."""
+    dataset = data.datasets[split]
+    evaluation = getattr(data, "transform", None)
+    if split == "train" and callable(evaluation) and hasattr(dataset, "transform"):
+        dataset = copy.copy(dataset)
+        dataset.transform = evaluation(train=False)
+    return DataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=data.collate)
 
 
 def _score_checkpoint(

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
@@ -39,6 +42,8 @@ class MultimodalCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):  # noqa: D102 - LightningCLI hook
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            resume_in_run_directory(trainer, self.config["fit"].get("ckpt_path"))
         align_logger_versions(trainer)
         return trainer
 
@@ -86,6 +91,44 @@ def print_run_summary(trainer: Trainer, stage: str) -> None:
         score = trainer.checkpoint_callback.best_model_score
         shown = "" if score is None else f" ({trainer.checkpoint_callback.monitor} = {float(score):.4f})"
         console.print(f"best checkpoint{shown}: {Path(checkpoint).resolve()}", soft_wrap=True)
+
+
+def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
+    """Resuming ``fit`` from ``<save_dir>/<name>/version_N/checkpoints/X.ckpt``: the loggers that write under that
+    ``save_dir/name`` continue in ``version_N`` instead of opening a new version.
+
+    One run keeps one directory (metrics.csv keeps its rows, the report covers the whole run), and ModelCheckpoint,
+    whose directory is then the same, restores its best score and best checkpoints; in a new directory Lightning resets
+    them and the first validation after the resume would become the "best" checkpoint.
+    """
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        return
+    path = Path(ckpt_path).resolve()
+    version_dir = path.parent.parent
+    if path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
+        return
+    suffix = version_dir.name.removeprefix("version_")
+    if not suffix.isdigit():
+        return
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        same_place = save_dir is not None and Path(save_dir, logger.name).resolve() == version_dir.parent
+        if same_place and hasattr(logger, "_version"):
+            logger._version = int(suffix)
+            if isinstance(logger, CSVLogger):
+                _keep_csv_rows(logger)
+
+
+def _keep_csv_rows(logger: CSVLogger) -> None:
+    """Carry the rows of an existing ``metrics.csv`` into the logger's writer, which would delete the file when it
+    opens the directory again; the first save writes them back, before the resumed run's rows."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if getattr(rank_zero_only, "rank", 0) != 0 or not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+    writer = logger.experiment  # opening the directory removes metrics.csv
+    writer.metrics = rows + writer.metrics
 
 
 def align_logger_versions(trainer: Trainer) -> None:

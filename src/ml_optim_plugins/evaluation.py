@@ -52,13 +52,6 @@ def detached_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     """A deep copy of ``module`` (without its Trainer), optionally cast to ``dtype``; the original is not touched."""
     trainer = getattr(module, "_trainer", None)
     fabric = getattr(module, "_fabric", None)
-    # Lightning's DDP forward redirection leaves the module's own bound `forward` in its instance dict after a step;
-    # deepcopy cannot copy a bound method of the object being copied, and the class attribute is the same method.
-    own_methods = {
-        name: value for name, value in vars(module).items() if getattr(value, "__self__", None) is module
-    }
-    for name in own_methods:
-        delattr(module, name)
     # Callables kept on the modules (an optimizer factory, a tokenizer) are shared, not copied: LightningCLI's
     # factories reach the CLI, its Trainer, the data and, under DDP, the DDP wrapper, which cannot be deep-copied.
     shared = {
@@ -67,11 +60,7 @@ def detached_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
         for value in vars(sub).values()
         if callable(value) and not isinstance(value, (nn.Module, Tensor, type)) and not hasattr(value, "__self__")
     }
-    try:
-        clone = copy.deepcopy(module, memo=shared)
-    finally:
-        for name, value in own_methods.items():
-            setattr(module, name, value)
+    clone = copy.deepcopy(module, memo=shared)  # bound methods (Lightning's redirected `forward`) follow the copy
     if trainer is not None or fabric is not None:
         # LightningModule drops its trainer when pickled; make sure the copy also has no Fabric or strategy hook.
         for attribute in ("_trainer", "_fabric"):

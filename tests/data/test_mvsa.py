@@ -238,3 +238,15 @@ def test_docs_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(block, "docs/data.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "{'conflict': 4, 'no_majority': 0}" in printed and "positive" in printed
+
+
+def test_nothing_is_written_for_a_trainer_without_loggers(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    from ml_optim_plugins import MVSADataModule
+
+    monkeypatch.chdir(tmp_path)
+    data = MVSADataModule(str(write_mvsa(tmp_path / "mvsa", n=20)), image_size=16, batch_size=8, max_length=16)
+    data.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    data.setup("fit")
+    assert not (tmp_path / "labels.json").exists() and not (tmp_path / "mvsa_cleaning.json").exists()

@@ -101,3 +101,31 @@ def test_history_keeps_finite_scalars_only():
     history = MetricHistory()
     history.log_metrics({"a": torch.tensor(1.5), "b": float("nan"), "c": torch.ones(2), "d": 3}, step=4)
     assert history.rows == [(4, {"a": 1.5, "d": 3.0})] and history.keys() == {"a", "d"}
+    assert history.nonfinite == {"b": 1}
+
+
+def test_the_validation_column_follows_a_monitor_logged_outside_validation(tmp_path):
+    """A checkpoint on a training metric: the validation column is the validation of the checkpoint's epoch."""
+    report = RunReport()
+    checkpoint = ModelCheckpoint(monitor="train/acc", mode="max")
+    run = trainer(max_epochs=3, logger=CSVLogger(tmp_path, name="run", version=0), log_every_n_steps=1,
+                  enable_checkpointing=True, callbacks=[checkpoint, report])
+    run.fit(tiny_staged_model(), loader(), loader(n=16))
+    epoch = int(re.search(r"epoch=(\d+)", checkpoint.best_model_path).group(1))
+    assert report.final_source["val"].startswith(f"epoch {epoch}, the best train/acc")
+    logged = next(v for _, v in report.history.rows if v.get("epoch") == epoch and "val/acc" in v)
+    assert report.final["val"]["val/acc"] == logged["val/acc"]
+
+
+def test_fast_dev_run_writes_no_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = RunReport()
+    trainer(fast_dev_run=True, logger=CSVLogger(tmp_path), callbacks=[report]).fit(tiny_staged_model(), loader())
+    assert report.path is None and not list(tmp_path.rglob("*.md")) and not list(tmp_path.rglob("*.png"))
+
+
+def test_non_finite_values_are_counted_and_reported():
+    history = MetricHistory()
+    history.log_metrics({"train/loss": float("inf")}, step=1)
+    history.log_metrics({"train/loss": float("nan"), "val/acc": 0.5}, step=2)
+    assert history.nonfinite == {"train/loss": 2} and history.series("train/loss") == []

@@ -142,10 +142,10 @@ def test_empty_report_renders():
     assert report.passed and "PASSED" in str(report)
 
 
-def test_the_float64_copy_shares_factories_and_drops_a_redirected_forward():
+def test_the_float64_copy_shares_factories_and_rebinds_methods():
     """What LightningCLI and DDP leave on a module: a factory whose closure reaches objects that cannot be deep-copied
     (the CLI, its Trainer, the DDP wrapper), and Lightning's forward redirection's bound ``forward`` in the instance
-    dict. The copy shares the first, ignores the second, and the original is left as it was."""
+    dict. The copy shares the first, binds the second to itself, and the original is left as it was."""
     import functools
 
     from ml_optim_plugins.evaluation import detached_copy
@@ -159,7 +159,7 @@ def test_the_float64_copy_shares_factories_and_drops_a_redirected_forward():
     model.forward = model.forward  # as _ForwardRedirection leaves it after a step
     clone = detached_copy(model, torch.float64)
     assert clone.optimizer_factory is model.optimizer_factory
-    assert "forward" not in vars(clone) and clone.layer.weight.dtype == torch.float64
+    assert vars(clone)["forward"].__self__ is clone and clone.layer.weight.dtype == torch.float64
     assert vars(model)["forward"].__self__ is model and model.layer.weight.dtype == torch.float32
     batch = torch.randn(2, 32)
     assert torch.allclose(clone(batch.double()).float(), model(batch), atol=1e-6)

@@ -315,10 +315,11 @@ class ManifestDataModule(MultimodalDataModule):
         self._save_to_log_dir("labels.json", self._class_names, "label names")
 
     def _save_to_log_dir(self, name: str, content: Any, what: str) -> None:
-        """Write ``content`` as JSON file ``name`` into the run's log directory (rank 0; nothing without a Trainer)."""
+        """Write ``content`` as JSON file ``name`` into the run's log directory (rank 0; nothing without a Trainer or
+        without loggers)."""
         trainer = self.trainer
-        if trainer is None:
-            return
+        if trainer is None or not trainer.loggers:
+            return  # no run directory (a Trainer without loggers would point log_dir at the working directory)
         log_dir = trainer.log_dir  # on every rank: it broadcasts rank 0's directory
         if trainer.is_global_zero and log_dir is not None:
             out = Path(log_dir)

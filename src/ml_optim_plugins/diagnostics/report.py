@@ -38,6 +38,7 @@ class MetricHistory(Logger):
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[tuple[int, dict[str, float]]] = []
+        self.nonfinite: dict[str, int] = {}  # metric -> how many NaN / Inf values it received (not kept in rows)
 
     @property
     def name(self) -> str:
@@ -55,8 +56,11 @@ class MetricHistory(Logger):
                 if value.numel() != 1:
                     continue
                 value = value.item()
-            if isinstance(value, (int, float)) and math.isfinite(float(value)):
-                values[key] = float(value)
+            if isinstance(value, (int, float)):
+                if math.isfinite(float(value)):
+                    values[key] = float(value)
+                else:
+                    self.nonfinite[key] = self.nonfinite.get(key, 0) + 1
         if values:
             self.rows.append((int(step or 0), values))
 
@@ -169,11 +173,15 @@ class RunReport(Callback):
         monitor = getattr(checkpoint, "monitor", None)
         best = getattr(checkpoint, "best_model_score", None)
         if monitor and best is not None:
-            scored = [(step, values) for step, values in rows if monitor in values]
+            # The row that logged the best score (a validation row, or e.g. a training epoch's), then the validation
+            # row of the same epoch.
+            scored = [(step, values) for step, values in self.history.rows if monitor in values]
             if scored:
-                step, values = min(scored, key=lambda item: abs(item[1][monitor] - float(best)))
-                epoch = int(values.get("epoch", -1))
-                return values, f"epoch {epoch}, the best {monitor} ({float(best):.4f})"
+                _, values = min(scored, key=lambda item: abs(item[1][monitor] - float(best)))
+                epoch = values.get("epoch")
+                same_epoch = [v for _, v in rows if epoch is not None and v.get("epoch") == epoch]
+                if same_epoch:
+                    return same_epoch[-1], f"epoch {int(epoch)}, the best {monitor} ({float(best):.4f})"
         step, values = rows[-1]
         return values, f"epoch {int(values.get('epoch', -1))}, the last validation"
 
@@ -191,9 +199,9 @@ class RunReport(Callback):
     def write(self, trainer: pl.Trainer) -> Path | None:
         """Draw the plots and write the report now (rank 0); returns the report's path."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-        if not trainer.is_global_zero:
-            return None
-        out = Path(log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero or trainer.fast_dev_run or log_dir is None:
+            return None  # fast_dev_run replaces the loggers by one without a directory: no run directory to write to
+        out = Path(log_dir)
         out.mkdir(parents=True, exist_ok=True)
         boundaries = self.stage_boundaries(trainer)
         plots = (self._plot_loss, self._plot_metrics, self._plot_lr, self._plot_balancing)
@@ -255,14 +263,22 @@ class RunReport(Callback):
             "",
             f"- run directory: `{out.resolve()}` (metrics.csv, TensorBoard events, config.yaml, checkpoints)",
             f"- fit: {trainer.current_epoch} epoch(s), {trainer.global_step} optimizer step(s), "
-            f"{self.fit_seconds:.1f} s in this process",
+            f"{self.fit_seconds:.1f} s of fit (a resumed run adds the time up to its checkpoint)",
         ]
         if best_path:
             score = getattr(checkpoint, "best_model_score", None)
             shown = "" if score is None else f" ({checkpoint.monitor} = {float(score):.4f})"
             lines.append(f"- best checkpoint{shown}: `{Path(best_path).name}`")
+        if self.history.nonfinite:
+            shown = ", ".join(f"{key} ({count}x)" for key, count in sorted(self.history.nonfinite.items()))
+            lines.append(f"- **non-finite values were logged** (left out of the plots): {shown}")
         lines += ["", "## Final metrics", ""]
         lines += self._final_table() or ["No validation or test metrics were logged."]
+        if trainer.world_size > 1 and self.final:
+            lines.append(
+                f"- {trainer.world_size} processes: Lightning's distributed sampler pads each split to a multiple of "
+                f"the process count, so up to {trainer.world_size - 1} samples may be counted twice."
+            )
         if boundaries:
             lines += ["", "## Stages", "", "| stage | name | from epoch | from step |", "|---|---|---|---|"]
             lines += [f"| {b.get('stage', i)} | {b.get('name', '')} | {b.get('epoch', '')} | {b['step']} |"
@@ -305,7 +321,9 @@ class RunReport(Callback):
 
     # -- state -------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": list(self.history.rows), "lrs": dict(self.lrs), "fit_seconds": self.fit_seconds}
+        running = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
+        return {"rows": list(self.history.rows), "lrs": dict(self.lrs), "fit_seconds": self.fit_seconds + running,
+                "nonfinite": dict(self.history.nonfinite)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.history.rows and not self._fitting:
@@ -313,6 +331,7 @@ class RunReport(Callback):
         self.history.rows = [(int(step), dict(values)) for step, values in state_dict["rows"]]
         self.lrs = defaultdict(list, {k: [tuple(p) for p in v] for k, v in state_dict["lrs"].items()})
         self.fit_seconds = float(state_dict.get("fit_seconds", 0.0))
+        self.history.nonfinite = dict(state_dict.get("nonfinite", {}))
 
 
 def _figure(

@@ -84,7 +84,9 @@ class StagedFinetuning(Callback):
         verify_cache: recompute the first fully cached batch of each split and modality and raise if it differs.
         reset_early_stopping: at each stage boundary, reset the wait count of the Trainer's ``EarlyStopping``
             callbacks, so a new stage gets their full patience (a probe that plateaued does not stop the run just
-            after the encoders were unfrozen); the best score is kept.
+            after the encoders were unfrozen); the best score is kept. A patience that runs out within a stage still
+            stops the run: give ``EarlyStopping`` a patience of at least the epochs of the longest stage before the
+            last (and more than a plateau trigger's patience).
 
     Raises:
         ValueError: an empty plan, a later stage without a trigger, triggers out of order, a selector that matches
