@@ -150,3 +150,14 @@ def test_finetuning_examples_run_and_the_yaml_builds_the_same_plan(capsys):
 )
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()
+
+
+def test_method_cards_examples_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks(REPO / "docs" / "methods.md")
+    assert len(blocks) >= 19  # a functional or callback example per card
+    for block in blocks:
+        exec(compile(block, "docs/methods.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert "[(3, 0.5)] ['train/loss', 'val/acc']" in printed
+    assert "[('image', 'kNN'), ('image', 'elastic-net')]" in printed
