@@ -115,3 +115,19 @@ def test_recipe_trains_with_two_process_ddp(name, tmp_path, run_cli_subprocess):
     assert "| fused |" in report and "test macro-F1" in report and "| 1 | finetune | 1 |" in report
     for plot in ("loss.png", "metrics.png", "lr.png", "balancing.png"):
         assert (run / plot).is_file(), plot
+
+
+def test_a_recipe_trains_in_bf16_mixed_precision(tmp_path, monkeypatch):
+    """Mixed precision through the recipe (bf16 autocast runs on CPU; 16-mixed needs a GPU): the gradient check, the
+    stages, OGM-GE and the report work under autocast."""
+    from ml_optim_plugins import ModalityBalancer
+    from ml_optim_plugins.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    config = shrink("mvsa_single", tmp_path)
+    cli = run(["fit", "-c", str(config), "--trainer.precision", "bf16-mixed"])
+    assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 8
+    balancer = next(c for c in cli.trainer.callbacks if isinstance(c, ModalityBalancer))
+    assert balancer.last and all(0.0 < stats["coefficient"] <= 1.0 for stats in balancer.last.values())
+    report = (Path(cli.trainer.log_dir) / "report.md").read_text()
+    assert "| 1 | finetune | 1 | 4 |" in report and "test macro-F1" in report
