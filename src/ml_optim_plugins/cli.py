@@ -50,7 +50,7 @@ class MultimodalCLI(LightningCLI):
     def after_fit(self) -> None:
         print_run_summary(self.trainer, "fit")
         trainer, data = self.trainer, self.datamodule
-        wanted = self.config.get(self.subcommand, self.config).get("test_after_fit", True)
+        wanted = self.config["fit"].get("test_after_fit", True)
         has_test = getattr(data, "has_split", lambda split: False)("test")
         if not wanted or not has_test or trainer.interrupted or trainer.fast_dev_run:
             return

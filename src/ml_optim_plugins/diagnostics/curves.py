@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,17 @@ def _scalar(value: Any) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     return None
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The means of every ``window`` consecutive ``values`` (``len(values) - window + 1`` of them)."""
+    return torch.tensor(values).unfold(0, window, 1).mean(1).tolist()
+
+
+def spans_decades(values: Iterable[float]) -> bool:
+    """Whether the positive ``values`` span more than a decade, i.e. belong on a log scale."""
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > 10
 
 
 def param_group_lrs(trainer: pl.Trainer, optimizer: Any) -> dict[str, float]:
@@ -102,13 +114,12 @@ class TrainingCurves(Callback):
         steps, losses = zip(*self.train_loss)
         top.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="train loss (per batch)")
         window = min(self.smoothing, len(losses))
-        smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
+        smooth = moving_average(losses, window)
         top.plot(steps[window - 1:], smooth, color="tab:blue", lw=1.6, label=f"train loss ({window}-step mean)")
         for key, points in self.val.items():
             x, y = zip(*points)
             top.plot(x, y, marker="o", lw=1.4, label=key)
-        finite = [v for v in losses if v > 0]
-        if finite and max(finite) / min(finite) > 10:
+        if spans_decades(losses):
             top.set_yscale("log")
         top.set(ylabel="loss", title="Training curves")
         top.legend(fontsize=8)

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from ml_optim_plugins.diagnostics.curves import param_group_lrs
+from ml_optim_plugins.diagnostics.curves import moving_average, param_group_lrs, spans_decades
 
 Series = list[tuple[int, float]]
 HEAD_METRICS = (("acc", "accuracy"), ("f1", "macro-F1"), ("f1_weighted", "weighted-F1"))
@@ -216,14 +216,13 @@ class RunReport(Callback):
         if not train:
             return None
         window = min(self.smoothing, len(train))
-        smooth = torch.tensor([v for _, v in train]).unfold(0, window, 1).mean(1).tolist()
+        smooth = moving_average([v for _, v in train], window)
         lines = {"train (logged steps)": (train, {"alpha": 0.35}),
                  f"train ({window}-point mean)": (list(zip([s for s, _ in train][window - 1:], smooth)), {})}
         for key in sorted(self.history.keys()):
             if key.startswith("val/") and key.endswith("loss"):
                 lines[key] = (self.history.series(key), {"marker": "o"})
-        values = [v for series, _ in lines.values() for _, v in series if v > 0]
-        log_scale = bool(values) and max(values) / min(values) > 10
+        log_scale = spans_decades(v for series, _ in lines.values() for _, v in series)
         return _figure(out / "loss.png", [("loss", lines, log_scale)], boundaries)
 
     def _plot_metrics(self, out: Path, boundaries: list[dict[str, Any]]) -> str | None:
