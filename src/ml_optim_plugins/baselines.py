@@ -118,9 +118,13 @@ def extract_features(model: nn.Module, dataloader: Iterable[Mapping[str, Any]]) 
         ValueError: if a feature is not ``(batch, dim)`` or the loader yields nothing.
 
     Example:
-        >>> features, labels = extract_features(model, datamodule.val_dataloader())  # doctest: +SKIP
-        >>> features["image"].shape  # doctest: +SKIP
-        (500, 512)
+        >>> from ml_optim_plugins import MultimodalClassifier, SumFusion
+        >>> model = MultimodalClassifier({"a": nn.Linear(4, 8), "b": nn.Linear(6, 8)}, fusion=SumFusion(),
+        ...                              num_classes=2, feature_dims={"a": 8, "b": 8})
+        >>> batch = {"a": torch.randn(5, 4), "b": torch.randn(5, 6), "label": torch.tensor([0, 1, 0, 1, 1])}
+        >>> features, labels = extract_features(model, [batch, batch])
+        >>> features["a"].shape, labels.tolist()
+        ((10, 8), [0, 1, 0, 1, 1, 0, 1, 0, 1, 1])
     """
     compute = getattr(model, "compute_features", None)
     if compute is None:

@@ -147,8 +147,15 @@ def read_mvsa(
         ValueError: for an unknown ``variant``, a header of neither variant, or a ``variant`` the header contradicts.
 
     Example:
-        >>> rows, counts = read_mvsa("MVSA_Single")  # doctest: +SKIP
-        >>> counts["kept"], counts["dropped"]  # doctest: +SKIP
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "data").mkdir()
+        >>> for i, text in ((1, "what a lovely day"), (2, "stuck in traffic")):
+        ...     _ = (root / "data" / f"{i}.txt").write_text(text)
+        >>> _ = (root / LABEL_FILE).write_text("ID\\ttext,image\\n1\\tpositive,neutral\\n2\\tnegative,positive\\n")
+        >>> rows, counts = read_mvsa(root)
+        >>> [(row.text, row.label) for row in rows], counts["dropped"]
+        ([('what a lovely day', 'positive')], {'conflict': 1, 'no_majority': 0})
     """
     if variant not in ("auto", *_ANNOTATORS):
         raise ValueError(f"variant={variant!r}; expected 'single', 'multiple' or 'auto'")
@@ -237,8 +244,20 @@ class MVSADataModule(ManifestDataModule):
         ManifestError: for bad rows, unless ``on_bad_rows="skip"``.
 
     Example:
-        >>> dm = MVSADataModule("MVSA_Single", image_size=224, batch_size=32)  # doctest: +SKIP
-        >>> dm.cleaning["kept"], dm.cleaning["dropped"]  # doctest: +SKIP
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "data").mkdir()
+        >>> lines = ["ID\\ttext,image"]
+        >>> for i, (text, image) in enumerate([("positive", "positive"), ("neutral", "negative"),
+        ...                                    ("neutral", "neutral"), ("positive", "negative")] * 3, start=1):
+        ...     Image.new("RGB", (16, 16)).save(root / "data" / f"{i}.jpg")
+        ...     _ = (root / "data" / f"{i}.txt").write_text(f"tweet {i}")
+        ...     lines.append(f"{i}\\t{text},{image}")
+        >>> _ = (root / "labelResultAll.txt").write_text("\\n".join(lines) + "\\n")
+        >>> dm = MVSADataModule(str(root), image_size=16, tokenizer=None)
+        >>> dm.cleaning["kept"], dm.cleaning["dropped"]["conflict"], {k: len(v) for k, v in dm.splits.items()}
+        ({'negative': 3, 'neutral': 3, 'positive': 3}, 3, {'val': 1, 'test': 1, 'train': 7})
     """
 
     def __init__(
