@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -42,6 +43,10 @@ def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         return False
     source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
     return source is None or source.is_defined()  # Lightning internals: if they change, assume it will
+
+
+# Strategies that shard parameters across processes (the callback needs whole parameters on every rank).
+_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 class StagedFinetuning(Callback):
@@ -291,10 +296,11 @@ class StagedFinetuning(Callback):
             pl_module.feature_cache = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy:
+        if isinstance(trainer.strategy, _SHARDED_STRATEGIES):
+            # Sharded parameters: requires_grad, param-group splits and the feature cache assume whole tensors.
             raise MisconfigurationException(
-                f"StagedFinetuning does not support {strategy}; use DDP (strategy='ddp') or one device"
+                f"StagedFinetuning does not support {type(trainer.strategy).__name__} (it shards parameters); use DDP "
+                "(strategy='ddp') or one device"
             )
         self._registered = None
         model = trainer.strategy.model
