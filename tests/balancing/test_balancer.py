@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from ml_optim_plugins import ModalityBalancer, ogm_ge_coefficients, true_class_scores
+from ml_optim_plugins import ConcatFusion, ModalityBalancer, MultimodalClassifier, ogm_ge_coefficients, true_class_scores
 from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
 
 
@@ -94,3 +95,73 @@ def test_conv_only_selection_on_linear_encoders_is_an_error(make_diag_trainer):
     trainer = make_diag_trainer(max_steps=1, callbacks=[ModalityBalancer(parameters="conv")], num_sanity_val_steps=0)
     with pytest.raises(ValueError, match=r"selects no parameter of the encoders \['a', 'b'\]"):
         trainer.fit(tiny_classifier(), train_dataloaders=loader())
+
+
+class TwoOptimizers(MultimodalClassifier):
+    """Manual optimization with one optimizer per encoder (the head goes with "a"): two steps per batch."""
+
+    def __init__(self, aux_loss_weight: float = 0.0):
+        torch.manual_seed(0)
+        super().__init__({"a": torch.nn.Linear(4, 8), "b": torch.nn.Linear(6, 8)}, fusion=ConcatFusion(),
+                         num_classes=3, feature_dims={"a": 8, "b": 8}, aux_loss_weight=aux_loss_weight)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        rest = [p for n, p in self.named_parameters() if not n.startswith("encoders.b.")]
+        return (torch.optim.SGD(rest, lr=0.5), torch.optim.SGD(self.encoders["b"].parameters(), lr=0.5))
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        loss = self.step(batch, "train")
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+
+class GradientTaps(pl.Callback):
+    """Each optimizer step's gradients of both encoders' weights, as they reach this callback, and the balancer's log."""
+
+    def __init__(self, balancer=None):
+        self.rows, self.balancer = [], balancer
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        row = {m: pl_module.encoders[m].weight.grad.clone() for m in "ab"}
+        if self.balancer is not None:
+            row["logged"] = dict(self.balancer.last)
+        self.rows.append(row)
+
+
+@pytest.mark.parametrize("method", ["ogm_ge", "agm"])
+def test_each_of_several_optimizers_modulates_its_own_parameters_once(make_diag_trainer, method):
+    balancer = ModalityBalancer(method, alpha=0.5)
+    before, after = GradientTaps(), GradientTaps(balancer)
+    trainer = make_diag_trainer(max_steps=4, callbacks=[before, balancer, after], num_sanity_val_steps=0)
+    trainer.fit(TwoOptimizers(), train_dataloaders=loader(16))
+    assert len(before.rows) == 4  # two batches, two optimizer steps each
+    for step in range(4):
+        stepped, other = ("a", "b") if step % 2 == 0 else ("b", "a")
+        raw, seen, logged = before.rows[step], after.rows[step], after.rows[step]["logged"]
+        assert set(logged) == {stepped}  # logs what this optimizer's step modulated
+        assert torch.equal(seen[other], raw[other])  # the other optimizer's encoder is left for its own step
+        k, noise = logged[stepped]["coefficient"], logged[stepped]["noise_norm"]
+        # one modulation: k * g + (for OGM-GE) one draw of noise
+        assert (seen[stepped] - k * raw[stepped]).norm().item() == pytest.approx(noise, rel=1e-4, abs=1e-7)
+    if method == "agm":
+        assert balancer.state_dict()["agm_steps"] == 2  # the running means advance once per batch
+
+
+def test_mmpareto_combines_each_optimizers_encoders_at_its_step(make_diag_trainer):
+    balancer = ModalityBalancer("mmpareto")
+    before, after = GradientTaps(), GradientTaps(balancer)
+    trainer = make_diag_trainer(max_steps=4, callbacks=[before, balancer, after], num_sanity_val_steps=0)
+    trainer.fit(TwoOptimizers(aux_loss_weight=1.0), train_dataloaders=loader(16))
+    for step in range(4):
+        stepped, other = ("a", "b") if step % 2 == 0 else ("b", "a")
+        logged = after.rows[step]["logged"]
+        assert set(logged) == {stepped}
+        assert logged[stepped]["grad_norm_after"] >= logged[stepped]["grad_norm_before"] > 0  # rescaled, x gamma
+        assert not torch.equal(after.rows[step][stepped], before.rows[step][stepped])
+        assert torch.equal(after.rows[step][other], before.rows[step][other])
+    assert balancer._unimodal == {}  # nothing left over after the batches

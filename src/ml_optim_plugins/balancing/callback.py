@@ -59,6 +59,9 @@ class ModalityBalancer(Callback):
     they agree, the minimum-norm weights when they conflict) and per tensor
     (:func:`~ml_optim_plugins.mmpareto_combine`: never smaller than the plain gradient, times ``gamma``).
 
+    With several optimizers (manual optimization), each optimizer's step modulates only its own parameters, and the
+    batch is scored once, at its first optimizer step.
+
     Only inside the modulation ``window``; steps with non-finite gradients are left alone (AMP's scaler or a monitor
     deals with them). Logs per modality, every ``log_every_n_steps``: ``balance/{m}/score``, ``ratio``,
     ``coefficient``, ``grad_norm_before``, ``grad_norm_after`` and ``noise_norm``; for MMPareto ``cosine``,
@@ -137,7 +140,8 @@ class ModalityBalancer(Callback):
         self._modalities: list[str] = []
         self._params: dict[str, list[nn.Parameter]] = {}
         self._pending: Tensor | None = None
-        self._stepped = False
+        self._stepped = False  # an optimizer step happened in the current batch
+        self._step_values: tuple[dict[str, float], dict[str, float], dict[str, float]] | None = None
         self.last: dict[str, dict[str, float]] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -240,9 +244,11 @@ class ModalityBalancer(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.method == "mmpareto":
+            if self._stepped:  # unimodal gradients of parameters no optimizer stepped in this batch are stale
+                self._unimodal, self._stepped = {}, False
             return
         if self._stepped:  # this batch's scores went into the step
-            self._stepped = False
+            self._stepped, self._step_values = False, None
             return
         scores = self._current_scores(pl_module)  # a micro-batch of an accumulated step
         if scores is not None:
@@ -251,20 +257,28 @@ class ModalityBalancer(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        # Only this optimizer's parameters: with several optimizers (manual optimization) each one's step modulates
+        # its own encoders' gradients, once.
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if self.method == "mmpareto":
-            self._pareto_step(trainer, pl_module, getattr(optimizer, "optimizer", optimizer))
+            self._pareto_step(trainer, pl_module, optimizer, owned)
             return
-        self._stepped = True
-        scores = self._current_scores(pl_module)
-        if scores is None:
+        if not self._stepped:  # the batch's first optimizer step: score it (with any accumulated micro-batches)
+            self._stepped = True
+            scores = self._current_scores(pl_module)
+            if scores is None:
+                return
+            if self._pending is not None:
+                scores, self._pending = scores + self._pending.to(scores.device), None
+            sums = trainer.strategy.reduce(scores, reduce_op="sum")  # the global batch's sums on every rank
+            self._step_values = self._coefficients(sums)  # AGM's running means advance once per batch
+        if self._step_values is None or not self._in_window(trainer):
             return
-        if self._pending is not None:
-            scores, self._pending = scores + self._pending.to(scores.device), None
-        sums = trainer.strategy.reduce(scores, reduce_op="sum")  # the global batch's sums on every rank
-        scores_by_name, ratios, coefficients = self._coefficients(sums)  # AGM's running means advance every step
-        if not self._in_window(trainer):
-            return
-        grads = [p.grad for params in self._params.values() for p in params if p.grad is not None]
+        scores_by_name, ratios, coefficients = self._step_values
+        params = {name: [p for p in self._params[name] if p.grad is not None and id(p) in owned]
+                  for name in self._modalities}
+        grads = [p.grad for group in params.values() for p in group]
         if not grads or not bool(torch.isfinite(torch.stack([g.float().sum() for g in grads])).all()):
             return
         generator_device = grads[0].device
@@ -272,9 +286,7 @@ class ModalityBalancer(Callback):
         # Squared norms (before, after, noise) per modality, kept on the device: one host sync for the whole step.
         squares = torch.zeros(len(self._modalities), 3, device=generator_device)
         for row, name in enumerate(self._modalities):
-            for p in self._params[name]:
-                if p.grad is None:
-                    continue
+            for p in params[name]:
                 original = p.grad
                 new, noise = modulate_with_noise(original, coefficients[name], self.method == "ogm_ge", generator)
                 # Norms in one pass each, without temporaries of the gradient's size.
@@ -294,16 +306,21 @@ class ModalityBalancer(Callback):
                 "noise_norm": norms[row][2],
             }
             for row, name in enumerate(self._modalities)
+            if params[name]
         }
         self._log(trainer, stats)
 
-    def _pareto_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
-        buffers, self._unimodal = self._unimodal, {}
-        if not buffers or not self._in_window(trainer):
+    def _pareto_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, owned: set[int]
+    ) -> None:
+        self._stepped = True
+        if not self._unimodal or not self._in_window(trainer):
+            self._unimodal = {}
             return
         weight = float(pl_module.aux_loss_weight)
-        entries = [(row, p, buffers.get(name, {}).get(id(p))) for row, name in enumerate(self._modalities)
-                   for p in self._params[name] if p.grad is not None]
+        # This optimizer's parameters take (and consume) their unimodal gradients; another optimizer's stay for its step.
+        entries = [(row, p, self._unimodal.get(name, {}).pop(id(p), None)) for row, name in enumerate(self._modalities)
+                   for p in self._params[name] if p.grad is not None and id(p) in owned]
         if not entries:
             return
         # The unimodal task's gradient as it enters the objective (aux_loss_weight x its loss's gradient).
