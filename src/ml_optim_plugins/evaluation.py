@@ -48,6 +48,28 @@ def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     return loss.reshape(())
 
 
+def require_loss_fn_under_manual_optimization(module: Any, loss_fn: LossFn | None, owner: str) -> None:
+    """Refuse, before training, to evaluate a manual-optimization module's loss through its ``training_step``.
+
+    Such a ``training_step`` calls ``self.optimizers()``, ``manual_backward`` and ``step()``: it cannot run on a
+    detached copy outside the Trainer, so the callback ``owner`` needs an explicit ``loss_fn(module, batch)``.
+
+    Raises:
+        MisconfigurationException: ``module.automatic_optimization`` is False and ``loss_fn`` is None.
+
+    Example:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> require_loss_fn_under_manual_optimization(BoringModel(), None, "GradientCheck")  # automatic: fine
+    """
+    if loss_fn is None and not getattr(module, "automatic_optimization", True):
+        from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+        raise MisconfigurationException(
+            f"{owner} evaluates the loss through training_step, but {type(module).__name__} uses manual optimization "
+            f"(its training_step steps the optimizers); pass {owner}(loss_fn=lambda module, batch: <scalar loss>)"
+        )
+
+
 def detached_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A deep copy of ``module`` (without its Trainer), optionally cast to ``dtype``; the original is not touched."""
     trainer = getattr(module, "_trainer", None)

@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_optim_plugins import CurvatureProbe, OverfitBatchCheck, TrainingCurves, WarmupDecay, hessian_top_eigenvalue
-from tests.gradcheck.planted import CustomLightning
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from ml_optim_plugins import (
+    CurvatureProbe,
+    GradientCheck,
+    OverfitBatchCheck,
+    TrainingCurves,
+    WarmupDecay,
+    hessian_top_eigenvalue,
+)
+from tests.gradcheck.planted import CustomLightning, classification_loss
 
 
 def test_overfit_check_passes_and_leaves_the_run_untouched(make_diag_trainer):
@@ -113,3 +122,41 @@ def test_curvature_probe_logs_every_epoch(make_diag_trainer):
     trainer.fit(CustomLightning())
     assert [h["epoch"] for h in probe.history] == [0, 1] and all(h["top"] > 0 for h in probe.history)
     assert "curvature/top_eigenvalue" in trainer.callback_metrics
+
+
+class ManualCustomLightning(CustomLightning):
+    """The same model with manual optimization: its training_step steps the optimizer itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = classification_loss(self.net, batch)
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda loss_fn: GradientCheck(loss_fn=loss_fn) if loss_fn else GradientCheck(),
+        lambda loss_fn: CurvatureProbe(iters=3, loss_fn=loss_fn),
+    ],
+    ids=["GradientCheck", "CurvatureProbe"],
+)
+def test_manual_optimization_needs_a_loss_fn_and_works_with_one(make_diag_trainer, make):
+    trainer = make_diag_trainer(max_epochs=1, limit_train_batches=2, callbacks=[make(None)])
+    with pytest.raises(MisconfigurationException, match=r"manual optimization.*pass \w+\(loss_fn="):
+        trainer.fit(ManualCustomLightning())
+    assert trainer.global_step == 0  # refused before the first step
+    callback = make(lambda module, batch: classification_loss(module.net, batch))
+    trainer = make_diag_trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback])
+    trainer.fit(ManualCustomLightning())
+    assert trainer.global_step == 2
+    if isinstance(callback, GradientCheck):
+        assert callback.last_report.passed and callback.checked_epochs == [0]
+    else:
+        assert callback.history[0]["top"] > 0

@@ -11,7 +11,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from ml_optim_plugins.evaluation import LossFn, detached_copy, fixed_randomness, slice_batch, training_step_loss
+from ml_optim_plugins.evaluation import (
+    LossFn,
+    detached_copy,
+    fixed_randomness,
+    require_loss_fn_under_manual_optimization,
+    slice_batch,
+    training_step_loss,
+)
 from ml_optim_plugins.names import name_matches
 
 
@@ -135,18 +142,31 @@ class CurvatureProbe(Callback):
         iters: power-iteration steps.
         bottom: also estimate the most negative eigenvalue.
         max_samples: probe on the first samples of the batch only.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the loss ``training_step`` returns. Needed for a module
+            with manual optimization (refused at fit start without it).
 
     Example::
 
         trainer = Trainer(callbacks=[CurvatureProbe(every_n_epochs=1, iters=20)])
     """
 
-    def __init__(self, every_n_epochs: int = 1, iters: int = 20, bottom: bool = False, max_samples: int | None = 16):
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        iters: int = 20,
+        bottom: bool = False,
+        max_samples: int | None = 16,
+        loss_fn: LossFn | None = None,
+    ):
         if every_n_epochs < 1 or iters < 2:
             raise ValueError(f"need every_n_epochs >= 1 and iters >= 2, got {every_n_epochs}, {iters}")
         self.every_n_epochs, self.iters, self.bottom, self.max_samples = every_n_epochs, iters, bottom, max_samples
+        self.loss_fn = loss_fn
         self._batch: Any = None
         self.history: list[dict[str, float]] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        require_loss_fn_under_manual_optimization(pl_module, self.loss_fn, "CurvatureProbe")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx == 0:
@@ -156,7 +176,8 @@ class CurvatureProbe(Callback):
         if self._batch is None or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         result = hessian_top_eigenvalue(
-            pl_module, self._batch, iters=self.iters, bottom=self.bottom, max_samples=self.max_samples
+            pl_module, self._batch, iters=self.iters, bottom=self.bottom, max_samples=self.max_samples,
+            loss_fn=self.loss_fn,
         )
         self._batch = None
         pl_module.log("curvature/top_eigenvalue", result.top, sync_dist=True)

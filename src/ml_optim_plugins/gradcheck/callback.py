@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ml_optim_plugins.evaluation import log_to_loggers
+from ml_optim_plugins.evaluation import log_to_loggers, require_loss_fn_under_manual_optimization
 from ml_optim_plugins.gradcheck.core import check_gradients
 from ml_optim_plugins.gradcheck.report import GradCheckReport
 
@@ -37,10 +37,12 @@ class GradientCheck(Callback):
         directions: random directions per large tensor.
         params: names or globs of the parameters to check; default all trainable ones.
         **check_args: further arguments of :func:`~ml_optim_plugins.check_gradients` (``eps``, ``rtol``, ``atol``,
-            ``max_exact_elements``, ``mode``, ``inputs``, ``seed``).
+            ``max_exact_elements``, ``mode``, ``inputs``, ``seed``, ``worst``, ``loss_fn``); a module with manual
+            optimization needs ``loss_fn(module, batch) -> scalar``.
 
     Raises:
         ValueError: an unknown ``on_failure`` or check argument (at construction).
+        MisconfigurationException: at fit start, a manual-optimization module without ``loss_fn``.
         RuntimeError: when ``on_failure="raise"`` and a gradient is wrong.
 
     Example::
@@ -69,6 +71,9 @@ class GradientCheck(Callback):
         self.check_args = dict(check_args, max_samples=max_samples, directions=directions, params=params)
         self.checked_epochs: list[int] = []
         self.last_report: GradCheckReport | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        require_loss_fn_under_manual_optimization(pl_module, self.check_args.get("loss_fn"), "GradientCheck")
 
     def _due(self, epoch: int) -> bool:
         if epoch in self.checked_epochs:
