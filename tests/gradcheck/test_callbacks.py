@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -130,3 +131,34 @@ def test_monitor_rejects_bad_arguments():
         GradientMonitor(on_nonfinite="ignore")
     with pytest.raises(ValueError, match="need 0 <= vanishing < exploding"):
         GradientMonitor(vanishing=1.0, exploding=0.5)
+
+
+def test_monitor_measures_the_update_of_every_optimizer_stepped_in_a_batch(make_diag_trainer):
+    from tests.schedules.tiny_modules import TwoOptimizers
+
+    class Taps(pl.Callback):  # the weights each batch started from and ended with
+        def __init__(self):
+            self.before, self.rows = {}, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.rows.append({m: torch.linalg.vector_norm(torch.stack([
+                torch.linalg.vector_norm(p.detach() - self.before[n]) for n, p in pl_module.named_parameters()
+                if n.startswith(m)])) / torch.linalg.vector_norm(torch.stack([
+                    torch.linalg.vector_norm(self.before[n]) for n in self.before if n.startswith(m)]))
+                for m in ("body", "head")})
+
+    taps = Taps()
+    trainer = make_diag_trainer(max_epochs=1, limit_train_batches=4, callbacks=[GradientMonitor(log_every_n_steps=1), taps])
+    trainer.fit(TwoOptimizers())
+    rows = [r for r in csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open())
+            if r.get("update_ratio/body") or r.get("update_ratio/head")]
+    stepped = [{m for m in ("body", "head") if r.get(f"update_ratio/{m}")} for r in rows]
+    # batches 0..3 step body, head, body, body + head (see TwoOptimizers)
+    assert stepped == [{"body"}, {"head"}, {"body"}, {"body", "head"}]
+    for row, expected in zip(rows, taps.rows):
+        for module in ("body", "head"):
+            if row.get(f"update_ratio/{module}"):
+                assert float(row[f"update_ratio/{module}"]) == pytest.approx(expected[module].item(), rel=1e-5)

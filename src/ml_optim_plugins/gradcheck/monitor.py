@@ -143,10 +143,13 @@ class GradientMonitor(Callback):
         log_to_loggers(trainer, metrics)
         self._flag(norms, step)
         if self.update_ratio:
-            self._snapshot = defaultdict(list)
+            # Added to, not replaced: with several optimizers stepped in one batch each one's parameters are measured;
+            # a parameter stepped twice keeps its first snapshot (the ratio covers the whole batch's update).
+            self._snapshot = self._snapshot or defaultdict(list)
+            seen = {id(p) for pairs in self._snapshot.values() for p, _ in pairs}
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    if p.grad is not None and id(p) in self._names:
+                    if p.grad is not None and id(p) in self._names and id(p) not in seen:
                         self._snapshot[self._groups[self._names[id(p)]]].append((p, p.detach().clone()))
 
     def on_train_batch_end(
