@@ -251,3 +251,13 @@ def test_training_features_come_without_augmentation(tmp_path):
     assert torch.equal(first, second)
     torch.manual_seed(0)  # two draws of the training transform (seeded: the test must not flake)
     assert not torch.equal(data.datasets["train"][0]["image"], data.datasets["train"][0]["image"])  # still augments
+
+
+def test_a_checkpoint_trained_on_other_data_is_refused(tiny_config):
+    cli = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--test_after_fit", "false"])
+    best = cli.trainer.checkpoint_callback.best_model_path
+    with pytest.raises(ValueError, match=r"trained on other data .*\(seed: 1234 in the checkpoint, 99 here\); .*--data"):
+        run_baselines(["-c", str(tiny_config), "--data.init_args.seed", "99"])
+    # a loader-only difference is no mismatch: the same samples, batched differently
+    report = run_baselines(["-c", str(tiny_config), "--data.init_args.batch_size", "4", "--ckpt_path", best])
+    assert report.results[-1].method == "trained model"

@@ -371,7 +371,8 @@ def run_baselines(args: Sequence[str], console: Console | None = None) -> Baseli
     Raises:
         SystemExit: on a bad recipe or override (LightningCLI names the key).
         FileNotFoundError: if ``--ckpt_path`` does not exist.
-        ValueError: if the Trainer spans several processes, or the data has no train or val split.
+        ValueError: if the Trainer spans several processes, the data has no train or val split, or the checkpoint was
+            trained on other data than the recipe (and overrides) given here describe.
 
     Example:
         >>> report = run_baselines(["-c", "recipes/quickstart.yaml"])  # doctest: +SKIP
@@ -409,6 +410,8 @@ def run_baselines(args: Sequence[str], console: Console | None = None) -> Baseli
             )
         runs = _logger_root(trainer)
         checkpoint = options.ckpt_path or _newest_best_checkpoint(runs)
+        if checkpoint is not None:  # before the features: a mismatch would make the whole table meaningless
+            _check_same_data(checkpoint, data)
         samples = _setup_splits(data)
         model.to(trainer.strategy.root_device)
         features = {}
@@ -471,6 +474,37 @@ def _newest_best_checkpoint(runs: Path | None) -> Path | None:
     """The most recently written ``version_*/checkpoints/best-*.ckpt`` under ``runs``."""
     found = list(runs.glob("version_*/checkpoints/best-*.ckpt")) if runs else []
     return max(found, key=lambda path: (path.stat().st_mtime, str(path))) if found else None
+
+
+# Data arguments that change how batches are loaded, not which samples or labels the splits hold.
+_LOADER_ONLY = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor"})
+
+
+def _check_same_data(checkpoint: Path, data: MultimodalDataModule) -> None:
+    """Refuse to score a checkpoint whose data module was built with other arguments (root, seeds, sizes, noise ...)
+    than ``data``: its "trained model" row would be measured on different samples from the baselines' rows."""
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get(
+        type(data).CHECKPOINT_HYPER_PARAMS_KEY
+    )
+    current = dict(data.hparams)
+    if stored is None or not current:
+        return  # a data module without saved arguments: nothing to compare
+
+    def plain(value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
+    missing = object()
+    differ = sorted(
+        key for key in set(stored) | set(current)
+        if key not in _LOADER_ONLY and plain(stored.get(key, missing)) != plain(current.get(key, missing))
+    )
+    if differ:
+        shown = "; ".join(f"{key}: {stored.get(key, '(absent)')!r} in the checkpoint, "
+                          f"{current.get(key, '(absent)')!r} here" for key in differ)
+        raise ValueError(
+            f"the checkpoint {checkpoint} was trained on other data than this command describes ({shown}); give "
+            "baselines the same --data overrides as fit, or another --ckpt_path"
+        )
 
 
 def _run_directory(checkpoint: Path) -> Path:
