@@ -129,3 +129,16 @@ def test_non_finite_values_are_counted_and_reported():
     history.log_metrics({"train/loss": float("inf")}, step=1)
     history.log_metrics({"train/loss": float("nan"), "val/acc": 0.5}, step=2)
     assert history.nonfinite == {"train/loss": 2} and history.series("train/loss") == []
+
+
+def test_a_validation_before_fit_stays_out_of_the_history(tmp_path):
+    report = RunReport()
+    run = trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="run", version=0), log_every_n_steps=1,
+                  callbacks=[report])
+    model = tiny_staged_model()
+    before = run.validate(model, loader(n=16), verbose=False)[0]
+    assert report.history.rows == [] and report.final["val"]["val/acc"] == pytest.approx(before["val/acc"])
+    run.fit(model, loader(), loader(n=16))
+    validations = [values for _, values in report.history.rows if "val/acc" in values]
+    assert len(validations) == 1 and validations[0]["epoch"] == 0  # fit's own, not the untrained model's
+    assert report.final["val"]["val/acc"] == pytest.approx(validations[0]["val/acc"])

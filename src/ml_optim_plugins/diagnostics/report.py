@@ -39,6 +39,7 @@ class MetricHistory(Logger):
         super().__init__()
         self.rows: list[tuple[int, dict[str, float]]] = []
         self.nonfinite: dict[str, int] = {}  # metric -> how many NaN / Inf values it received (not kept in rows)
+        self.recording = True  # RunReport keeps the history of fit only
 
     @property
     def name(self) -> str:
@@ -50,6 +51,8 @@ class MetricHistory(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if not self.recording:
+            return
         values = {}
         for key, value in metrics.items():
             if isinstance(value, torch.Tensor):
@@ -130,6 +133,9 @@ class RunReport(Callback):
                 "CSVLogger / TensorBoardLogger to the Trainer (trainer.logger in a recipe), or remove RunReport."
             )
         self._fitting = stage == "fit"
+        # Only fit's curves: a trainer.validate / test before or after fit would add rows at its own step 0 or
+        # global_step (its figures reach the final table through callback_metrics instead).
+        self.history.recording = self._fitting
         if self.history not in trainer.loggers:
             trainer.loggers = [*trainer.loggers, self.history]
 
