@@ -25,8 +25,16 @@ def quickstart_model(
     modalities: Sequence[str] = ("image", "text"), image_model: str = "resnet10t", max_length: int = 32,
     lr: float = 3e-4,
     aux_loss_weight: float = 0.0,
+    optimizer: str = "adamw",
 ) -> MultimodalClassifier:
-    """The quick-start recipe's model for ``modalities`` (a subset of image and text), AdamW at ``lr``."""
+    """The quick-start recipe's model for ``modalities`` (a subset of image and text) with ``optimizer`` at ``lr``.
+
+    ``optimizer``: ``"adamw"`` (weight decay 0.01, the recipes' choice) or ``"sgd"`` (momentum 0.9, weight decay 1e-4:
+    the OGM-GE reference code's optimizer). Adam's per-parameter normalisation undoes most of a constant gradient
+    scale, so gradient-modulation methods act differently under the two.
+    """
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer={optimizer!r}; expected 'adamw' or 'sgd'")
     encoders = {}
     if "image" in modalities:
         encoders["image"] = TimmImageEncoder(image_model)
@@ -36,6 +44,10 @@ def quickstart_model(
         encoders,
         fusion=ConcatFusion(dropout=0.1),
         num_classes=3,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+        optimizer=(
+            (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
+            if optimizer == "adamw"
+            else (lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4))
+        ),
         aux_loss_weight=aux_loss_weight,
     )
