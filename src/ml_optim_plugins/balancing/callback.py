@@ -306,7 +306,7 @@ class ModalityBalancer(Callback):
                 "noise_norm": norms[row][2],
             }
             for row, name in enumerate(self._modalities)
-            if params[name]
+            if any(id(p) in owned for p in self._params[name])  # this optimizer's modalities (frozen ones included)
         }
         self._log(trainer, stats)
 
