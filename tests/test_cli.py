@@ -177,3 +177,43 @@ def test_staged_finetuning_stages_from_yaml(tiny_config):
     assert staged.stages == [Stage(name="probe"), Stage(name="top", start_step=1, trainable=["text[-1]", "image"],
                                                         lr_multipliers={"text": 0.5}, warmup_steps=1)]
     assert [(b["name"], b["step"]) for b in staged.boundaries] == [("probe", 0), ("top", 1)]
+
+
+@pytest.fixture(scope="module")
+def lite0_imagenet():
+    from ml_optim_plugins import TimmImageEncoder
+
+    return TimmImageEncoder("tf_efficientnet_lite0", pretrained="packaged")
+
+
+@pytest.mark.parametrize(
+    ("image_model", "match"),
+    [
+        (None, r"pretrained='packaged' weights.*set data.init_args.image_model: tf_efficientnet_lite0"),
+        ("resnet18", r"image_model='resnet18' \(mean \(0.485, 0.456, 0.406\) instead of \(0.5, 0.5, 0.5\)"),
+        ("tf_efficientnet_lite0", None),
+        ("tf_efficientnet_lite2", None),  # another size, same preprocessing
+    ],
+)
+def test_data_must_prepare_images_for_the_pretrained_encoder(lite0_imagenet, image_model, match):
+    from types import SimpleNamespace
+
+    from ml_optim_plugins.cli import check_image_preprocessing
+
+    model, data = SimpleNamespace(encoders={"image": lite0_imagenet}), SimpleNamespace(hparams={"image_model": image_model})
+    if match is None:
+        check_image_preprocessing(model, data)
+    else:
+        with pytest.raises(ValueError, match=match):
+            check_image_preprocessing(model, data)
+
+
+def test_a_randomly_initialised_encoder_takes_any_preprocessing():
+    from types import SimpleNamespace
+
+    from ml_optim_plugins import TimmImageEncoder
+    from ml_optim_plugins.cli import check_image_preprocessing
+
+    model = SimpleNamespace(encoders={"image": TimmImageEncoder("test_resnet")})
+    check_image_preprocessing(model, SimpleNamespace(hparams={"image_model": None}))
+    check_image_preprocessing(model, SimpleNamespace(hparams={}))

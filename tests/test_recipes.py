@@ -55,12 +55,14 @@ def shrink(name: str, tmp_path: Path) -> Path:
     """The recipe with a tiny CNN, short texts, tiny data, 2 epochs (1 of probe) and logs under tmp_path."""
     config = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     image = config["model"]["init_args"]["encoders"]["image"]["init_args"]
-    image.update(model_name="test_resnet", checkpoint_path=None)
+    image.update(model_name="test_resnet", checkpoint_path=None, pretrained=False)
     image.pop("checkpoint_prefix", None)
     if "text" in config["model"]["init_args"]["encoders"]:
         config["model"]["init_args"]["encoders"]["text"]["init_args"]["max_seq_length"] = 24
     data = config["data"]["init_args"]
     data.update(image_size=32, batch_size=8, max_length=24)
+    if "image_model" in data:
+        data["image_model"] = "test_resnet"
     if name in ("quickstart", "pretrain_image"):
         data.update(train_size=32, val_size=16, test_size=16)
     elif name.startswith("mvsa"):

@@ -40,6 +40,10 @@ class MultimodalCLI(LightningCLI):
             help="fit only: test the best checkpoint (selected on validation) when the data has a test split",
         )
 
+    def instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI hook
+        super().instantiate_classes()
+        check_image_preprocessing(self.model, self.datamodule)
+
     def instantiate_trainer(self, **kwargs):  # noqa: D102 - LightningCLI hook
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
@@ -64,6 +68,44 @@ class MultimodalCLI(LightningCLI):
 
     def after_test(self) -> None:
         print_run_summary(self.trainer, "test")
+
+
+def check_image_preprocessing(model: object, data: object) -> None:
+    """Refuse a recipe whose data module prepares images for another network than its timm image encoder.
+
+    Pretrained weights expect their own mean, std and input size (timm's data config); the data modules take them
+    from ``image_model``. An encoder with ImageNet weights (``pretrained``) fed by data without ``image_model``, or an
+    ``image_model`` whose config differs from the encoder's, is a silent accuracy loss: raised before training.
+
+    Raises:
+        ValueError: naming the encoder, the data module's ``image_model`` and the setting to change.
+    """
+    from ml_optim_plugins.data.transforms import image_data_config
+    from ml_optim_plugins.multimodal.encoders import TimmImageEncoder
+
+    hparams = getattr(data, "hparams", {})
+    if "image_model" not in hparams:
+        return
+    image_model = hparams["image_model"]
+    for name, encoder in dict(getattr(model, "encoders", {}) or {}).items():
+        if not isinstance(encoder, TimmImageEncoder):
+            continue
+        key = f"data.init_args.image_model: {encoder.model_name}"
+        if image_model is None:
+            if encoder.pretrained:
+                raise ValueError(
+                    f"the {name!r} encoder {encoder.model_name!r} has pretrained={encoder.pretrained!r} weights, but the "
+                    f"data module prepares images without its preprocessing (image_model=None); set {key}"
+                )
+            continue
+        wanted, given = encoder.data_config, image_data_config(image_model)
+        differs = [k for k in ("mean", "std", "interpolation") if wanted.get(k) != given.get(k)]
+        if differs:
+            raise ValueError(
+                f"the {name!r} encoder is {encoder.model_name!r} but the data module prepares images for "
+                f"image_model={image_model!r} ({', '.join(f'{k} {given.get(k)} instead of {wanted.get(k)}' for k in differs)}); "
+                f"set {key}"
+            )
 
 
 def print_run_summary(trainer: Trainer, stage: str) -> None:

@@ -13,12 +13,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from ml_optim_plugins.data.base import MultimodalDataModule
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ml_optim_plugins.data.transforms import image_data_config, image_transform
 
 
 class ManifestError(ValueError):
@@ -153,12 +150,18 @@ def _sorted_labels(labels: set[str]) -> list[str]:
 
 class ManifestDataset(Dataset):
     """Loads the image of each row, applies ``transform``, and returns ``{"image", "text", "label", "index"}``
-    (``index``: the row's position, the sample id of feature caches)."""
+    (``index``: the row's position, the sample id of feature caches).
 
-    def __init__(self, rows: Sequence[ManifestRow], label_ids: dict[str, int], transform: Any) -> None:
+    ``draft_size``: JPEGs are decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose sides stay at least this
+    large (PIL's ``draft``); ``None`` decodes at full resolution."""
+
+    def __init__(
+        self, rows: Sequence[ManifestRow], label_ids: dict[str, int], transform: Any, draft_size: int | None = None
+    ) -> None:
         self.rows = list(rows)
         self.label_ids = label_ids
         self.transform = transform
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -166,6 +169,10 @@ class ManifestDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         with Image.open(row.image) as image:
+            if self.draft_size:
+                # JPEG: let the decoder scale by 1/2, 1/4 or 1/8 while staying above the size the transform needs;
+                # a full-resolution decode of a phone photo costs more than the encoder's forward pass.
+                image.draft("RGB", (self.draft_size, self.draft_size))
             pixels = self.transform(image.convert("RGB"))
         return {"image": pixels, "text": row.text, "label": self.label_ids[row.label], "index": index}
 
@@ -195,7 +202,10 @@ class ManifestDataModule(MultimodalDataModule):
         image_root: folder that relative image paths start from.
         labels: class names in id order; default: the sorted names found in ``train``.
         on_bad_rows: ``"raise"`` or ``"skip"``.
-        image_size: side of the square crops given to the image encoder.
+        image_model: the image encoder's timm architecture; its data config (input size, interpolation, mean, std,
+            crop) makes the image transforms (:func:`~ml_optim_plugins.data.transforms.image_data_config`). ``None``:
+            timm's ImageNet defaults.
+        image_size: side of the square crops given to the image encoder; ``None``: the architecture's input size.
         augment: random resized crops and flips in training.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
@@ -221,7 +231,8 @@ class ManifestDataModule(MultimodalDataModule):
         image_root: str | None = None,
         labels: Sequence[str] | None = None,
         on_bad_rows: Literal["raise", "skip"] = "raise",
-        image_size: int = 224,
+        image_model: str | None = None,
+        image_size: int | None = None,
         augment: bool = True,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -239,6 +250,7 @@ class ManifestDataModule(MultimodalDataModule):
         if labels is not None and len(set(labels)) != len(labels):
             raise ValueError(f"labels {list(labels)} contain duplicates")
         self.save_hyperparameters()
+        self.image_config = image_data_config(image_model, image_size)
         self.columns = (image_column, text_column, label_column)
         self.image_root = image_root
         self.on_bad_rows = on_bad_rows
@@ -294,25 +306,23 @@ class ManifestDataModule(MultimodalDataModule):
     def class_names(self) -> Sequence[str]:
         return self._class_names
 
-    def transform(self, train: bool) -> v2.Compose:
-        """The image transform of the training (augmented) or evaluation pipeline."""
-        size = self.hparams.image_size
-        if train and self.hparams.augment:
-            resize = [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-        else:
-            resize = [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
-        return v2.Compose(
-            [v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        )
+    def transform(self, train: bool) -> Any:
+        """The image transform of the training (augmented) or evaluation pipeline, from :attr:`image_config`."""
+        return image_transform(self.image_config, train=train, augment=self.hparams.augment)
 
     def setup(self, stage: str) -> None:
         label_ids = {name: index for index, name in enumerate(self._class_names)}
         self.datasets = {
-            split: ManifestDataset(rows, label_ids, self.transform(train=split == "train"))
+            split: ManifestDataset(rows, label_ids, self.transform(train=split == "train"), self._draft_size())
             for split, rows in self.splits.items()
             if rows
         }
         self._save_to_log_dir("labels.json", self._class_names, "label names")
+
+    def _draft_size(self) -> int:
+        """The smallest decoded side the transforms need: the evaluation resize (input size / crop_pct)."""
+        side = max(self.image_config["input_size"][1:])
+        return int(side / (self.image_config.get("crop_pct") or 1.0)) + 1
 
     def _save_to_log_dir(self, name: str, content: Any, what: str) -> None:
         """Write ``content`` as JSON file ``name`` into the run's log directory (rank 0; nothing without a Trainer or

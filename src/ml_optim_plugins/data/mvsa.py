@@ -232,7 +232,9 @@ class MVSADataModule(ManifestDataModule):
         split_seed: seed of the split.
         labels: ``negative``, ``neutral``, ``positive`` in class-id order.
         on_bad_rows: ``"raise"`` or ``"skip"``.
-        image_size: side of the square crops given to the image encoder.
+        image_model: the image encoder's timm architecture, whose data config makes the image transforms (``None``:
+            timm's ImageNet defaults).
+        image_size: side of the square crops given to the image encoder; ``None``: the architecture's input size.
         augment: random resized crops and flips in training.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
@@ -269,7 +271,8 @@ class MVSADataModule(ManifestDataModule):
         split_seed: int = 0,
         labels: Sequence[str] = MVSA_LABELS,
         on_bad_rows: Literal["raise", "skip"] = "raise",
-        image_size: int = 224,
+        image_model: str | None = None,
+        image_size: int | None = None,
         augment: bool = True,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -289,6 +292,7 @@ class MVSADataModule(ManifestDataModule):
             split_seed=split_seed,
             labels=list(labels),
             on_bad_rows=on_bad_rows,
+            image_model=image_model,
             image_size=image_size,
             augment=augment,
             batch_size=batch_size,

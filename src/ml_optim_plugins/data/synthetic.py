@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ml_optim_plugins.data.base import MultimodalDataModule
+from ml_optim_plugins.data.transforms import image_data_config
 
 CUE_STATUSES = ("present", "missing", "misleading")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -121,6 +122,8 @@ class SyntheticSentimentDataset(Dataset):
         image_size: side of the square images.
         seed: base seed; the same seed gives the same samples in any order and any process.
         split: ``"train"``, ``"val"`` or ``"test"``; each split has its own samples.
+        mean: per-channel mean subtracted from the pixels (in [0, 1]); ``None`` leaves them in [0, 1].
+        std: per-channel standard deviation the pixels are divided by, with ``mean``.
 
     Example:
         >>> ds = SyntheticSentimentDataset(10, seed=0)
@@ -139,6 +142,8 @@ class SyntheticSentimentDataset(Dataset):
         image_size: int = 64,
         seed: int = 0,
         split: str = "train",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         if length <= 0:
             raise ValueError(f"length={length} must be positive")
@@ -159,6 +164,11 @@ class SyntheticSentimentDataset(Dataset):
         self.image_size = image_size
         self.seed = seed
         self.split = split
+        if (mean is None) != (std is None):
+            raise ValueError("give mean and std together, or neither")
+        self.normalization = None if mean is None else (
+            torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        )
 
     def __len__(self) -> int:
         return self.length
@@ -178,8 +188,11 @@ class SyntheticSentimentDataset(Dataset):
         label = int(rng.integers(self.num_classes))
         image_cue, image_status = self._cue(rng, label, self.image_noise)
         text_cue, text_status = self._cue(rng, label, self.text_noise)
+        image = make_image(rng, image_cue, self.num_classes, self.image_size)
+        if self.normalization is not None:
+            image = (image - self.normalization[0]) / self.normalization[1]
         return {
-            "image": make_image(rng, image_cue, self.num_classes, self.image_size),
+            "image": image,
             "text": make_text(rng, text_cue, self.num_classes),
             "label": label,
             "index": index,
@@ -202,7 +215,10 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
         image_noise: fraction of samples whose image cue is missing or misleading.
         text_noise: fraction of samples whose text cue is missing or misleading.
         misleading_share: of the corrupted cues, the fraction that are misleading rather than missing.
-        image_size: side of the square images.
+        image_size: side of the square images; ``None``: the input size of ``image_model``.
+        image_model: the image encoder's timm architecture: images are normalised with the mean and std of its data
+            config (:func:`~ml_optim_plugins.data.transforms.image_data_config`), as its pretrained weights expect.
+            ``None`` leaves pixels in [0, 1] (an encoder trained from scratch on this data).
         seed: data seed (independent of the training seed).
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
@@ -226,7 +242,8 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
         image_noise: float = 0.3,
         text_noise: float = 0.3,
         misleading_share: float = 0.5,
-        image_size: int = 64,
+        image_size: int | None = 64,
+        image_model: str | None = None,
         seed: int = 1234,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -236,6 +253,10 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, tokenizer=tokenizer, max_length=max_length)
         self.save_hyperparameters()
         sizes = {"train": train_size, "val": val_size, "test": test_size}
+        if image_model is None and image_size is None:
+            raise ValueError("image_size=None takes the size of image_model; give image_model or an image_size")
+        config = None if image_model is None else image_data_config(image_model, image_size)
+        image_size = image_size if config is None else config["input_size"][-1]
         common = dict(
             num_classes=num_classes,
             image_noise=image_noise,
@@ -243,6 +264,8 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
             misleading_share=misleading_share,
             image_size=image_size,
             seed=seed,
+            mean=None if config is None else config["mean"],
+            std=None if config is None else config["std"],
         )
         # Built eagerly: they are cheap (samples are generated on access) and validate the arguments at once.
         self._all = {split: SyntheticSentimentDataset(size, split=split, **common) for split, size in sizes.items()}

