@@ -215,3 +215,32 @@ def test_shrinking_cosine_cycles_hold_the_floor_after_the_end():
 def test_one_cycle_needs_a_warmup():
     with pytest.raises(ValueError, match="give warmup_steps > 0"):
         WarmupDecaySchedule(decay="one_cycle", warmup_start_factor=0.1).resolve(100)
+
+
+def test_cosine_restart_boundaries_are_exact_over_many_lengths_and_cycles():
+    """A step that starts a cycle is at its peak: checked in exact arithmetic for lengths 2..300 and 2..10 cycles
+    (floating point put e.g. step 10 of 20 steps in 6 cycles at the floor of cycle 2)."""
+    from fractions import Fraction
+
+    from ml_optim_plugins.schedules.shapes import cosine_cycle
+
+    for decay_steps in range(2, 301):
+        for cycles in range(2, 11):
+            for t in range(decay_steps):
+                exact = Fraction(t * cycles, decay_steps)
+                i, progress = cosine_cycle(t, decay_steps, cycles)
+                assert i == exact.numerator // exact.denominator, (decay_steps, cycles, t)
+                assert progress == float(exact - i), (decay_steps, cycles, t)
+
+
+@pytest.mark.parametrize("cycle_mul", [2.0, 1.5, 0.5])
+def test_growing_cycles_start_at_their_peak(cycle_mul):
+    from ml_optim_plugins.schedules.shapes import cosine_cycle
+
+    lengths = [cycle_mul**i for i in range(4)]
+    decay_steps = sum(lengths) * 8  # every boundary on an integer step
+    start = 0.0
+    for i, length in enumerate(lengths):
+        assert cosine_cycle(start, decay_steps, 4, cycle_mul) == (i, 0.0)
+        assert cosine_cycle(start + 4 * length, decay_steps, 4, cycle_mul) == (i, 0.5)
+        start += 8 * length

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 WARMUP_SHAPES: tuple[str, ...] = ("linear", "cosine", "exponential", "constant")
 """Names accepted by ``warmup=``."""
@@ -92,7 +93,9 @@ def cosine_cycle(t: float, decay_steps: float, cycles: int = 1, cycle_mul: float
     """Which cosine cycle step ``t`` (counted from the end of warmup) falls in, and its progress within that cycle.
 
     The ``decay_steps`` are split into ``cycles`` cycles whose lengths grow by ``cycle_mul`` (SGDR, Loshchilov & Hutter
-    2017); the cycle index is computed as in timm's ``CosineLRScheduler`` so that both give the same curve.
+    2017). The cycle boundaries are compared in exact rational arithmetic: a step that starts a cycle is at that cycle's
+    peak (progress 0) even where floating point would put it at the end of the previous one (20 steps, 6 cycles: step 10
+    starts cycle 3), as transformers' ``cosine_with_restarts`` and the mathematics have it.
 
     Returns:
         ``(i, progress)``: ``i >= cycles`` once the last cycle has ended (progress is then 1).
@@ -100,21 +103,20 @@ def cosine_cycle(t: float, decay_steps: float, cycles: int = 1, cycle_mul: float
     Example:
         >>> cosine_cycle(15, 30, cycles=3)
         (1, 0.5)
+        >>> cosine_cycle(10, 20, cycles=6)
+        (3, 0.0)
     """
     if decay_steps <= 0 or t >= decay_steps:
         return cycles, 1.0  # no room to decay, or past the last cycle: at the end
-    first = decay_steps / sum(cycle_mul**i for i in range(cycles))
-    if cycle_mul != 1:
-        i = math.floor(math.log(1 - t / first * (1 - cycle_mul), cycle_mul))
-        length = cycle_mul**i * first
-        t_in_cycle = t - (1 - cycle_mul**i) / (1 - cycle_mul) * first
-    else:
-        i = int(t // first)
-        length = first
-        t_in_cycle = t - first * i
-    if i >= cycles:
-        return i, 1.0
-    return i, t_in_cycle / length
+    mul = Fraction(cycle_mul)
+    lengths = [mul**i for i in range(cycles)]
+    # Cycle i covers [D * start_i / total, D * (start_i + length_i) / total); multiplied through by total: no rounding.
+    scaled_t, steps, start = Fraction(t) * sum(lengths), Fraction(decay_steps), Fraction(0)
+    for i, length in enumerate(lengths):
+        if scaled_t < steps * (start + length):
+            return i, float((scaled_t - steps * start) / (steps * length))
+        start += length
+    return cycles, 1.0
 
 
 def decay_lr(
