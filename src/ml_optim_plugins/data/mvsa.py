@@ -230,6 +230,10 @@ class MVSADataModule(ManifestDataModule):
         val_fraction: share of the clean samples used for validation.
         test_fraction: share of the clean samples used for testing.
         split_seed: seed of the split.
+        split_dir: instead of the seeded split, the published folds of Cheema et al. (2021): the folder with their
+            ``valid_pairlist.txt`` and ``splits/`` (:func:`~ml_optim_plugins.data.mvsa_folds.read_mvsa_folds`). Their
+            posts and labels must be those of this cleaning (checked post by post).
+        fold: the fold of ``split_dir``, 1 to 10.
         labels: ``negative``, ``neutral``, ``positive`` in class-id order.
         on_bad_rows: ``"raise"`` or ``"skip"``.
         image_model: the image encoder's timm architecture, whose data config makes the image transforms (``None``:
@@ -269,6 +273,8 @@ class MVSADataModule(ManifestDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        split_dir: str | None = None,
+        fold: int = 1,
         labels: Sequence[str] = MVSA_LABELS,
         on_bad_rows: Literal["raise", "skip"] = "raise",
         image_model: str | None = None,
@@ -284,6 +290,7 @@ class MVSADataModule(ManifestDataModule):
         # ManifestDataModule.__init__ calls read_rows(), which needs these.
         self.root = Path(root)
         self.variant = variant
+        self.split_dir, self.fold = split_dir, fold
         self._read_counts: dict[str, Any] = {}
         super().__init__(
             str(self.root / LABEL_FILE),
@@ -316,9 +323,26 @@ class MVSADataModule(ManifestDataModule):
         )
 
     def read_rows(self) -> dict[str, list[ManifestRow]]:
-        """The cleaned rows of :func:`read_mvsa`, all as ``"train"`` (the seeded split makes val and test)."""
+        """The cleaned rows of :func:`read_mvsa`: all as ``"train"`` (the seeded split makes val and test), or, with
+        ``split_dir``, in the train / val / test of the published fold."""
         rows, self._read_counts = read_mvsa(self.root, self.variant)
-        return {"train": rows}
+        if self.split_dir is None:
+            return {"train": rows}
+        from ml_optim_plugins.data.mvsa_folds import read_mvsa_folds
+
+        folds, fold_labels = read_mvsa_folds(self.split_dir, self.fold)
+        by_id = {row.image.stem: row for row in rows if not row.problem}
+        differ = [f"{post} ({by_id[post].label} here, {label} there)" if post in by_id else f"{post} (not kept here)"
+                  for post, label in fold_labels.items() if post not in by_id or by_id[post].label != label]
+        differ += [f"{post} (not in the fold files)" for post in by_id if post not in fold_labels]
+        if differ:
+            raise ValueError(
+                f"the posts of {self.split_dir} differ from this cleaning of {self.root} in {len(differ)} place(s): "
+                f"{', '.join(differ[:8])}; use the published folds only with the data they were made for"
+            )
+        problems = [row for row in rows if row.problem]  # reported by the row checks, with their line
+        return {"train": [by_id[post] for post in folds["train"]] + problems,
+                "val": [by_id[post] for post in folds["val"]], "test": [by_id[post] for post in folds["test"]]}
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
