@@ -63,8 +63,11 @@ class ModalityBalancer(Callback):
 
     Only inside the modulation ``window``; steps with non-finite gradients are left alone (AMP's scaler or a monitor
     deals with them). Logs per modality, every ``log_every_n_steps``: ``balance/{m}/score``, ``ratio``,
-    ``coefficient``, ``grad_norm_before``, ``grad_norm_after`` and ``noise_norm``; for MMPareto ``cosine``,
-    ``k_multimodal``, ``k_unimodal`` and the norms.
+    ``coefficient`` and the norms of the encoder's selected gradients: ``grad_norm_before`` (``g``),
+    ``grad_norm_modulated`` (``k g``, i.e. ``k`` times the norm before), ``noise_norm`` (the enhancement noise ``n``,
+    0 without it) and ``grad_norm_after`` (``k g + n``, what the optimizer steps with: above the norm before when the
+    noise outweighs the modulation); for MMPareto ``cosine``, ``k_multimodal``, ``k_unimodal``, ``grad_norm_before``
+    and ``grad_norm_after``.
 
     Args:
         method: ``"ogm_ge"`` (modulation + Gaussian enhancement), ``"ogm"`` (modulation only), ``"agm"`` or
@@ -306,8 +309,9 @@ class ModalityBalancer(Callback):
                 "ratio": ratios[name],
                 "coefficient": coefficients[name],
                 "grad_norm_before": norms[row][0],
-                "grad_norm_after": norms[row][1],
+                "grad_norm_modulated": coefficients[name] * norms[row][0],  # ||k g|| = k ||g||, k > 0
                 "noise_norm": norms[row][2],
+                "grad_norm_after": norms[row][1],
             }
             for row, name in enumerate(self._modalities)
             if any(id(p) in owned for p in self._params[name])  # this optimizer's modalities (frozen ones included)
