@@ -139,7 +139,8 @@ class GradientTaps(pl.Callback):
 def test_logged_norms_keep_the_modulation_and_the_noise_apart(make_diag_trainer, method):
     balancer, history = ModalityBalancer(method, alpha=0.5), MetricHistory()
     before, after = GradientTaps(), GradientTaps()
-    trainer = make_diag_trainer(max_steps=1, callbacks=[before, balancer, after], logger=history, num_sanity_val_steps=0)
+    trainer = make_diag_trainer(max_steps=1, callbacks=[before, balancer, after], logger=history,
+                                num_sanity_val_steps=0)
     trainer.fit(tiny_classifier(), train_dataloaders=loader(16))
     for m in "ab":  # parameters="weights": each encoder's weight is its only modulated tensor
         g, stepped = before.rows[0][m], after.rows[0][m]
