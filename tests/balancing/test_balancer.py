@@ -7,7 +7,9 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from ml_optim_plugins import ConcatFusion, ModalityBalancer, MultimodalClassifier, ogm_ge_coefficients, true_class_scores
+from ml_optim_plugins import (
+    ConcatFusion, MetricHistory, ModalityBalancer, MultimodalClassifier, ogm_ge_coefficients, true_class_scores,
+)
 from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
 
 
@@ -131,6 +133,24 @@ class GradientTaps(pl.Callback):
         if self.balancer is not None:
             row["logged"] = dict(self.balancer.last)
         self.rows.append(row)
+
+
+@pytest.mark.parametrize("method", ["ogm_ge", "ogm", "agm"])
+def test_logged_norms_keep_the_modulation_and_the_noise_apart(make_diag_trainer, method):
+    balancer, history = ModalityBalancer(method, alpha=0.5), MetricHistory()
+    before, after = GradientTaps(), GradientTaps()
+    trainer = make_diag_trainer(max_steps=1, callbacks=[before, balancer, after], logger=history,
+                                num_sanity_val_steps=0)
+    trainer.fit(tiny_classifier(), train_dataloaders=loader(16))
+    for m in "ab":  # parameters="weights": each encoder's weight is its only modulated tensor
+        g, stepped = before.rows[0][m], after.rows[0][m]
+        k = history.series(f"balance/{m}/coefficient")[0][1]
+        by_hand = {"grad_norm_before": g.norm().item(), "grad_norm_modulated": k * g.norm().item(),
+                   "noise_norm": (stepped - k * g).norm().item(), "grad_norm_after": stepped.norm().item()}
+        logged = {name: history.series(f"balance/{m}/{name}")[0][1] for name in by_hand}
+        assert logged == pytest.approx(by_hand, rel=1e-4, abs=1e-7)
+        assert (logged["noise_norm"] > 0) == (method == "ogm_ge")
+    assert history.series("balance/a/grad_norm_modulated")[0][1] < history.series("balance/a/grad_norm_before")[0][1]
 
 
 @pytest.mark.parametrize("method", ["ogm_ge", "agm"])

@@ -1,4 +1,4 @@
-"""OverfitBatchCheck, TrainingCurves, hessian_top_eigenvalue and CurvatureProbe."""
+"""OverfitBatchCheck, TrainingCurves (and RunReport's training loss), hessian_top_eigenvalue and CurvatureProbe."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ml_optim_plugins import (
     CurvatureProbe,
     GradientCheck,
     OverfitBatchCheck,
+    RunReport,
     TrainingCurves,
     WarmupDecay,
     hessian_top_eigenvalue,
@@ -81,6 +82,31 @@ def test_training_curves_record_validation_losses(tiny_model, tiny_datamodule, m
     assert "val/loss" in curves.val and len(curves.val["val/loss"]) == 2
     assert "val/image/loss" in curves.val and curves.path.is_file()
     assert set(curves.lrs) == {"encoders.image", "encoders.text", "fusion"}
+
+
+class LossRecorder(CustomLightning):
+    """CustomLightning that keeps every loss it logs, to compare with what the plots record."""
+
+    def __init__(self) -> None:
+        super().__init__(shuffle=False)
+        self.logged: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.logged.append(loss.item())
+        return loss
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 4])
+def test_plotted_training_loss_is_the_logged_loss_under_accumulation(make_diag_trainer, accumulate):
+    # Lightning hands callbacks the loss divided by accumulate_grad_batches; the plots must show the module's loss.
+    curves, report, model = TrainingCurves(), RunReport(), LossRecorder()
+    trainer = make_diag_trainer(max_epochs=1, limit_train_batches=8, accumulate_grad_batches=accumulate,
+                                callbacks=[curves, report])
+    trainer.fit(model)
+    assert [loss for _, loss in curves.train_loss] == pytest.approx(model.logged, rel=1e-6)
+    reported = [loss for _, loss in report.history.series("train/loss")]
+    assert reported and all(any(loss == pytest.approx(x, rel=1e-6) for x in model.logged) for loss in reported)
 
 
 def quadratic(module, batch):

@@ -1,6 +1,6 @@
 """Modality-balanced gradient scaling: per-modality scores -> per-modality gradient coefficients."""
 
-from ml_optim_plugins.balancing.agm import agm_coefficients, mono_modal_losses
+from ml_optim_plugins.balancing.agm import agm_coefficients, agm_ratios, mono_modal_losses
 from ml_optim_plugins.balancing.callback import ModalityBalancer
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coefficients, true_class_scores
@@ -8,6 +8,7 @@ from ml_optim_plugins.balancing.ogm_ge import modulate_gradient, ogm_ge_coeffici
 __all__ = [
     "ModalityBalancer",
     "agm_coefficients",
+    "agm_ratios",
     "mmpareto_combine",
     "mmpareto_weights",
     "mmpareto_weights_from_dots",

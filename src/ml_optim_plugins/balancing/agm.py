@@ -27,20 +27,40 @@ def mono_modal_losses(modality_logits: Mapping[str, Tensor], targets: Tensor) ->
     }
 
 
+def agm_ratios(losses: Mapping[str, float]) -> dict[str, float]:
+    """AGM's ratio of each modality: ``r_u = exp(N / (N - 1) * (m - s_u))``, ``m`` the mean of the ``N`` losses.
+
+    ``N / (N - 1) * (m - s_u)`` is the mean of ``s_v - s_u`` over the other modalities ``v``, so a modality doing better
+    than the others (a lower loss) has ``r_u > 1``. It is the reference code's scaling in each case it covers: ``2`` for
+    two modalities (``exp(s_other - s_u)``), ``3/2`` for three (its UR-Funny script); more modalities follow the same
+    mean gap.
+
+    Example:
+        >>> {k: round(v, 4) for k, v in agm_ratios({"a": 0.2, "b": 1.0}).items()}  # exp(+-0.8)
+        {'a': 2.2255, 'b': 0.4493}
+    """
+    if len(losses) < 2:
+        raise ValueError(f"AGM compares modalities: need at least two losses, got {sorted(losses)}")
+    count = len(losses)
+    mean = sum(losses.values()) / count
+    return {name: math.exp(count / (count - 1) * (mean - loss)) for name, loss in losses.items()}
+
+
 def agm_coefficients(
     scores: Mapping[str, float],
     running: Mapping[str, float],
     alpha: float,
     clamp: Sequence[float] | None = None,
+    max_gap: float | None = None,
 ) -> dict[str, float]:
     """AGM coefficients from the step's mean mono-modal losses and their running means.
 
-    With ``s_u`` the modality's mean cross-entropy on the step and ``m`` the mean over modalities, the current ratio is
-    ``r_u = exp(2 (m - s_u))`` (a modality doing better than average has ``r_u > 1``); the target ratio ``t_u`` is the
-    same expression over the running means of the losses; the coefficient is ``k_u = exp(alpha (t_u - r_u))``: a
-    modality currently ahead of its usual standing is slowed, one behind is sped up (``k > 1``). For two modalities
-    this is the reference code's ``exp((s_other - s_u))`` form. ``clamp=(low, high)`` bounds ``k`` (the reference does
-    not; ``k`` grows exponentially).
+    With ``s_u`` the modality's mean cross-entropy on the step, the current ratio ``r_u`` is :func:`agm_ratios` of the
+    step's losses (a modality doing better than the others has ``r_u > 1``); the target ratio ``t_u`` is the same over
+    the running means of the losses; the coefficient is ``k_u = exp(alpha * min(t_u - r_u, max_gap))``: a modality
+    currently ahead of its usual standing is slowed, one behind is sped up (``k > 1``). ``max_gap`` is the reference
+    code's cap (10 in its CREMA-D script, 7 in its UR-Funny one; none in its AV-MNIST, AVE and CMU-MOSEI scripts);
+    ``clamp=(low, high)`` then bounds ``k`` itself (the library's own guard: ``k`` grows exponentially).
 
     Example:
         >>> k = agm_coefficients({"a": 0.2, "b": 1.0}, {"a": 0.5, "b": 0.7}, alpha=1.0)
@@ -49,14 +69,14 @@ def agm_coefficients(
     """
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    names = list(scores)
-    mean_now = sum(scores[n] for n in names) / len(names)
-    mean_running = sum(running[n] for n in names) / len(names)
+    ratios = agm_ratios(scores)
+    targets = agm_ratios({name: running[name] for name in scores})
     coefficients = {}
-    for name in names:
-        ratio = math.exp(2.0 * (mean_now - scores[name]))
-        target = math.exp(2.0 * (mean_running - running[name]))
-        k = math.exp(alpha * (target - ratio))
+    for name, ratio in ratios.items():
+        gap = targets[name] - ratio
+        if max_gap is not None:
+            gap = min(gap, max_gap)
+        k = math.exp(alpha * gap)
         if clamp is not None:
             k = min(max(k, clamp[0]), clamp[1])
         coefficients[name] = k

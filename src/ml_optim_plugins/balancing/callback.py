@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ml_optim_plugins.balancing.agm import agm_coefficients, mono_modal_losses, update_running
+from ml_optim_plugins.balancing.agm import agm_coefficients, agm_ratios, mono_modal_losses, update_running
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_with_noise, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
@@ -64,8 +63,11 @@ class ModalityBalancer(Callback):
 
     Only inside the modulation ``window``; steps with non-finite gradients are left alone (AMP's scaler or a monitor
     deals with them). Logs per modality, every ``log_every_n_steps``: ``balance/{m}/score``, ``ratio``,
-    ``coefficient``, ``grad_norm_before``, ``grad_norm_after`` and ``noise_norm``; for MMPareto ``cosine``,
-    ``k_multimodal``, ``k_unimodal`` and the norms.
+    ``coefficient`` and the norms of the encoder's selected gradients: ``grad_norm_before`` (``g``),
+    ``grad_norm_modulated`` (``k g``, i.e. ``k`` times the norm before), ``noise_norm`` (the enhancement noise ``n``,
+    0 without it) and ``grad_norm_after`` (``k g + n``, what the optimizer steps with: above the norm before when the
+    noise outweighs the modulation); for MMPareto ``cosine``, ``k_multimodal``, ``k_unimodal``, ``grad_norm_before``
+    and ``grad_norm_after``.
 
     Args:
         method: ``"ogm_ge"`` (modulation + Gaussian enhancement), ``"ogm"`` (modulation only), ``"agm"`` or
@@ -80,8 +82,10 @@ class ModalityBalancer(Callback):
             kernels only, as the OGM-GE reference code, which leaves a transformer untouched).
         seed: seed of the enhancement noise.
         log_every_n_steps: logging interval; ``None``: the Trainer's.
-        clamp: ``(low, high)`` bounds of AGM's coefficients, which grow exponentially (the reference has none);
+        clamp: ``(low, high)`` bounds of AGM's coefficients, which grow exponentially (the library's own guard);
             ``None``: unbounded.
+        max_gap: AGM's cap on ``t_u - r_u`` before ``alpha``, as in the reference code (10 in its CREMA-D script, 7
+            in its UR-Funny one, none in the others); ``None``: no cap. See :func:`~ml_optim_plugins.agm_coefficients`.
         gamma: MMPareto's final gradient scale (1.5 in the reference code).
         scores: how per-modality predictions are obtained (``"head_split"``, ``"masking"``, ``"aux_heads"``; see
             :meth:`~ml_optim_plugins.ModalityAwareMixin.set_modality_scoring`); ``None`` leaves the module's choice.
@@ -109,6 +113,7 @@ class ModalityBalancer(Callback):
         clamp: Sequence[float] | None = (0.1, 10.0),
         gamma: float = 1.5,
         scores: str | None = None,
+        max_gap: float | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)}")
@@ -129,6 +134,9 @@ class ModalityBalancer(Callback):
         if clamp is not None and (len(clamp) != 2 or not 0 < clamp[0] <= 1 <= clamp[1]):
             raise ValueError(f"clamp must be (low, high) with 0 < low <= 1 <= high, got {clamp}")
         self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+        if max_gap is not None and max_gap <= 0:
+            raise ValueError(f"max_gap must be > 0 (the reference uses 10 or 7) or None, got {max_gap}")
+        self.max_gap = None if max_gap is None else float(max_gap)
         if gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if scores is not None and scores not in MODALITY_SCORINGS:
@@ -202,9 +210,8 @@ class ModalityBalancer(Callback):
         if self.method == "agm":
             scores = {name: values[i] / max(count, 1.0) for i, name in enumerate(self._modalities)}
             running = self._running or dict.fromkeys(self._modalities, 0.0)
-            coefficients = agm_coefficients(scores, running, self.alpha, self.clamp)
-            mean = sum(scores.values()) / len(scores)
-            ratios = {name: math.exp(2.0 * (mean - score)) for name, score in scores.items()}
+            coefficients = agm_coefficients(scores, running, self.alpha, self.clamp, self.max_gap)
+            ratios = agm_ratios(scores)
             self._agm_steps += 1
             self._running = update_running(running, scores, self._agm_steps)
             return scores, ratios, coefficients
@@ -302,8 +309,9 @@ class ModalityBalancer(Callback):
                 "ratio": ratios[name],
                 "coefficient": coefficients[name],
                 "grad_norm_before": norms[row][0],
-                "grad_norm_after": norms[row][1],
+                "grad_norm_modulated": coefficients[name] * norms[row][0],  # ||k g|| = k ||g||, k > 0
                 "noise_norm": norms[row][2],
+                "grad_norm_after": norms[row][1],
             }
             for row, name in enumerate(self._modalities)
             if any(id(p) in owned for p in self._params[name])  # this optimizer's modalities (frozen ones included)

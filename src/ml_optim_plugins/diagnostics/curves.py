@@ -47,9 +47,10 @@ def param_group_lrs(trainer: pl.Trainer, optimizer: Any) -> dict[str, float]:
 class TrainingCurves(Callback):
     """Always plot your loss: draw the training and validation losses and every param group's LR over the steps.
 
-    Records, with no logger needed: the training loss of every batch (what ``training_step`` returned), every
-    validation metric with ``loss`` in its name at the end of each validation run, and the ``lr`` each param group of
-    each optimizer is stepped with (read in ``on_before_optimizer_step``). At the end of each ``every_n_epochs``-th epoch and at the end of fit, rank 0 draws
+    Records, with no logger needed: the training loss of every batch (what ``training_step`` returned, not the share
+    of it that Lightning backpropagates under gradient accumulation), every validation metric with ``loss`` in its
+    name at the end of each validation run, and the ``lr`` each param group of each optimizer is stepped with (read in
+    ``on_before_optimizer_step``). At the end of each ``every_n_epochs``-th epoch and at the end of fit, rank 0 draws
     ``curves.png`` in the log directory: loss (raw and smoothed, log scale if it spans more than a decade) on top,
     learning rates below. The history is in ``state_dict``, so the plot of a resumed run covers the whole run.
 
@@ -76,8 +77,12 @@ class TrainingCurves(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = _scalar(outputs.get("loss") if isinstance(outputs, dict) else outputs)
-        if loss is not None:
-            self.train_loss.append((trainer.global_step, loss))
+        if loss is None:
+            return
+        if pl_module.automatic_optimization:
+            # Lightning passes callbacks the loss it backpropagated, divided by accumulate_grad_batches (issue 17).
+            loss *= trainer.accumulate_grad_batches
+        self.train_loss.append((trainer.global_step, loss))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         for name, lr in param_group_lrs(trainer, optimizer).items():
