@@ -1,0 +1,370 @@
+"""MVSA-Single end to end: every row of the comparison, three split seeds, results written as each run finishes.
+
+    python benchmarks/mvsa_single.py --root data/MVSA_Single --results docs/results/mvsa_single.jsonl \
+        --rows majority frozen recipe --seeds 0 1 2
+    python benchmarks/mvsa_single.py --summarize docs/results/mvsa_single.jsonl
+
+Rows (``--rows``):
+
+* ``majority``: the training split's most frequent class.
+* ``frozen``: ``ml-optim-plugins baselines``' core (k-NN and elastic-net logistic regression, hyperparameters chosen on
+  validation macro-F1) on the frozen pretrained features of each modality and of both; the features of all posts are
+  extracted once (evaluation transform) and cached under ``--work``.
+* trained rows (:data:`TRAINED`): ``recipes/mvsa_single.yaml`` with the changes each row names, run by the CLI in a
+  child process (``fit``, then the checkpoint selected on validation macro-F1 is tested). A row records test accuracy,
+  macro-F1 and weighted-F1 of the fused model and of each modality's own prediction, the epoch selected, wall time per
+  training epoch and per run.
+
+Splits are :class:`~ml_optim_plugins.MVSADataModule`'s seeded 8:1:1 split (``split_seed`` = the seed; the training seed
+too). A row already in ``--results`` with the same settings is skipped, so an interrupted sweep resumes where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "mvsa_single.yaml"
+METRICS = ("acc", "f1", "f1_weighted")
+
+
+class EpochTimes(pl.Callback):
+    """Wall time of each training epoch (the training loop only, validation excluded) and of the whole fit."""
+
+    def __init__(self) -> None:
+        self.epochs: list[float] = []
+        self.validation = 0.0
+        self._start = self._val_start = self._fit_start = 0.0
+        self.fit_seconds = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self.validation = time.perf_counter(), 0.0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validation += time.perf_counter() - self._val_start
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epochs.append(time.perf_counter() - self._start - self.validation)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_seconds = time.perf_counter() - self._fit_start
+
+
+def _callbacks(config: dict) -> list[dict]:
+    return config["trainer"]["callbacks"]
+
+
+def _drop(config: dict, name: str) -> None:
+    config["trainer"]["callbacks"] = [c for c in _callbacks(config) if not c["class_path"].endswith("." + name)]
+
+
+def _callback(config: dict, name: str) -> dict:
+    for callback in _callbacks(config):
+        if callback["class_path"].endswith("." + name):
+            return callback.setdefault("init_args", {})
+    raise KeyError(f"the recipe has no {name} callback")
+
+
+def _balancing(method: str | None, aux: float = 0.0) -> Callable[[dict], None]:
+    def change(config: dict) -> None:
+        config["model"]["init_args"]["aux_loss_weight"] = aux
+        if method is None:
+            _drop(config, "ModalityBalancer")
+        else:
+            _callback(config, "ModalityBalancer")["method"] = method
+    return change
+
+
+def _no_gaussian_dropout(config: dict) -> None:
+    config["model"]["init_args"]["fusion"]["init_args"]["dropout"] = None
+
+
+def _end_to_end(config: dict) -> None:
+    """No stages: every encoder trains from the first step at the recipe's finetuning LR multipliers."""
+    stages = _callback(config, "LinearProbeFinetune")
+    _drop(config, "LinearProbeFinetune")
+    _callback(config, "WarmupDecay")["lr_multipliers"] = {f"encoders.{m}": v for m, v in stages["lr_multipliers"].items()}
+
+
+def _augment(config: dict) -> None:
+    """Random resized crops and flips in training; features of the frozen image encoder can then not be cached."""
+    config["data"]["init_args"]["augment"] = True
+    _callback(config, "LinearProbeFinetune")["cache_features"] = False
+
+
+def _only(modality: str) -> Callable[[dict], None]:
+    def change(config: dict) -> None:
+        encoders = config["model"]["init_args"]["encoders"]
+        config["model"]["init_args"]["encoders"] = {modality: encoders[modality]}
+        config["model"]["init_args"]["aux_loss_weight"] = 0.0
+        _drop(config, "ModalityBalancer")
+        stages = _callback(config, "LinearProbeFinetune")
+        stages["unfreeze"] = [s for s in stages["unfreeze"] if s.split("[")[0] == modality]
+        stages["lr_multipliers"] = {m: v for m, v in stages["lr_multipliers"].items() if m == modality}
+    return change
+
+
+TRAINED: dict[str, tuple[str, Callable[[dict], None]]] = {
+    "recipe": ("the recipe as shipped", lambda config: None),
+    "stages_only": ("LP-FT stages + warmup/cosine, no balancing", _balancing(None)),
+    "ogm_ge": ("stages + OGM-GE", _balancing("ogm_ge")),
+    "aux": ("stages + unimodal auxiliary losses (weight 1)", _balancing(None, aux=1.0)),
+    "mmpareto": ("stages + MMPareto (auxiliary losses, weight 1)", _balancing("mmpareto", aux=1.0)),
+    "no_gaussian_dropout": ("the recipe without Gaussian dropout in the head", _no_gaussian_dropout),
+    "augment": ("the recipe with random resized crops and flips (no feature cache)", _augment),
+    "end_to_end": ("no stages: both encoders finetuned from the first step", _end_to_end),
+    "text_only": ("the recipe on text alone", _only("text")),
+    "image_only": ("the recipe on images alone", _only("image")),
+}
+
+
+def _split_args(seed: int, split_dir: str | None) -> dict[str, Any]:
+    """The data module's split: seeded 8:1:1 (``split_seed``), or fold ``seed`` of the published folds."""
+    return {"split_seed": seed} if split_dir is None else {"split_dir": split_dir, "fold": seed}
+
+
+def trained_config(
+    row: str, root: str, seed: int, work: Path, extra: Sequence[str], split_dir: str | None = None
+) -> tuple[Path, list[str]]:
+    """The recipe changed for ``row``, written under ``work``; and the CLI arguments that run it."""
+    config = yaml.safe_load(RECIPE.read_text())
+    TRAINED[row][1](config)
+    config["seed_everything"] = seed
+    config["data"]["init_args"].update(root=root, **_split_args(seed, split_dir))
+    tag = f"seed{seed}" if split_dir is None else f"fold{seed}"
+    for logger in config["trainer"]["logger"]:
+        logger["init_args"].update(save_dir=str(work / "runs"), name=f"{row}-{tag}")
+    config["trainer"]["callbacks"] = [
+        c for c in _callbacks(config) if not c["class_path"].endswith(("RichProgressBar", "GradientCheck"))
+    ]
+    config["trainer"]["enable_progress_bar"] = False
+    stages = [c for c in _callbacks(config) if c["class_path"].endswith("LinearProbeFinetune")]
+    if stages and stages[0]["init_args"].get("cache_features"):
+        # Rows of one split seed share the frozen encoders' features (the cache checks the encoders' fingerprints).
+        stages[0]["init_args"]["cache_dir"] = str(work / "cache" / tag)
+    path = work / "configs" / f"{row}-{tag}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, ["fit", "-c", str(path), "--trainer.callbacks+=mvsa_single.EpochTimes", *extra]
+
+
+def run_trained(
+    row: str, root: str, seed: int, work: Path, extra: Sequence[str], split_dir: str | None = None
+) -> dict[str, Any]:
+    """Train and test one row in this process (the child of :func:`main`); the result row."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ml_optim_plugins.cli import run
+
+    config, args = trained_config(row, root, seed, work, extra, split_dir)
+    start = time.perf_counter()
+    cli = run(args)
+    wall = time.perf_counter() - start
+    trainer = cli.trainer
+    timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimes))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    checkpoint = trainer.checkpoint_callback
+    test = {m: metrics.get(f"test/{m}") for m in METRICS}
+    per_modality = {
+        modality: {m: metrics.get(f"test/{modality}/{m}") for m in METRICS}
+        for modality in cli.model.encoders
+        if f"test/{modality}/acc" in metrics
+    }
+    return {
+        "row": row,
+        "what": TRAINED[row][0],
+        "seed": seed,
+        "split": "seeded 8:1:1" if split_dir is None else f"Cheema et al. fold {seed}",
+        "test": test,
+        "test_per_modality": per_modality,
+        "val_f1_selected": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
+        "selected_checkpoint": Path(checkpoint.best_model_path).name,
+        "epochs_run": len(timer.epochs),
+        "epoch_seconds": [round(t, 1) for t in timer.epochs],
+        "run_seconds": round(wall, 1),
+        "config": str(config),
+        "extra_args": list(extra),
+    }
+
+
+def frozen_features(root: str, work: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Features of every clean post from the recipe's frozen pretrained encoders, cached as ``work/frozen.npz``."""
+    cache = work / "frozen.npz"
+    if cache.is_file():
+        saved = np.load(cache, allow_pickle=False)
+        return {k.removeprefix("f_"): saved[k] for k in saved.files if k.startswith("f_")}, saved["labels"], list(saved["ids"])
+    from torch.utils.data import DataLoader
+
+    from ml_optim_plugins import MVSADataModule, extract_features
+
+    config = yaml.safe_load(RECIPE.read_text())
+    config["data"]["init_args"].update(root=root, val_fraction=0.0, test_fraction=0.0, augment=False)
+    model = run_config_model(config)
+    data = MVSADataModule(**{k: v for k, v in config["data"]["init_args"].items()})
+    data.setup("fit")
+    loader = DataLoader(data.datasets["train"], batch_size=data.batch_size, collate_fn=data.collate,
+                        num_workers=data.num_workers)
+    features, labels = extract_features(model, loader)
+    ids = [row.image.stem for row in data.splits["train"]]
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, labels=labels, ids=np.array(ids), **{f"f_{k}": v for k, v in features.items()})
+    return features, labels, ids
+
+
+def run_config_model(config: dict) -> Any:
+    """The recipe's model, built by jsonargparse as the CLI builds it (no Trainer)."""
+    from jsonargparse import ArgumentParser
+
+    from ml_optim_plugins import MultimodalClassifier
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(MultimodalClassifier, "model")
+    model_config = copy.deepcopy(config["model"])
+    model_config["init_args"].setdefault("num_classes", 3)
+    parsed = parser.parse_object({"model": model_config})
+    return parser.instantiate_classes(parsed).model
+
+
+def split_ids(root: str, seed: int, split_dir: str | None = None) -> dict[str, list[str]]:
+    """The post IDs of each split of ``MVSADataModule(split_seed=seed)`` (or of fold ``seed`` of ``split_dir``)."""
+    from ml_optim_plugins import MVSADataModule
+
+    data = MVSADataModule(root, tokenizer=None, **_split_args(seed, split_dir))
+    return {split: [row.image.stem for row in rows] for split, rows in data.splits.items()}
+
+
+def frozen_rows(root: str, seed: int, work: Path, split_dir: str | None = None) -> list[dict[str, Any]]:
+    """Majority class, and k-NN / elastic net on frozen features, for one split seed."""
+    from ml_optim_plugins.baselines import fit_baselines
+
+    features, labels, ids = frozen_features(root, work)
+    position = {sample: i for i, sample in enumerate(ids)}
+    splits = {split: np.array([position[s] for s in members]) for split, members in split_ids(root, seed, split_dir).items()}
+    part = {split: ({k: v[index] for k, v in features.items()}, labels[index]) for split, index in splits.items()}
+    start = time.perf_counter()
+    results = fit_baselines(part["train"], part["val"], part["test"])
+    seconds = time.perf_counter() - start
+    rows = []
+    majority = Counter(part["train"][1].tolist()).most_common(1)[0][0]
+    rows.append({"row": "majority", "what": "most frequent training class", "seed": seed,
+                 "test": _scores(part["test"][1], np.full_like(part["test"][1], majority))})
+    for result in results:
+        rows.append({"row": f"frozen {result.method} {result.features}", "what": "frozen pretrained features",
+                     "seed": seed, "test": result.test, "val": result.val, "params": result.params,
+                     "fit_seconds_all_baselines": round(seconds, 1)})
+    return rows
+
+
+def _scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"acc": float(accuracy_score(y_true, y_pred)), "f1": float(f1_score(y_true, y_pred, average="macro")),
+            "f1_weighted": float(f1_score(y_true, y_pred, average="weighted"))}
+
+
+def _done(results: Path) -> set[tuple[str, int]]:
+    """The (row, seed) pairs already in ``results``."""
+    if not results.is_file():
+        return set()
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return {(record["row"], record["seed"]) for record in records}
+
+
+def _append(results: Path, rows: Sequence[dict[str, Any]]) -> None:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def summarize(paths: Sequence[Path]) -> str:
+    """A Markdown table: per row, mean ± standard deviation over seeds of test accuracy, macro-F1, weighted-F1."""
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                rows[record["row"]].append(record)
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "-"
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+
+    lines = ["| row | seeds | test accuracy | test macro-F1 | test weighted-F1 | s / train epoch | s / run |",
+             "|---|---|---|---|---|---|---|"]
+    for name, records in rows.items():
+        seeds = ",".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
+        scores = [cell([r["test"][m] for r in records if r["test"].get(m) is not None]) for m in METRICS]
+        epochs = [t for r in records for t in r.get("epoch_seconds", [])]
+        runs = [r["run_seconds"] for r in records if "run_seconds" in r]
+        times = [f"{statistics.mean(values):.0f}" if values else "-" for values in (epochs, runs)]
+        lines.append(f"| {name} | {seeds} | {' | '.join(scores)} | {' | '.join(times)} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", help="the MVSA-Single root (benchmarks/mvsa_assemble.py writes one)")
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "results" / "mvsa_single.jsonl")
+    parser.add_argument("--work", type=Path, default=Path("runs") / "mvsa_single_benchmark")
+    parser.add_argument("--rows", nargs="+", default=["majority", "frozen", *TRAINED])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--split-dir", help="the published folds of Cheema et al. (valid_pairlist.txt, splits/): "
+                        "--seeds are then fold numbers (1-10)")
+    parser.add_argument("--summarize", nargs="+", type=Path)
+    parser.add_argument("--child", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("extra", nargs="*", help="after --: CLI overrides for every trained row")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
+    if args.root is None:
+        parser.error("--root is required")
+    if args.child:
+        row = run_trained(args.child[0], args.root, int(args.child[1]), args.work, args.extra, args.split_dir)
+        _append(args.results, [row])
+        return
+    unknown = sorted(set(args.rows) - {"majority", "frozen", *TRAINED})
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows are majority, frozen, {', '.join(TRAINED)}")
+    for seed in args.seeds:
+        if {"majority", "frozen"} & set(args.rows) and ("majority", seed) not in _done(args.results):
+            _append(args.results, [r for r in frozen_rows(args.root, seed, args.work, args.split_dir)
+                                   if "frozen" in args.rows or r["row"] == "majority"])
+            print(f"seed {seed}: majority and frozen-feature rows written to {args.results}", flush=True)
+    for row in [r for r in args.rows if r in TRAINED]:
+        for seed in args.seeds:
+            if (row, seed) in _done(args.results):
+                print(f"{row} seed {seed}: already in {args.results}, skipped", flush=True)
+                continue
+            print(f"{row} seed {seed}: training", flush=True)
+            command = [sys.executable, str(Path(__file__).resolve()), "--root", args.root, "--results", str(args.results),
+                       "--work", str(args.work), "--child", row, str(seed),
+                       *(["--split-dir", args.split_dir] if args.split_dir else []), "--", *args.extra]
+            subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+
+
+if __name__ == "__main__":
+    main()
