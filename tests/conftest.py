@@ -89,7 +89,9 @@ def run_python_subprocess(tmp_path: Path):
     """Run ``python ARGS`` in a fresh process in ``tmp_path`` (needed for DDP), failing with its output."""
 
     def run(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        # This checkout's src/ first: an editable install may point at another checkout (a git worktree).
+        path = os.pathsep.join([str(REPO / "src"), str(REPO)])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
         result = subprocess.run(
             [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
         )
