@@ -1,0 +1,40 @@
+"""destroy_default_process_group: a gloo group and its native threads are gone afterwards; a second call, or a run
+without a group, is a no-op."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ml_optim_plugins import destroy_default_process_group
+
+# Native threads of a gloo process group and of its TCPStore (the names torch gives them).
+GLOO_THREAD_PREFIXES = ("pt_gloo", "gloo_", "pt_tcpstore")
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's native threads that belong to a gloo process group (Linux's /proc)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        pytest.skip("native thread names need Linux's /proc")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    return sorted(name for name in names if name.startswith(GLOO_THREAD_PREFIXES))
+
+
+def test_destroys_a_gloo_group_and_joins_its_threads():
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.all_reduce(torch.ones(3))
+    assert gloo_threads(), "a gloo group should run worker threads; the thread names may have changed"
+    assert destroy_default_process_group() is True
+    assert not dist.is_initialized()
+    assert gloo_threads() == []
+    assert destroy_default_process_group() is False
+
+
+def test_without_a_group_it_does_nothing():
+    assert not dist.is_initialized()
+    assert destroy_default_process_group() is False
