@@ -29,6 +29,9 @@ from ml_optim_plugins import (
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+# For test subprocesses: this checkout's src/ first (an editable install may point at another checkout, a git
+# worktree's main one), then the repository root for ``tests.*`` helpers.
+SUBPROCESS_PYTHONPATH = os.pathsep.join([str(REPO / "src"), str(REPO)])
 
 torch.set_num_threads(2)
 
@@ -89,9 +92,7 @@ def run_python_subprocess(tmp_path: Path):
     """Run ``python ARGS`` in a fresh process in ``tmp_path`` (needed for DDP), failing with its output."""
 
     def run(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-        # This checkout's src/ first: an editable install may point at another checkout (a git worktree).
-        path = os.pathsep.join([str(REPO / "src"), str(REPO)])
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": SUBPROCESS_PYTHONPATH}
         result = subprocess.run(
             [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
         )
