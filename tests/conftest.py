@@ -87,6 +87,15 @@ def tiny_config(tmp_path: Path) -> Path:
     return path
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's native threads that belong to a gloo process group or its TCPStore (Linux's /proc)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        pytest.skip("native thread names need Linux's /proc")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    return sorted(name for name in names if name.startswith(("pt_gloo", "gloo_", "pt_tcpstore")))
+
+
 @pytest.fixture
 def run_python_subprocess(tmp_path: Path):
     """Run ``python ARGS`` in a fresh process in ``tmp_path`` (needed for DDP), failing with its output."""

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from ml_optim_plugins.cli import main, run
-from tests.test_process_group import gloo_threads
+from tests.conftest import gloo_threads
 
 
 def last_value(metrics_csv: Path, column: str) -> float:

@@ -3,25 +3,11 @@ without a group, is a no-op."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 import torch.distributed as dist
 
 from ml_optim_plugins import destroy_default_process_group
-
-# Native threads of a gloo process group and of its TCPStore (the names torch gives them).
-GLOO_THREAD_PREFIXES = ("pt_gloo", "gloo_", "pt_tcpstore")
-
-
-def gloo_threads() -> list[str]:
-    """Names of this process's native threads that belong to a gloo process group (Linux's /proc)."""
-    tasks = Path("/proc/self/task")
-    if not tasks.is_dir():
-        pytest.skip("native thread names need Linux's /proc")
-    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
-    return sorted(name for name in names if name.startswith(GLOO_THREAD_PREFIXES))
+from tests.conftest import gloo_threads
 
 
 def test_destroys_a_gloo_group_and_joins_its_threads():
