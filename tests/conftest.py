@@ -29,6 +29,9 @@ from ml_optim_plugins import (
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+# For test subprocesses: this checkout's src/ first (an editable install may point at another checkout, a git
+# worktree's main one), then the repository root for ``tests.*`` helpers.
+SUBPROCESS_PYTHONPATH = os.pathsep.join([str(REPO / "src"), str(REPO)])
 
 torch.set_num_threads(2)
 
@@ -84,12 +87,21 @@ def tiny_config(tmp_path: Path) -> Path:
     return path
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's native threads that belong to a gloo process group or its TCPStore (Linux's /proc)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        pytest.skip("native thread names need Linux's /proc")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    return sorted(name for name in names if name.startswith(("pt_gloo", "gloo_", "pt_tcpstore")))
+
+
 @pytest.fixture
 def run_python_subprocess(tmp_path: Path):
     """Run ``python ARGS`` in a fresh process in ``tmp_path`` (needed for DDP), failing with its output."""
 
     def run(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": SUBPROCESS_PYTHONPATH}
         result = subprocess.run(
             [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
         )

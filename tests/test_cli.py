@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import yaml
 
-from ml_optim_plugins.cli import run
+from ml_optim_plugins.cli import main, run
+from tests.conftest import gloo_threads
 
 
 def last_value(metrics_csv: Path, column: str) -> float:
@@ -103,6 +106,20 @@ def test_two_process_ddp_fit_on_cpu(tiny_config, run_cli_subprocess, tmp_path):
     checkpoint = torch.load(next((log_dir / "checkpoints").glob("best-*.ckpt")), map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2
     assert 0.0 <= last_value(log_dir / "metrics.csv", "val/acc") <= 1.0
+
+
+def test_a_ddp_run_ends_with_its_process_group_destroyed(tiny_config, tmp_path, monkeypatch):
+    """A gloo group left to interpreter shutdown can abort the process after a successful fit (SIGABRT, "terminate
+    called without an active exception", pytorch/pytorch#190489); main() destroys it. One in-process rank is enough."""
+    import torch.distributed as dist
+
+    monkeypatch.chdir(tmp_path)
+    with mock.patch.dict(os.environ):  # Lightning's launcher sets MASTER_PORT, LOCAL_RANK, ... for its processes
+        main(["fit", "-c", str(tiny_config), "--trainer.devices", "1", "--trainer.strategy", "ddp",
+              "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "1", "--test_after_fit", "false"])
+    assert (tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints").is_dir()
+    assert not dist.is_initialized()
+    assert gloo_threads() == []
 
 
 def test_gaussian_dropout_variant_stacks_on_the_recipe(tiny_config, tmp_path, monkeypatch):

@@ -77,6 +77,7 @@ from ml_optim_plugins.multimodal import (
     require_modality_aware,
     resolve_text_model,
 )
+from ml_optim_plugins.process_group import destroy_default_process_group
 from ml_optim_plugins.regularization import (
     DropoutReplacement,
     ElasticNetPenalty,
@@ -117,6 +118,7 @@ __all__ = [
     "extract_features",
     "fit_baselines",
     "run_baselines",
+    "destroy_default_process_group",
     "mmpareto_combine",
     "mmpareto_weights",
     "mmpareto_weights_from_dots",

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ml_optim_plugins.data.base import MultimodalDataModule
 from ml_optim_plugins.multimodal.classifier import MultimodalClassifier
+from ml_optim_plugins.process_group import destroy_default_process_group
 
 
 class MultimodalCLI(LightningCLI):
@@ -190,7 +191,11 @@ def align_logger_versions(trainer: Trainer) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``ml-optim-plugins`` console script (``baselines`` goes to
-    :func:`~ml_optim_plugins.baselines.run_baselines`, everything else to LightningCLI)."""
+    :func:`~ml_optim_plugins.baselines.run_baselines`, everything else to LightningCLI).
+
+    A DDP run ends by destroying its process group (:func:`~ml_optim_plugins.destroy_default_process_group`), so the
+    process does not abort at exit; after an error the group is left alone and the error propagates.
+    """
     import sys
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -199,12 +204,17 @@ def main(args: list[str] | None = None) -> None:
         from ml_optim_plugins.baselines import run_baselines
 
         run_baselines(argv[1:])
-        return
-    run(args)
+    else:
+        run(args)
+    destroy_default_process_group()
 
 
 def run(args: list[str] | None = None) -> MultimodalCLI:
-    """Run the CLI on ``args`` (default: ``sys.argv``) and return it, for scripts and tests."""
+    """Run the CLI on ``args`` (default: ``sys.argv``) and return it, for scripts and tests.
+
+    Unlike :func:`main` it leaves a DDP process group alive, so the caller can use the trainer further; a script that
+    calls it under DDP ends with :func:`~ml_optim_plugins.destroy_default_process_group`.
+    """
     return MultimodalCLI(
         MultimodalClassifier,
         MultimodalDataModule,

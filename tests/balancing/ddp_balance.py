@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from ml_optim_plugins import ModalityBalancer
+from ml_optim_plugins import ModalityBalancer, destroy_default_process_group
 from tests.balancing.tiny import loader, tiny_classifier
 
 
@@ -36,3 +36,4 @@ if __name__ == "__main__":
     trainer.fit(model, train_dataloaders=loader(batch_size=8))
     params = [p.detach().flatten().tolist() for p in model.parameters()]
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"first": first.stats, "params": params, "a0": first.a0}))
+    destroy_default_process_group()  # before exit: gloo threads at interpreter shutdown abort the process

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ml_optim_plugins import Stage, StagedFinetuning, WarmupDecay
+from ml_optim_plugins import Stage, StagedFinetuning, WarmupDecay, destroy_default_process_group
 from tests.finetuning.tiny import loader, tiny_staged_model
 
 
@@ -46,3 +46,4 @@ if __name__ == "__main__":
     result = {"before": before, "after": after, "unsynced": unsynced, "stage": plan.stage_index,
               "boundaries": plan.boundaries, "hits": plan.cache.stats()}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    destroy_default_process_group()  # before exit: gloo threads at interpreter shutdown abort the process

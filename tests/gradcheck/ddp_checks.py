@@ -10,7 +10,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
-from ml_optim_plugins import CurvatureProbe, GradientCheck, GradientMonitor, OverfitBatchCheck, TrainingCurves
+from ml_optim_plugins import (
+    CurvatureProbe,
+    GradientCheck,
+    GradientMonitor,
+    OverfitBatchCheck,
+    TrainingCurves,
+    destroy_default_process_group,
+)
 from tests.gradcheck.planted import CustomLightning
 
 if __name__ == "__main__":
@@ -32,3 +39,4 @@ if __name__ == "__main__":
         "weights": [p.detach().flatten().tolist() for p in model.parameters()],
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+    destroy_default_process_group()  # before exit: gloo threads at interpreter shutdown abort the process

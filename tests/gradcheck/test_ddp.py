@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import SUBPROCESS_PYTHONPATH
+
 SCRIPT = Path(__file__).with_name("ddp_checks.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_rank_zero_checks_and_shared_verdicts(run_python_subprocess, tmp_path):
@@ -25,7 +26,7 @@ def test_rank_zero_checks_and_shared_verdicts(run_python_subprocess, tmp_path):
 
 
 def test_a_failed_check_stops_every_rank(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": SUBPROCESS_PYTHONPATH, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "sign"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from ml_optim_plugins import ElasticNetPenalty, VariationalKL
+from ml_optim_plugins import ElasticNetPenalty, VariationalKL, destroy_default_process_group
 from tests.regularization.tiny_modules import Regression
 
 if __name__ == "__main__":
@@ -23,3 +23,4 @@ if __name__ == "__main__":
     trainer.fit(model)
     params = {name: p.detach().flatten().tolist() for name, p in model.named_parameters()}
     (out / f"params-rank{trainer.global_rank}.json").write_text(json.dumps({"steps": trainer.global_step, **params}))
+    destroy_default_process_group()  # before exit: gloo threads at interpreter shutdown abort the process

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ml_optim_plugins import WarmupDecay
+from ml_optim_plugins import WarmupDecay, destroy_default_process_group
 from tests.schedules.tiny_modules import AddGroupAt, LRRecorder, TwoLayer
 
 if __name__ == "__main__":
@@ -26,3 +26,4 @@ if __name__ == "__main__":
     trainer.fit(TwoLayer())
     result = {"total": callback.resolved.total_steps, "warmup": callback.resolved.warmup_steps, "lrs": recorder.lrs[0]}
     (out / f"lrs-rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    destroy_default_process_group()  # before exit: gloo threads at interpreter shutdown abort the process
