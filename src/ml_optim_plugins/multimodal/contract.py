@@ -7,7 +7,7 @@ so they work on a user's own LightningModule as well as on :class:`~ml_optim_plu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -114,6 +114,45 @@ def require_modality_aware(module: Any, user: str) -> ModalityAware:
     if bad:
         raise TypeError(f"{user}: modality_encoders() values must be nn.Module instances, got {bad}")
     return module
+
+
+def recorded_modality_outputs(
+    module: Any, modalities: Sequence[str], user: str, step: int
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The per-modality logits (of ``modalities``) and targets that ``module``'s training step recorded.
+
+    A callback that reads them calls this after a training step, so a module that never records them fails at its
+    first step instead of training unbalanced without a word.
+
+    Args:
+        module: the modality-aware module.
+        modalities: the modalities the caller needs.
+        user: the name of the caller, quoted in the error.
+        step: the training step, quoted in the error.
+
+    Raises:
+        RuntimeError: when ``modality_targets`` is ``None`` or ``modality_logits`` lacks one of ``modalities``, saying
+            what to call in ``training_step``.
+
+    Example:
+        >>> class Silent(torch.nn.Module):
+        ...     modality_logits, modality_targets = {}, None
+        >>> recorded_modality_outputs(Silent(), ["image"], "ModalityBalancer", 0)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: ModalityBalancer: training step 0 of Silent recorded no per-modality predictions ...
+    """
+    logits, targets = module.modality_logits, module.modality_targets
+    missing = [name for name in modalities if name not in logits]
+    if targets is None or missing:
+        what = "modality_targets is None" if targets is None else f"modality_logits lacks {missing}"
+        raise RuntimeError(
+            f"{user}: training step {step} of {type(module).__name__} recorded no per-modality predictions ({what}), "
+            "so no modality can be measured. With ModalityAwareMixin, call self.record_modality_outputs(features, "
+            "targets) in training_step; a module of your own sets self.modality_logits = {modality: (batch, "
+            "classes) logits} and self.modality_targets = targets there"
+        )
+    return {name: logits[name] for name in modalities}, targets
 
 
 class ModalityAwareMixin:
