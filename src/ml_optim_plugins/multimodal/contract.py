@@ -113,6 +113,8 @@ def require_modality_aware(module: Any, user: str) -> ModalityAware:
     bad = {name: type(enc).__name__ for name, enc in encoders.items() if not isinstance(enc, nn.Module)}
     if bad:
         raise TypeError(f"{user}: modality_encoders() values must be nn.Module instances, got {bad}")
+    if isinstance(module, ModalityAwareMixin):
+        module.check_fusion(user)
     return module
 
 
@@ -242,9 +244,38 @@ class ModalityAwareMixin:
         """Return ``self.encoders`` as a plain ``{modality: encoder}`` mapping."""
         return dict(self.encoders.items())
 
+    def check_fusion(self, user: str = "ModalityAwareMixin") -> None:
+        """Raise a ``TypeError`` unless :meth:`modality_outputs` can ask ``self.fusion`` for per-modality logits.
+
+        Callbacks call it at ``setup`` (through :func:`require_modality_aware`), so a plain head such as
+        ``nn.Linear`` under the name ``fusion`` fails before the first step, saying what to implement.
+
+        Raises:
+            TypeError: when ``self.fusion`` is missing or is not a :class:`~ml_optim_plugins.Fusion` (it lacks
+                ``modality_logits`` / ``masked_logits``) and neither :meth:`modality_outputs` is overridden nor the
+                scoring is ``"aux_heads"``.
+        """
+        if type(self).modality_outputs is not ModalityAwareMixin.modality_outputs or self.modality_scoring == "aux_heads":
+            return
+        fusion = getattr(self, "fusion", None)
+        if all(callable(getattr(fusion, name, None)) for name in ("modality_logits", "masked_logits")):
+            return
+        found = "has no attribute 'fusion'" if fusion is None else f"has fusion = {type(fusion).__name__}"
+        raise TypeError(
+            f"{user}: ModalityAwareMixin asks self.fusion for each modality's logits, but {type(self).__name__} "
+            f"{found}, not an ml_optim_plugins Fusion (ConcatFusion, SumFusion, GatedFusion or a Fusion subclass). "
+            "Use a Fusion as self.fusion, override modality_outputs(features) -> {modality: (batch, classes) logits}, "
+            "or drop the mixin and implement the ModalityAware protocol yourself (docs/index.md, 'The contract by hand')"
+        )
+
     def modality_outputs(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """What each modality alone predicts from ``features``, as :attr:`modality_scoring` says (the same on every
-        split, so training and validation per-modality metrics measure the same thing)."""
+        split, so training and validation per-modality metrics measure the same thing).
+
+        Raises:
+            TypeError: as :meth:`check_fusion`, for a ``fusion`` that is not a :class:`~ml_optim_plugins.Fusion`.
+        """
+        self.check_fusion()
         if self.modality_scoring == "masking":
             return self.fusion.masked_logits(features)
         if self.modality_scoring == "aux_heads":
