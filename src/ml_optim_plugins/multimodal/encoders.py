@@ -69,6 +69,8 @@ class TimmImageEncoder(nn.Module):
 
     The image preprocessing that the weights expect (input size, interpolation, mean, std, crop) is timm's data config
     of the architecture, :attr:`data_config`; the data modules take it with ``image_model=<model_name>``.
+    ``pretrained_weights`` says whether weights were loaded (:class:`~ml_optim_plugins.StagedFinetuning` warns before
+    freezing a random encoder).
 
     Args:
         model_name: any name of ``timm.list_models()``, e.g. ``"tf_efficientnet_lite0"`` or ``"resnet18"``.
@@ -112,6 +114,7 @@ class TimmImageEncoder(nn.Module):
             )
         self.model_name = model_name
         self.pretrained = pretrained
+        self.pretrained_weights = bool(pretrained) or checkpoint_path is not None
         self.model = timm.create_model(model_name, pretrained=pretrained is True, num_classes=0, **model_kwargs)
         if pretrained == "packaged":
             from ml_optim_plugins.multimodal.packaged_weights import packaged_image_weights_path
