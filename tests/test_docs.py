@@ -53,7 +53,8 @@ def test_index_contract_examples_mixin_and_by_hand_are_modality_aware(name):
     assert loss.ndim == 0 and model.modality_logits["image"].shape == (4, 3)
     assert torch.equal(model.modality_targets, batch["label"])
     if name == "TwoTower":  # the head split: the per-modality logits add up to the fused ones
-        fused = model.classifier(torch.cat([model.vision(batch["image"]), model.language(batch["text"]["input_ids"])], 1))
+        features = [model.vision(batch["image"]), model.language(batch["text"]["input_ids"])]
+        fused = model.classifier(torch.cat(features, dim=1))
         torch.testing.assert_close(sum(model.modality_logits.values()), fused.detach())
 
 

@@ -199,7 +199,9 @@ class ModalityBalancer(Callback):
     def _current_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         """Per-modality sums over the batch (true-class probabilities for OGM, cross-entropies for AGM), then the
         number of samples: sums, so that micro-batches and DDP ranks add up."""
-        logits, targets = recorded_modality_outputs(pl_module, self._modalities, "ModalityBalancer", trainer.global_step)
+        logits, targets = recorded_modality_outputs(
+            pl_module, self._modalities, "ModalityBalancer", trainer.global_step
+        )
         score_fn = mono_modal_losses if self.method == "agm" else true_class_scores
         scores = score_fn(logits, targets)
         count = torch.tensor(float(targets.shape[0]), device=targets.device)

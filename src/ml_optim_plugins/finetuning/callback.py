@@ -95,7 +95,8 @@ class StagedFinetuning(Callback):
 
     Raises:
         ValueError: an empty plan, a later stage without a trigger, triggers out of order, two stages that start
-            together (the first would never train), a selector that matches nothing, or a stage that trains a module outside ``modules`` (at setup, before any step).
+            together (the first would never train), a selector that matches nothing, or a stage that trains a module
+            outside ``modules`` (at setup, before any step).
         MisconfigurationException: a stage needs a warmup or LR multipliers, but no
             :class:`~ml_optim_plugins.WarmupDecay` drives the optimizer and a foreign scheduler owns its LRs; a staged
             parameter in no optimizer; a ``monitor`` stage without validation; FSDP; a re-freeze under DDP without
@@ -168,7 +169,8 @@ class StagedFinetuning(Callback):
             previous = stages[i - 1]
             for unit in ("epoch", "step"):
                 start, before = getattr(stage, f"start_{unit}"), getattr(previous, f"start_{unit}")
-                other = previous.monitor is not None or getattr(previous, f"start_{'step' if unit == 'epoch' else 'epoch'}") is not None
+                other_unit = "step" if unit == "epoch" else "epoch"
+                other = previous.monitor is not None or getattr(previous, f"start_{other_unit}") is not None
                 if start is not None and start == before and not other:
                     raise ValueError(
                         f"stages {i - 1} ({previous.name or 'unnamed'}) and {i} ({stage.name or 'unnamed'}) both start "

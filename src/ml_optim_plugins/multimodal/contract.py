@@ -255,7 +255,8 @@ class ModalityAwareMixin:
                 ``modality_logits`` / ``masked_logits``) and neither :meth:`modality_outputs` is overridden nor the
                 scoring is ``"aux_heads"``.
         """
-        if type(self).modality_outputs is not ModalityAwareMixin.modality_outputs or self.modality_scoring == "aux_heads":
+        overridden = type(self).modality_outputs is not ModalityAwareMixin.modality_outputs
+        if overridden or self.modality_scoring == "aux_heads":
             return
         fusion = getattr(self, "fusion", None)
         if all(callable(getattr(fusion, name, None)) for name in ("modality_logits", "masked_logits")):
@@ -265,7 +266,7 @@ class ModalityAwareMixin:
             f"{user}: ModalityAwareMixin asks self.fusion for each modality's logits, but {type(self).__name__} "
             f"{found}, not an ml_optim_plugins Fusion (ConcatFusion, SumFusion, GatedFusion or a Fusion subclass). "
             "Use a Fusion as self.fusion, override modality_outputs(features) -> {modality: (batch, classes) logits}, "
-            "or drop the mixin and implement the ModalityAware protocol yourself (docs/index.md, 'The contract by hand')"
+            "or drop the mixin and implement the ModalityAware protocol yourself (docs/index.md shows both ways)"
         )
 
     def modality_outputs(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
