@@ -90,8 +90,8 @@ class RunReport(Callback):
     logged them, ``balancing.png`` (per-modality scores, ratios and coefficients).
 
     The report lists the run (directory, duration, steps, best checkpoint), the stages, the gradient checks, the
-    balancing coefficients and a final table: accuracy, macro-F1 and weighted-F1 of the fused model and of each
-    modality on validation (the epoch of the best checkpoint, or the last one without a monitored checkpoint) and on
+    balancing coefficients and a final table: accuracy, macro-F1, weighted-F1 (and any other ``{split}/{name}``
+    metric the model logs, losses aside) of the fused model and of each modality on validation (the epoch of the best checkpoint, or the last one without a monitored checkpoint) and on
     test. Test figures come from a later ``trainer.test(ckpt_path="best")`` with this callback attached (the
     ``ml-optim-plugins fit`` command runs one when the data has a test split): the report is rewritten with them.
     A later ``trainer.validate`` likewise replaces the validation column.
