@@ -234,3 +234,17 @@ def test_a_randomly_initialised_encoder_takes_any_preprocessing():
     model = SimpleNamespace(encoders={"image": TimmImageEncoder("test_resnet")})
     check_image_preprocessing(model, SimpleNamespace(hparams={"image_model": None}))
     check_image_preprocessing(model, SimpleNamespace(hparams={}))
+
+
+def test_final_table_prints_small_learning_rates_readably(capsys):
+    import types
+
+    from ml_optim_plugins.cli import print_run_summary
+
+    metrics = {"lr-AdamW/fusion": torch.tensor(3e-05), "val/acc": torch.tensor(0.8125),
+               "lr-AdamW/frozen": torch.tensor(0.0)}
+    trainer = types.SimpleNamespace(callback_metrics=metrics, log_dir=None, is_global_zero=True,
+                                    checkpoint_callback=None)
+    print_run_summary(trainer, "fit")
+    rows = {line.split()[1]: line.split()[3] for line in capsys.readouterr().out.splitlines() if line.count("│") == 3}
+    assert rows == {"lr-AdamW/fusion": "3.000e-05", "val/acc": "0.8125", "lr-AdamW/frozen": "0.0000"}  # issue 17

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shlex
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    return [textwrap.dedent(block) for block in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)]
 
 
 def test_readme_callback_example_trains_and_reads_the_contract(tmp_path, monkeypatch, capsys):
@@ -26,14 +28,22 @@ def test_readme_callback_example_trains_and_reads_the_contract(tmp_path, monkeyp
     assert len(printed) == 3
 
 
-def test_index_mixin_example_is_modality_aware():
-    (block,) = python_blocks(REPO / "docs" / "index.md")
-    namespace: dict = {}
-    exec(compile(block, "docs/index.md", "exec"), namespace)
-    model = namespace["MyModel"]()
-    assert isinstance(model, ModalityAware) and set(model.modality_encoders()) == {"image", "text"}
+def index_block(defining: str) -> dict:
+    """Run the docs/index.md example that defines class ``defining``; return its namespace."""
+    (block,) = [b for b in python_blocks(REPO / "docs" / "index.md") if f"class {defining}(" in b]
+    exec(compile(block, "docs/index.md", "exec"), namespace := {})
+    return namespace
+
+
+@pytest.mark.parametrize("name", ["MyModel", "TwoTower"])
+def test_index_contract_examples_mixin_and_by_hand_are_modality_aware(name):
     import torch
 
+    from ml_optim_plugins import require_modality_aware
+
+    model = index_block(name)[name]()
+    assert isinstance(model, ModalityAware) and set(model.modality_encoders()) == {"image", "text"}
+    assert require_modality_aware(model, "ModalityBalancer") is model
     batch = {
         "image": torch.randn(4, 3, 8, 8),
         "text": {"input_ids": torch.randint(0, 30522, (4, 6))},
@@ -41,6 +51,44 @@ def test_index_mixin_example_is_modality_aware():
     }
     loss = model.training_step(batch, 0)
     assert loss.ndim == 0 and model.modality_logits["image"].shape == (4, 3)
+    assert torch.equal(model.modality_targets, batch["label"])
+    if name == "TwoTower":  # the head split: the per-modality logits add up to the fused ones
+        features = [model.vision(batch["image"]), model.language(batch["text"]["input_ids"])]
+        fused = model.classifier(torch.cat(features, dim=1))
+        torch.testing.assert_close(sum(model.modality_logits.values()), fused.detach())
+
+
+def test_index_subclass_example_runs_through_a_recipe_with_model(tiny_config, tmp_path, monkeypatch):
+    """The subclass of docs/index.md, saved as my_models.py, run by the page's command on the (shrunk) quick start."""
+    import torch
+    import torch.nn.functional as F
+
+    from ml_optim_plugins.cli import run
+
+    page = REPO / "docs" / "index.md"
+    (block,) = [b for b in python_blocks(page) if "class SmoothedClassifier(" in b]
+    (tmp_path / "my_models.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (command,) = [line.strip() for line in page.read_text().splitlines() if "--model my_models." in line]
+    args = shlex.split(command)
+    assert args[:3] == ["PYTHONPATH=.", "ml-optim-plugins", "fit"] and args[4] == "recipes/quickstart.yaml"
+    args[4] = str(tiny_config)
+    cli = run([*args[2:], "--trainer.limit_train_batches", "2"])
+    assert type(cli.model).__name__ == "SmoothedClassifier" and cli.model.label_smoothing == 0.2
+    assert set(cli.model.encoders) == {"image", "text"}  # the recipe's model arguments are kept
+    assert cli.model.hparams.label_smoothing == 0.2
+    logits, targets = torch.tensor([[4.0, 0.0, 0.0], [0.0, 5.0, 0.0]]), torch.tensor([0, 1])
+    assert float(cli.model.compute_loss(logits, targets)) > float(F.cross_entropy(logits, targets))  # smoothed
+    assert {"test/auroc", "test/image/auroc", "test/text/auroc"} <= set(cli.trainer.callback_metrics)
+    report = (Path(cli.trainer.log_dir) / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert "val auroc" in header and "test auroc" in header
+    assert "-" not in table_cells(report, "fused") + table_cells(report, "image")
+
+
+def table_cells(report: str, head: str) -> list[str]:
+    line = next(line for line in report.splitlines() if line.startswith(f"| {head} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")[1:]]
 
 
 def test_schedules_callback_example_runs_as_described(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
@@ -109,6 +110,19 @@ def check_image_preprocessing(model: object, data: object) -> None:
             )
 
 
+def format_metric(value: float) -> str:
+    """Four decimals for the usual metric range, scientific notation for small or large values (learning rates such
+    as 3e-05 would read ``0.0000``).
+
+    Example:
+        >>> format_metric(0.8125), format_metric(3e-05), format_metric(0.0)
+        ('0.8125', '3.000e-05', '0.0000')
+    """
+    if value == 0 or 1e-3 <= abs(value) < 1e5 or not math.isfinite(value):
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
 def print_run_summary(trainer: Trainer, stage: str) -> None:
     """Print the final epoch metrics, the log directory and the best checkpoint (rank 0 only)."""
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -124,7 +138,7 @@ def print_run_summary(trainer: Trainer, stage: str) -> None:
         if "/" in name and not name.endswith("_step")
     }
     for name, value in sorted(final.items()):
-        table.add_row(name, f"{value:.4f}")
+        table.add_row(name, format_metric(value))
     console = Console()
     console.print(table)
     if log_dir:

@@ -83,6 +83,21 @@ def test_module_without_the_contract_fails_before_training(make_diag_trainer):
     assert trainer.global_step == 0
 
 
+class ForgetsToRecord(MultimodalClassifier):
+    """A mixin module whose training step never calls record_modality_outputs."""
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch), batch[self.label_key])
+
+
+def test_a_step_that_records_no_modality_outputs_fails_at_the_first_step(make_diag_trainer):
+    model = ForgetsToRecord(tiny_classifier().encoders, num_classes=3, feature_dims={"a": 8, "b": 8})
+    trainer = make_diag_trainer(max_steps=3, callbacks=[ModalityBalancer("ogm_ge")], num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match=r"training step 0 of ForgetsToRecord .*record_modality_outputs"):
+        trainer.fit(model, train_dataloaders=loader())
+    assert trainer.global_step == 0  # issue 17: no silent run without balancing
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"method": "agm2"}, "method='agm2'"), ({"alpha": -1}, "alpha must be >= 0"),

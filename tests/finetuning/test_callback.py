@@ -268,16 +268,22 @@ def test_works_with_balancing_and_gradient_monitoring(method):
     assert set(balancer.last) == ({"image"} if method == "mmpareto" else {"image", "text"})
 
 
-def test_a_scheduler_from_configure_optimizers_is_refused_when_groups_must_be_split():
+def test_a_scheduler_from_configure_optimizers_works_with_a_plain_plan_on_one_group():
+    """A plain freeze / unfreeze plan needs no LR control, so one param group and the user's scheduler are kept as they
+    are: frozen parameters get no gradient and do not move (issue 17)."""
     model = tiny_staged_model()
-    model.scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model.optimizer_factory = lambda groups: torch.optim.AdamW([p for g in groups for p in g["params"]], lr=0.05)
+    model.scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["text[-1]"])])
-    with pytest.raises(MisconfigurationException, match="was built for the unsplit groups"):
-        trainer(max_epochs=2, callbacks=[plan]).fit(model, loader())
-    model = tiny_staged_model()  # no split needed: freezing whole encoders works with any scheduler
-    model.scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    trainer(max_epochs=2, callbacks=[StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image"])])]).fit(
-        model, loader())
+    recorder = Recorder()
+    before = _snapshot(model)
+    run = trainer(max_epochs=1, callbacks=[plan, recorder])
+    run.fit(model, loader())
+    assert len(run.optimizers[0].param_groups) == 1 and recorder.rows[-1]["lrs"] == {"pg1": 0.025}
+    assert not _changed(before, model, "encoders") and _changed(before, model, "fusion")
+    run = trainer(max_epochs=2, callbacks=[plan])
+    run.fit(model, loader())
+    assert _changed(before, model, "encoders.text.layers.2") and not _changed(before, model, "encoders.image")
 
 
 def test_parameters_missing_from_the_optimizer_are_an_error():
@@ -304,7 +310,9 @@ def test_unnamed_groups_get_unique_names_for_the_lr_monitor(tmp_path):
         model, loader())
     names = list(recorder.rows[0]["lrs"])
     # Each group holds image (trains from stage 1), text (frozen) and fusion (always) parameters.
-    assert names == ["pg1/stage1", "pg1/frozen", "pg1/stage0", "pg2/stage1", "pg2/frozen", "pg2/stage0"]
+    # Each part of an unnamed group is named after its module and stage (issue 17: "pg1/stage0" named no module).
+    assert names == ["pg1/encoders.image/stage1", "pg1/encoders.text/frozen", "pg1/fusion.head/stage0",
+                     "pg2/encoders.image/stage1", "pg2/encoders.text/frozen", "pg2/fusion.head/stage0"]
 
 
 @pytest.mark.parametrize(
@@ -348,3 +356,39 @@ def test_compiled_encoders_are_resolved_through_the_wrapper():
 def test_gradual_unfreezing_without_the_contract_says_so():
     with pytest.raises(ValueError, match="has no modality contract"):
         trainer(max_epochs=1, callbacks=[GradualUnfreezing()]).fit(Plain(), loader())
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: StagedFinetuning([Stage(name="probe"), Stage(name="top", start_epoch=1, trainable=["text[-1]"]),
+                                   Stage(name="all", start_epoch=1, trainable=["text", "image"])]),
+         r"stages 1 \(top\) and 2 \(all\) both start at epoch 1, so stage 1 never trains"),
+        (lambda: LinearProbeFinetune(probe_epochs=1, unfreeze=[]), r"unfreeze=\[\]\) unfreezes nothing"),
+    ],
+)
+def test_plans_that_never_train_a_stage_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(("limits", "unit"), [({"max_epochs": 2}, "epoch"), ({"max_epochs": 1}, "epoch"),
+                                              ({"max_steps": 6, "max_epochs": 5}, "step")])
+def test_a_run_that_ends_before_a_stage_warns_at_fit_start(limits, unit):
+    plan = LinearProbeFinetune(probe_epochs=2) if unit == "epoch" else StagedFinetuning(
+        [Stage(), Stage(name="finetune", start_step=6, trainable=["image"])])
+    with pytest.warns(UserWarning, match=rf"stage 1 \(finetune\) starts at {unit} .* ends the run first.*"
+                                         rf"Raise max_{unit}s"):
+        trainer(callbacks=[plan], **limits).fit(tiny_staged_model(), loader())
+
+
+def test_freezing_a_randomly_initialised_encoder_warns():
+    from ml_optim_plugins import ConcatFusion, MultimodalClassifier, TimmImageEncoder
+
+    from tests.finetuning.tiny import TinyLayers
+
+    random_image = TimmImageEncoder("test_resnet")
+    assert random_image.pretrained_weights is False
+    model = MultimodalClassifier({"image": random_image, "text": TinyLayers()}, fusion=ConcatFusion(), num_classes=3)
+    with pytest.warns(UserWarning, match="freezes the 'image' encoder .* random weights.*pretrained encoders"):
+        trainer(max_steps=1, callbacks=[LinearProbeFinetune(probe_epochs=1)]).fit(model, loader())

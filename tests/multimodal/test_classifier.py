@@ -140,6 +140,47 @@ def test_auxiliary_unimodal_losses_are_added_with_their_weight():
     assert model.aux_heads["a"].weight.grad is not None
 
 
+class Smoothed(MultimodalClassifier):
+    """Label smoothing on the fused loss only; the modality losses are counted."""
+
+    modality_calls: list[str] = []
+
+    def compute_loss(self, logits, targets):
+        return torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.2)
+
+    def compute_modality_loss(self, modality, logits, targets):
+        self.modality_calls.append(modality)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def test_loss_hooks_set_the_objective_and_the_auxiliary_losses():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = Smoothed({"a": torch.nn.Linear(4, 8), "b": torch.nn.Linear(6, 8)}, fusion=SumFusion(), num_classes=3,
+                     feature_dims={"a": 8, "b": 8}, aux_loss_weight=0.3)
+    batch = {"a": torch.randn(5, 4), "b": torch.randn(5, 6), "label": torch.tensor([0, 1, 2, 0, 1])}
+    objective = model.training_step(batch, 0)
+    features = model.compute_features(batch)
+    fused = F.cross_entropy(model.fusion(features), batch["label"], label_smoothing=0.2)
+    aux = sum(F.cross_entropy(model.aux_heads[m](features[m]), batch["label"]) for m in "ab")
+    assert objective.item() == pytest.approx((fused + 0.3 * aux).item(), rel=1e-6)
+    assert model.modality_calls == ["a", "b", "a", "b"]  # the auxiliary heads, then the logged per-modality losses
+
+
+def test_build_metrics_adds_a_metric_to_every_split_and_head():
+    from torchmetrics.classification import MulticlassAUROC
+
+    class WithAuroc(MultimodalClassifier):
+        def build_metrics(self):
+            return {**super().build_metrics(), "auroc": MulticlassAUROC(self.num_classes)}
+
+    model = WithAuroc({"a": torch.nn.Linear(4, 8)}, num_classes=3, feature_dims={"a": 8})
+    names = set(model.metrics["val_fused"].keys(keep_base=False))
+    assert names == {"val/acc", "val/f1", "val/f1_weighted", "val/auroc"}
+    assert "test/a/auroc" in model.metrics["test_a"].keys(keep_base=False)
+
+
 def test_no_auxiliary_heads_by_default_and_negative_weight_rejected():
     model = MultimodalClassifier({"a": torch.nn.Linear(4, 8)}, num_classes=3, feature_dims={"a": 8})
     assert model.aux_heads is None

@@ -65,3 +65,24 @@ def test_mixin_records_detached_logits_and_targets():
     torch.testing.assert_close(sum(module.modality_logits.values()), module.fusion(feats).detach())
     assert torch.equal(module.modality_targets, targets)
     assert dict(module.modality_encoders()) == dict(module.encoders.items())
+
+
+def test_mixin_with_a_plain_linear_head_names_what_to_implement():
+    module = MixinModule(fusion=nn.Linear(5, 4))
+    with pytest.raises(TypeError, match=r"ModalityBalancer: .* has fusion = Linear, not an ml_optim_plugins Fusion"
+                                        r".*override modality_outputs"):
+        require_modality_aware(module, "ModalityBalancer")  # at a callback's setup (issue 17)
+    feats = {"a": torch.randn(2, 3), "b": torch.randn(2, 2)}
+    with pytest.raises(TypeError, match="ModalityAware protocol yourself"):
+        module.record_modality_outputs(feats, torch.zeros(2, dtype=torch.long))
+
+
+def test_mixin_with_its_own_modality_outputs_needs_no_library_fusion():
+    class OwnHeads(MixinModule):
+        def modality_outputs(self, features):
+            return {name: torch.zeros(len(f), 4) for name, f in features.items()}
+
+    module = OwnHeads(fusion=nn.Linear(5, 4))
+    assert require_modality_aware(module, "Test") is module
+    module.record_modality_outputs({"a": torch.randn(2, 3), "b": torch.randn(2, 2)}, torch.zeros(2, dtype=torch.long))
+    assert module.modality_logits["b"].shape == (2, 4)

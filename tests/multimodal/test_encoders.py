@@ -74,6 +74,14 @@ def test_minilm_loads_offline_from_the_package(minilm):
     assert minilm.training  # fine-tunable: starts in train mode, not the eval mode sentence-transformers loads in
 
 
+def test_packaged_minilm_path_loads_in_sentence_transformers_as_returned():
+    from sentence_transformers import SentenceTransformer
+
+    path = packaged_minilm_path()
+    assert isinstance(path, str)  # sentence-transformers 6 rejects a pathlib.Path (issue 17)
+    assert SentenceTransformer(path).get_sentence_embedding_dimension() == 384
+
+
 def test_minilm_embeddings_are_deterministic_in_eval_and_separate_texts(minilm):
     minilm.eval()
     tokens = minilm.tokenize(["what a lovely day", "a dreadful, boring film"])

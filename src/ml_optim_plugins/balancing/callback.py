@@ -17,7 +17,11 @@ from ml_optim_plugins.balancing.agm import agm_coefficients, agm_ratios, mono_mo
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_with_noise, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
-from ml_optim_plugins.multimodal.contract import MODALITY_SCORINGS, require_modality_aware
+from ml_optim_plugins.multimodal.contract import (
+    MODALITY_SCORINGS,
+    recorded_modality_outputs,
+    require_modality_aware,
+)
 
 METHODS = ("ogm_ge", "ogm", "agm", "mmpareto")
 PARAMETER_KINDS = ("all", "weights", "conv")
@@ -192,14 +196,14 @@ class ModalityBalancer(Callback):
         now = trainer.current_epoch if self.window_unit == "epoch" else trainer.global_step
         return self.window[0] <= now <= self.window[1]
 
-    def _current_scores(self, pl_module: pl.LightningModule) -> Tensor | None:
+    def _current_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         """Per-modality sums over the batch (true-class probabilities for OGM, cross-entropies for AGM), then the
         number of samples: sums, so that micro-batches and DDP ranks add up."""
-        logits, targets = pl_module.modality_logits, pl_module.modality_targets
-        if targets is None or any(name not in logits for name in self._modalities):
-            return None
+        logits, targets = recorded_modality_outputs(
+            pl_module, self._modalities, "ModalityBalancer", trainer.global_step
+        )
         score_fn = mono_modal_losses if self.method == "agm" else true_class_scores
-        scores = score_fn({name: logits[name] for name in self._modalities}, targets)
+        scores = score_fn(logits, targets)
         count = torch.tensor(float(targets.shape[0]), device=targets.device)
         return torch.stack([*(scores[name] for name in self._modalities), count])
 
@@ -257,9 +261,8 @@ class ModalityBalancer(Callback):
         if self._stepped:  # this batch's scores went into the step
             self._stepped, self._step_values = False, None
             return
-        scores = self._current_scores(pl_module)  # a micro-batch of an accumulated step
-        if scores is not None:
-            self._pending = scores if self._pending is None else self._pending + scores
+        scores = self._current_scores(trainer, pl_module)  # a micro-batch of an accumulated step
+        self._pending = scores if self._pending is None else self._pending + scores
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -273,9 +276,7 @@ class ModalityBalancer(Callback):
             return
         if not self._stepped:  # the batch's first optimizer step: score it (with any accumulated micro-batches)
             self._stepped = True
-            scores = self._current_scores(pl_module)
-            if scores is None:
-                return
+            scores = self._current_scores(trainer, pl_module)
             if self._pending is not None:
                 scores, self._pending = scores + self._pending.to(scores.device), None
             sums = trainer.strategy.reduce(scores, reduce_op="sum")  # the global batch's sums on every rank

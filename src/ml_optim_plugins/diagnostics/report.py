@@ -90,8 +90,8 @@ class RunReport(Callback):
     logged them, ``balancing.png`` (per-modality scores, ratios and coefficients).
 
     The report lists the run (directory, duration, steps, best checkpoint), the stages, the gradient checks, the
-    balancing coefficients and a final table: accuracy, macro-F1 and weighted-F1 of the fused model and of each
-    modality on validation (the epoch of the best checkpoint, or the last one without a monitored checkpoint) and on
+    balancing coefficients and a final table: accuracy, macro-F1, weighted-F1 (and any other ``{split}/{name}``
+    metric the model logs, losses aside) of the fused model and of each modality on validation (the epoch of the best checkpoint, or the last one without a monitored checkpoint) and on
     test. Test figures come from a later ``trainer.test(ckpt_path="best")`` with this callback attached (the
     ``ml-optim-plugins fit`` command runs one when the data has a test split): the report is rewritten with them.
     A later ``trainer.validate`` likewise replaces the validation column.
@@ -304,18 +304,26 @@ class RunReport(Callback):
             lines += [f"![{Path(name).stem}]({name})" for name in figures]
         return "\n".join(lines) + "\n"
 
+    def _final_metrics(self, splits: Sequence[str]) -> list[tuple[str, str]]:
+        """``(name, title)`` of the table's metrics: accuracy and the F1 scores, then any other metric the model
+        logged as ``{split}/{name}`` (a subclass's extra torchmetrics metric, say), losses left out."""
+        extra = sorted({k.split("/")[1] for split in splits for k in self.final[split]
+                        if k.count("/") == 1 and "loss" not in k and k.split("/")[1] not in dict(HEAD_METRICS)})
+        return [*HEAD_METRICS, *((name, name) for name in extra)]
+
     def _final_table(self) -> list[str]:
         splits = [split for split in ("val", "test") if self.final.get(split)]
         if not splits:
             return []
+        metrics = self._final_metrics(splits)
         heads = ["fused"] + sorted({k.split("/")[1] for split in splits for k in self.final[split] if k.count("/") == 2
-                                   and k.split("/")[2] in dict(HEAD_METRICS)})
-        header = "| model | " + " | ".join(f"{split} {title}" for split in splits for _, title in HEAD_METRICS) + " |"
-        rows = [header, "|---" * (1 + len(splits) * len(HEAD_METRICS)) + "|"]
+                                   and k.split("/")[2] in dict(metrics)})
+        header = "| model | " + " | ".join(f"{split} {title}" for split in splits for _, title in metrics) + " |"
+        rows = [header, "|---" * (1 + len(splits) * len(metrics)) + "|"]
         for head in heads:
             cells = []
             for split in splits:
-                for metric, _ in HEAD_METRICS:
+                for metric, _ in metrics:
                     key = f"{split}/{metric}" if head == "fused" else f"{split}/{head}/{metric}"
                     value = self.final[split].get(key)
                     cells.append("-" if value is None else f"{value:.4f}")

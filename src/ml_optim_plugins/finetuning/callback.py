@@ -22,7 +22,7 @@ from ml_optim_plugins.finetuning.blocks import encoder_blocks, parse_selector, s
 from ml_optim_plugins.finetuning.cache import FeatureCache
 from ml_optim_plugins.finetuning.stage import Stage
 from ml_optim_plugins.schedules.callback import WarmupDecay
-from ml_optim_plugins.schedules.param_groups import name_group, parameter_names, split_groups
+from ml_optim_plugins.schedules.param_groups import module_label, name_group, parameter_names, split_groups
 
 #: Param-group key holding a group's base LR before stage multipliers (saved with the optimizer's state).
 BASE_LR_KEY = "staged_base_lr"
@@ -94,9 +94,10 @@ class StagedFinetuning(Callback):
             last (and more than a plateau trigger's patience).
 
     Raises:
-        ValueError: an empty plan, a later stage without a trigger, triggers out of order, a selector that matches
-            nothing, or a stage that trains a module outside ``modules`` (at setup, before any step).
-        MisconfigurationException: a stage needs a warmup or LR multipliers, or groups must be split, but no
+        ValueError: an empty plan, a later stage without a trigger, triggers out of order, two stages that start
+            together (the first would never train), a selector that matches nothing, or a stage that trains a module
+            outside ``modules`` (at setup, before any step).
+        MisconfigurationException: a stage needs a warmup or LR multipliers, but no
             :class:`~ml_optim_plugins.WarmupDecay` drives the optimizer and a foreign scheduler owns its LRs; a staged
             parameter in no optimizer; a ``monitor`` stage without validation; FSDP; a re-freeze under DDP without
             ``find_unused_parameters`` (all at fit start).
@@ -165,6 +166,17 @@ class StagedFinetuning(Callback):
             if not stage.has_trigger:
                 raise ValueError(f"stage {i} ({stage.name or 'unnamed'}) has no trigger: give start_epoch, start_step "
                                  "or monitor")
+            previous = stages[i - 1]
+            for unit in ("epoch", "step"):
+                start, before = getattr(stage, f"start_{unit}"), getattr(previous, f"start_{unit}")
+                other_unit = "step" if unit == "epoch" else "epoch"
+                other = previous.monitor is not None or getattr(previous, f"start_{other_unit}") is not None
+                if start is not None and start == before and not other:
+                    raise ValueError(
+                        f"stages {i - 1} ({previous.name or 'unnamed'}) and {i} ({stage.name or 'unnamed'}) both start "
+                        f"at {unit} {start}, so stage {i - 1} never trains (the later one takes over at once); give "
+                        f"stage {i} a later start_{unit}, or drop stage {i - 1}"
+                    )
             if stage.start_epoch is not None:
                 if stage.start_epoch < last_epoch:
                     raise ValueError(f"stage {i} starts at epoch {stage.start_epoch}, before an earlier stage "
@@ -290,6 +302,22 @@ class StagedFinetuning(Callback):
         # Before DDP wraps the model: it registers the first stage's trainable parameters, also when resuming (the
         # restored stage is entered at on_fit_start), so fresh and resumed runs synchronise the same way.
         self._apply_freeze(0)
+        self._warn_random_frozen_encoders(pl_module)
+
+    def _warn_random_frozen_encoders(self, pl_module: pl.LightningModule) -> None:
+        """Warn when the first stage freezes an encoder that says it has no pretrained weights
+        (``pretrained_weights = False``, as :class:`~ml_optim_plugins.TimmImageEncoder` without weights does)."""
+        modules = dict(pl_module.named_modules())
+        for modality, name in self._modalities.items():
+            encoder = modules[name]
+            frozen = {id(p) for p in encoder.parameters()} & (self._managed - self._trainable[0])
+            if frozen and getattr(encoder, "pretrained_weights", None) is False:
+                rank_zero_warn(
+                    f"StagedFinetuning freezes the {modality!r} encoder ({type(encoder).__name__}), which has random "
+                    "weights: kept in eval() it gives the head fixed random features until it is unfrozen. Staging is "
+                    "meant for pretrained encoders: load weights (pretrained='packaged', checkpoint_path=...), or "
+                    "leave this encoder out of modules=[...] so that it always trains"
+                )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.cache is not None and getattr(pl_module, "feature_cache", None) is self.cache:
@@ -332,8 +360,32 @@ class StagedFinetuning(Callback):
                 "StagedFinetuning: a stage starts on a validation metric (monitor), but this run has no validation "
                 "loop; add validation data or use start_epoch / start_step"
             )
+        self._warn_unreached_stages(trainer)
         self._prepare_optimizers(trainer)
         self._enter(trainer, self.stage_index, initial=True)
+
+    def _warn_unreached_stages(self, trainer: pl.Trainer) -> None:
+        """Warn about stages that this run ends before (``max_epochs`` / ``max_steps`` at or below their start), the
+        first thing a shortened trial run does: the encoders would silently never train."""
+        limits = {"epoch": trainer.max_epochs if (trainer.max_epochs or -1) >= 0 else None,
+                  "step": trainer.max_steps if trainer.max_steps >= 0 else None}
+        for i in range(max(1, self.stage_index + 1), len(self._plan)):
+            stage = self._plan[i]
+            starts = {unit: getattr(stage, f"start_{unit}") for unit in limits}
+            late = {unit: start for unit, start in starts.items()
+                    if start is not None and limits[unit] is not None and start >= limits[unit]}
+            if not late or stage.monitor is not None or len(late) < sum(v is not None for v in starts.values()):
+                continue
+            unit, start = next(iter(late.items()))
+            newly = sorted({self._names[p].rsplit(".", 1)[0] for p in self._trainable[i] - self._trainable[i - 1]})
+            rank_zero_warn(
+                f"StagedFinetuning: stage {i} ({self.stage_name(i)}) starts at {unit} {start}, but max_{unit}s="
+                f"{limits[unit]} ends the run first, so it never runs"
+                + (f" and {newly[:3]} never train" if newly else "")
+                + f". Raise max_{unit}s above {start}, or start the stage earlier (LinearProbeFinetune: probe_epochs; "
+                "GradualUnfreezing: epochs_per_stage)"
+            )
+            return
 
     def _prepare_optimizers(self, trainer: pl.Trainer) -> None:
         scheduled = {id(config.scheduler.optimizer) for config in trainer.lr_scheduler_configs}
@@ -342,15 +394,8 @@ class StagedFinetuning(Callback):
         )
         for index, optimizer in enumerate(trainer.optimizers):
             driven = self._warmup_for(trainer, index) is not None
-            needs_split = any(len(set(self._group_labels(group))) > 1 for group in optimizer.param_groups)
-            if not driven and id(optimizer) in scheduled and needs_split:
-                raise MisconfigurationException(
-                    f"StagedFinetuning must split param groups of optimizer {index} ({type(optimizer).__name__}) so "
-                    "that modules with different stage plans can have different LRs, but the LR scheduler from "
-                    "configure_optimizers was built for the unsplit groups. Drive the optimizer with "
-                    "ml_optim_plugins.WarmupDecay instead, or give each staged module its own param group"
-                )
-            if not driven and id(optimizer) in scheduled and needs_lr_control:
+            foreign = not driven and id(optimizer) in scheduled  # a scheduler from configure_optimizers owns the LRs
+            if foreign and needs_lr_control:
                 raise MisconfigurationException(
                     f"StagedFinetuning: a stage sets LR multipliers or a warmup, but optimizer {index} "
                     f"({type(optimizer).__name__}) has a LR scheduler from configure_optimizers, which owns its LRs. "
@@ -363,6 +408,10 @@ class StagedFinetuning(Callback):
                 )
             for group_index in range(len(optimizer.param_groups)):  # unnamed groups: parts need a unique prefix
                 name_group(optimizer, group_index, self._names, {})
+            if foreign:
+                # Freezing alone: frozen parameters get no gradient, so the optimizer skips them; the groups (which the
+                # scheduler was built for) stay as they are, and their LRs are the scheduler's (issue 17).
+                continue
             split_groups(optimizer, self._names, self._group_labels)
             for group in optimizer.param_groups:
                 group.setdefault(BASE_LR_KEY, float(group.get("initial_lr", group["lr"])))
@@ -371,21 +420,28 @@ class StagedFinetuning(Callback):
         """One label per parameter of ``group``: equal for parameters with the same plan, so they share a group.
 
         A part is named after the stage in which it first trains (``"frozen"`` if never), plus its LR multiplier in
-        that stage where two parts start together: ``encoders.text/frozen``, ``encoders.text/finetune``,
-        ``encoders.text/top2x0.38``.
+        that stage where two parts would read the same: ``encoders.text/frozen``, ``encoders.text/finetune``,
+        ``encoders.text/stage1x0.5``. In a group that no module names (``pg1``: say one group for the whole model), the
+        part's module comes first: ``pg1/fusion.head/probe``, ``pg1/encoders/finetune``.
         """
         params = group["params"]
         plans = [self._trajectory(id(p)) for p in params]
         if len(set(plans)) <= 1:
             return [None] * len(params)
-        first: dict[tuple, int | None] = {
-            plan: next((i for i, (on, _) in enumerate(plan) if on), None) for plan in dict.fromkeys(plans)
-        }
-        starts = list(first.values())
+        prefix = f"{group['name']}." if "name" in group else None
+        bases: dict[tuple, str] = {}
+        first: dict[tuple, int | None] = {}
+        for plan in dict.fromkeys(plans):
+            first[plan] = next((i for i, (on, _) in enumerate(plan) if on), None)
+            names = [self._names[id(p)] for p, other in zip(params, plans) if other == plan]
+            base = "frozen" if first[plan] is None else self.stage_name(first[plan])
+            if prefix is None or not all(name.startswith(prefix) for name in names):
+                base = f"{module_label(names)}/{base}"
+            bases[plan] = base
         labels: dict[tuple, str] = {}
-        for plan, start in first.items():
-            label = "frozen" if start is None else self.stage_name(start)
-            if start is not None and starts.count(start) > 1:
+        for plan, base in bases.items():
+            label, start = base, first[plan]
+            if start is not None and list(bases.values()).count(base) > 1:
                 label += f"x{plan[start][1]:.3g}"
             while label in labels.values():
                 label += "+"
@@ -633,6 +689,11 @@ class LinearProbeFinetune(StagedFinetuning):
     ) -> None:
         if probe_epochs < 1:
             raise ValueError(f"probe_epochs={probe_epochs}; expected >= 1 (use StagedFinetuning for no probe)")
+        if unfreeze is not None and not list(unfreeze):
+            raise ValueError(
+                "LinearProbeFinetune(unfreeze=[]) unfreezes nothing, so the run never leaves the probe; leave unfreeze "
+                "out to unfreeze every managed encoder, or name them (e.g. ['image', 'text[-2:]'])"
+            )
         self.unfreeze = None if unfreeze is None else list(unfreeze)
         stages = [
             Stage(name="probe"),

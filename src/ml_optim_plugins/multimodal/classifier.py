@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ml_optim_plugins.multimodal.contract import ModalityAwareMixin
@@ -41,8 +41,10 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     for the fused prediction, and ``{split}/{modality}/loss|acc|f1|f1_weighted`` for each modality's own prediction (the fusion's per-modality logits, or
     as ``modality_scoring`` says).
 
-    Subclass it to change the loss or the batch layout (override :meth:`compute_features` or :meth:`step`), or bring
-    your own module that implements :class:`ModalityAware`.
+    Subclass it to change the loss (:meth:`compute_loss`, :meth:`compute_modality_loss`), the metrics
+    (:meth:`build_metrics`; extra ones are logged per split and head and reach :class:`~ml_optim_plugins.RunReport`'s
+    table) or the batch layout (:meth:`compute_features`), or bring your own module that implements
+    :class:`ModalityAware`. docs/index.md shows a full subclass run through a recipe.
 
     Args:
         encoders: ``{modality: encoder}``; each encoder reports ``output_dim`` (or give ``feature_dims``).
@@ -139,13 +141,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             else None
         )
         self.set_modality_scoring(modality_scoring)
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
-                "f1_weighted": MulticlassF1Score(num_classes, average="weighted"),
-            }
-        )
+        metrics = MetricCollection(dict(self.build_metrics()))
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{head}": metrics.clone(prefix=f"{split}/" if head == FUSED else f"{split}/{head}/")
@@ -153,6 +149,26 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
                 for head in (FUSED, *self.encoders)
             }
         )
+
+    def build_metrics(self) -> Mapping[str, Metric]:
+        """The metrics of every head (fused and per modality) and split, by name: ``{split}/{name}`` and
+        ``{split}/{modality}/{name}``. Called once in ``__init__`` (``self.num_classes`` is set); override and extend
+        ``super().build_metrics()`` to add one. Each metric is updated with ``(logits, targets)``."""
+        return {
+            "acc": MulticlassAccuracy(self.num_classes, average="micro"),
+            "f1": MulticlassF1Score(self.num_classes, average="macro"),
+            "f1_weighted": MulticlassF1Score(self.num_classes, average="weighted"),
+        }
+
+    def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The loss of the fused prediction, logged as ``{split}/loss`` and trained on: cross-entropy. Override it to
+        change the training objective (label smoothing, class weights, focal loss)."""
+        return F.cross_entropy(logits, targets)
+
+    def compute_modality_loss(self, modality: str, logits: Tensor, targets: Tensor) -> Tensor:
+        """The loss of one modality's own prediction: the auxiliary heads' objective (``aux_loss_weight``) and the
+        logged ``{split}/{modality}/loss``. Default: :meth:`compute_loss`, so both stay comparable."""
+        return self.compute_loss(logits, targets)
 
     @property
     def modalities(self) -> list[str]:
@@ -181,7 +197,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             logits = self.fusion(self.modality_dropout(features))
         else:
             logits = self.fusion(features)
-        loss = F.cross_entropy(logits, targets)
+        loss = self.compute_loss(logits, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{split} loss is {loss.item()} at global step {self.global_step}; lower the learning rate, check the "
@@ -192,7 +208,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         if self.aux_heads is not None:
             self.modality_losses = {}
             for name, head in self.aux_heads.items():
-                aux_loss = F.cross_entropy(head(features[name]), targets)
+                aux_loss = self.compute_modality_loss(name, head(features[name]), targets)
                 if split == "train":
                     self.modality_losses[name] = aux_loss
                 self.log(f"{split}/{name}/aux_loss", aux_loss, on_step=False, on_epoch=True, batch_size=batch_size)
@@ -205,7 +221,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
         self._update_metrics(split, FUSED, logits.detach(), targets)
         for name, modality_logits in per_modality.items():
-            modality_loss = F.cross_entropy(modality_logits.detach(), targets)
+            modality_loss = self.compute_modality_loss(name, modality_logits.detach(), targets)
             self.log(f"{split}/{name}/loss", modality_loss, on_step=False, on_epoch=True, batch_size=batch_size)
             self._update_metrics(split, name, modality_logits.detach(), targets)
         return objective

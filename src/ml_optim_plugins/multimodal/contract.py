@@ -7,7 +7,7 @@ so they work on a user's own LightningModule as well as on :class:`~ml_optim_plu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -113,7 +113,48 @@ def require_modality_aware(module: Any, user: str) -> ModalityAware:
     bad = {name: type(enc).__name__ for name, enc in encoders.items() if not isinstance(enc, nn.Module)}
     if bad:
         raise TypeError(f"{user}: modality_encoders() values must be nn.Module instances, got {bad}")
+    if isinstance(module, ModalityAwareMixin):
+        module.check_fusion(user)
     return module
+
+
+def recorded_modality_outputs(
+    module: Any, modalities: Sequence[str], user: str, step: int
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The per-modality logits (of ``modalities``) and targets that ``module``'s training step recorded.
+
+    A callback that reads them calls this after a training step, so a module that never records them fails at its
+    first step instead of training unbalanced without a word.
+
+    Args:
+        module: the modality-aware module.
+        modalities: the modalities the caller needs.
+        user: the name of the caller, quoted in the error.
+        step: the training step, quoted in the error.
+
+    Raises:
+        RuntimeError: when ``modality_targets`` is ``None`` or ``modality_logits`` lacks one of ``modalities``, saying
+            what to call in ``training_step``.
+
+    Example:
+        >>> class Silent(torch.nn.Module):
+        ...     modality_logits, modality_targets = {}, None
+        >>> recorded_modality_outputs(Silent(), ["image"], "ModalityBalancer", 0)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: ModalityBalancer: training step 0 of Silent recorded no per-modality predictions ...
+    """
+    logits, targets = module.modality_logits, module.modality_targets
+    missing = [name for name in modalities if name not in logits]
+    if targets is None or missing:
+        what = "modality_targets is None" if targets is None else f"modality_logits lacks {missing}"
+        raise RuntimeError(
+            f"{user}: training step {step} of {type(module).__name__} recorded no per-modality predictions ({what}), "
+            "so no modality can be measured. With ModalityAwareMixin, call self.record_modality_outputs(features, "
+            "targets) in training_step; a module of your own sets self.modality_logits = {modality: (batch, "
+            "classes) logits} and self.modality_targets = targets there"
+        )
+    return {name: logits[name] for name in modalities}, targets
 
 
 class ModalityAwareMixin:
@@ -203,9 +244,39 @@ class ModalityAwareMixin:
         """Return ``self.encoders`` as a plain ``{modality: encoder}`` mapping."""
         return dict(self.encoders.items())
 
+    def check_fusion(self, user: str = "ModalityAwareMixin") -> None:
+        """Raise a ``TypeError`` unless :meth:`modality_outputs` can ask ``self.fusion`` for per-modality logits.
+
+        Callbacks call it at ``setup`` (through :func:`require_modality_aware`), so a plain head such as
+        ``nn.Linear`` under the name ``fusion`` fails before the first step, saying what to implement.
+
+        Raises:
+            TypeError: when ``self.fusion`` is missing or is not a :class:`~ml_optim_plugins.Fusion` (it lacks
+                ``modality_logits`` / ``masked_logits``) and neither :meth:`modality_outputs` is overridden nor the
+                scoring is ``"aux_heads"``.
+        """
+        overridden = type(self).modality_outputs is not ModalityAwareMixin.modality_outputs
+        if overridden or self.modality_scoring == "aux_heads":
+            return
+        fusion = getattr(self, "fusion", None)
+        if all(callable(getattr(fusion, name, None)) for name in ("modality_logits", "masked_logits")):
+            return
+        found = "has no attribute 'fusion'" if fusion is None else f"has fusion = {type(fusion).__name__}"
+        raise TypeError(
+            f"{user}: ModalityAwareMixin asks self.fusion for each modality's logits, but {type(self).__name__} "
+            f"{found}, not an ml_optim_plugins Fusion (ConcatFusion, SumFusion, GatedFusion or a Fusion subclass). "
+            "Use a Fusion as self.fusion, override modality_outputs(features) -> {modality: (batch, classes) logits}, "
+            "or drop the mixin and implement the ModalityAware protocol yourself (docs/index.md shows both ways)"
+        )
+
     def modality_outputs(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """What each modality alone predicts from ``features``, as :attr:`modality_scoring` says (the same on every
-        split, so training and validation per-modality metrics measure the same thing)."""
+        split, so training and validation per-modality metrics measure the same thing).
+
+        Raises:
+            TypeError: as :meth:`check_fusion`, for a ``fusion`` that is not a :class:`~ml_optim_plugins.Fusion`.
+        """
+        self.check_fusion()
         if self.modality_scoring == "masking":
             return self.fusion.masked_logits(features)
         if self.modality_scoring == "aux_heads":

