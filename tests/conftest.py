@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Image check verdicts of the tests' generated files go to a temporary folder, not the user's cache.
+os.environ.setdefault("ML_OPTIM_PLUGINS_CACHE", __import__("tempfile").mkdtemp(prefix="mop-cache-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -261,3 +261,30 @@ def test_a_checkpoint_trained_on_other_data_is_refused(tiny_config):
     # a loader-only difference is no mismatch: the same samples, batched differently
     report = run_baselines(["-c", str(tiny_config), "--data.init_args.batch_size", "4", "--ckpt_path", best])
     assert report.results[-1].method == "trained model"
+
+
+def test_the_warm_started_regularisation_path_chooses_as_cold_fits_do():
+    """Elastic-net settings that differ only in C are fitted along a warm-started path: same choice, same scores."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ml_optim_plugins.baselines import _ELASTIC_NET, _select
+
+    rng = np.random.default_rng(1)
+
+    def split(n):
+        y = rng.integers(0, 3, n)
+        return rng.normal(0.8 * y[:, None], 1.0, (n, 6)), y
+
+    data = {"train": split(150), "val": split(60), "test": split(60)}
+    grid = [{"C": c, "l1_ratio": r} for c in (0.01, 0.1, 1.0, 10.0) for r in (0.1, 0.9)]
+
+    def build(C, l1_ratio):  # noqa: N803 - scikit-learn's name
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, l1_ratio=l1_ratio, solver="saga", max_iter=5000,
+                                                                   tol=1e-6, random_state=0, **_ELASTIC_NET))
+
+    cold = _select("x", "elastic-net", grid, build, data)
+    warm = _select("x", "elastic-net", grid, build, data, path="C")
+    assert warm.params == cold.params
+    assert warm.test == pytest.approx(cold.test, abs=0.02)

@@ -235,7 +235,7 @@ def fit_baselines(
     for name in sets["train"]:
         data = {split: (sets[split][name], labels[split]) for split in sets}
         results.append(_select(name, "kNN", knn_grid, knn, data))
-        results.append(_select(name, "elastic-net", net_grid, net, data, f"max_iter={max_iter}"))
+        results.append(_select(name, "elastic-net", net_grid, net, data, f"max_iter={max_iter}", path="C"))
     return results
 
 
@@ -257,25 +257,44 @@ def _select(
     build: Callable[..., Pipeline],
     data: Mapping[str, tuple[np.ndarray, np.ndarray]],
     limit: str = "",
+    path: str | None = None,
 ) -> BaselineResult:
-    """Fit ``build(**params)`` for each ``params`` of ``grid`` on train; keep the first best on validation macro-F1."""
+    """Fit ``build(**params)`` for each ``params`` of ``grid`` on train; keep the first best (in ``grid`` order) on
+    validation macro-F1.
+
+    With ``path`` (a parameter of the pipeline's last step, e.g. ``"C"``), settings that differ only in it are fitted
+    in increasing order, each warm-started from the previous solution (a regularisation path, as glmnet walks it):
+    the same optima, in a fraction of saga's epochs.
+    """
     (x, y), (x_val, y_val) = data["train"], data["val"]
-    best: tuple[float, dict[str, Any], Pipeline, bool] | None = None
-    unconverged = 0
-    for params in grid:
-        estimator = build(**params)
+    order = list(range(len(grid)))
+    if path is not None:
+        order.sort(key=lambda i: (sorted((k, v) for k, v in grid[i].items() if k != path), grid[i][path]))
+    fitted: dict[int, tuple[float, Pipeline, bool]] = {}
+    previous: tuple[dict[str, Any], Pipeline] | None = None
+    for i in order:
+        params = grid[i]
+        same_path = previous is not None and all(previous[0][k] == v for k, v in params.items() if k != path)
+        if path is not None and same_path:
+            estimator = previous[1]
+            estimator.set_params(**{f"{estimator.steps[-1][0]}__{path}": params[path]})
+        else:
+            estimator = build(**params)
+            if path is not None:
+                estimator.set_params(**{f"{estimator.steps[-1][0]}__warm_start": True})
         converged = _fit_quietly(estimator, x, y)
-        unconverged += not converged
         score = f1_score(y_val, estimator.predict(x_val), average="macro", zero_division=0)
-        if best is None or score > best[0]:
-            best = (score, params, estimator, converged)
-    _, params, estimator, converged = best
+        fitted[i] = (score, copy.deepcopy(estimator) if path is not None else estimator, converged)
+        previous = (params, estimator)
+    best = max(range(len(grid)), key=lambda i: (fitted[i][0], -i))
+    _, estimator, converged = fitted[best]
+    unconverged = sum(not done for _, _, done in fitted.values())
     notes = ()
     if unconverged:
         chosen = "" if converged else ", the chosen one among them"
         notes = (f"{unconverged}/{len(grid)} fits stopped at {limit} before converging{chosen}",)
     scores = {split: _scores(y_true, estimator.predict(x_split)) for split, (x_split, y_true) in data.items()}
-    return BaselineResult(features, method, dict(params), scores["val"], scores.get("test"), notes)
+    return BaselineResult(features, method, dict(grid[best]), scores["val"], scores.get("test"), notes)
 
 
 def _fit_quietly(estimator: Pipeline, x: np.ndarray, y: np.ndarray) -> bool:

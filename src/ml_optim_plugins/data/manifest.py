@@ -2,146 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ml_optim_plugins.data.base import MultimodalDataModule
+from ml_optim_plugins.data.checks import check_images, default_check_cache, duplicate_groups, label_spelling_conflicts
+from ml_optim_plugins.data.rows import ManifestError, ManifestRow, read_manifest, row_problem, seeded_split
 from ml_optim_plugins.data.transforms import image_data_config, image_transform
-
-
-class ManifestError(ValueError):
-    """A manifest has bad rows or columns; ``problems`` lists ``(file, line, message)`` for each."""
-
-    def __init__(self, problems: Sequence[tuple[str, int, str]]) -> None:
-        self.problems = list(problems)
-        shown = "\n".join(f"  {file}, line {line}: {message}" for file, line, message in self.problems[:20])
-        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
-        super().__init__(
-            f"{len(self.problems)} bad row(s) in the manifest:\n{shown}{more}\n"
-            "Fix them, or pass on_bad_rows='skip' to leave them out."
-        )
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    """One sample of a manifest: where it came from, the image file, the text and the label name.
-
-    ``problem`` is why the reader could not use the line (a malformed line, a missing text file), ``""`` when it read
-    fine; :func:`row_problem` reports it like any other bad row.
-    """
-
-    file: str
-    line: int
-    image: Path
-    text: str
-    label: str
-    problem: str = ""
-
-
-def read_manifest(
-    path: str | Path, image_column: str, text_column: str, label_column: str, image_root: str | Path | None = None
-) -> list[ManifestRow]:
-    """Read a CSV (``.csv``, ``.tsv``) or JSONL (``.jsonl``, ``.ndjson``) manifest into rows.
-
-    Relative image paths are resolved against ``image_root`` (default: the manifest's folder). ``line`` is the
-    1-based line of the file (the CSV header is line 1).
-
-    Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        ValueError: for an unknown suffix, missing columns, or a line that is not a JSON object.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
-    root = Path(image_root) if image_root is not None else path.parent
-    columns = (image_column, text_column, label_column)
-    suffix = path.suffix.lower()
-    records: list[tuple[int, dict[str, Any]]] = []
-    if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            absent = [c for c in columns if c not in (reader.fieldnames or [])]
-            if absent:
-                raise ValueError(
-                    f"manifest {str(path)!r} lacks column(s) {absent}; its columns are {reader.fieldnames}. "
-                    "Set image_column / text_column / label_column to match."
-                )
-            records = [(reader.line_num, record) for record in reader]
-    elif suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-                records.append((number, record))
-    else:
-        raise ValueError(f"manifest {str(path)!r}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .ndjson")
-    rows = []
-    for number, record in records:
-        image = str(record.get(image_column) or "")
-        rows.append(
-            ManifestRow(
-                file=str(path),
-                line=number,
-                image=(root / image) if image else Path(),
-                text=str(record.get(text_column) or "").strip(),
-                label=str(record.get(label_column) if record.get(label_column) is not None else "").strip(),
-            )
-        )
-    return rows
-
-
-def row_problem(row: ManifestRow, known_labels: set[str] | None) -> str | None:
-    """Why ``row`` cannot be used (a reading problem, missing or unreadable image, empty text, unknown label), or
-    ``None``."""
-    if row.problem:
-        return row.problem
-    if not row.label:
-        return "empty label"
-    if known_labels is not None and row.label not in known_labels:
-        return f"unknown label {row.label!r}; known labels are {sorted(known_labels)}"
-    if not row.text:
-        return "empty text"
-    if row.image == Path():
-        return "empty image path"
-    if not row.image.is_file():
-        return f"image {str(row.image)!r} not found"
-    try:
-        with Image.open(row.image) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        return f"image {str(row.image)!r} is unreadable ({err})"
-    return None
-
-
-def seeded_split(size: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
-    """Positions ``0 .. size - 1`` split at random (seeded) into ``"val"``, ``"test"`` and the rest, ``"train"``.
-
-    With both fractions 0, ``"train"`` keeps the original order.
-
-    Example:
-        >>> {name: len(positions) for name, positions in seeded_split(10, 0.2, 0.1, seed=0).items()}
-        {'val': 2, 'test': 1, 'train': 7}
-    """
-    n_val, n_test = int(round(val_fraction * size)), int(round(test_fraction * size))
-    if not (n_val or n_test):
-        return {"val": [], "test": [], "train": list(range(size))}
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-    return {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
@@ -168,12 +41,15 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        with Image.open(row.image) as image:
-            if self.draft_size:
-                # JPEG: let the decoder scale by 1/2, 1/4 or 1/8 while staying above the size the transform needs;
-                # a full-resolution decode of a phone photo costs more than the encoder's forward pass.
-                image.draft("RGB", (self.draft_size, self.draft_size))
-            pixels = self.transform(image.convert("RGB"))
+        try:
+            with Image.open(row.image) as image:
+                if self.draft_size:
+                    # JPEG: let the decoder scale by 1/2, 1/4 or 1/8 while staying above the size the transform
+                    # needs; a full-resolution decode of a phone photo costs more than the encoder's forward pass.
+                    image.draft("RGB", (self.draft_size, self.draft_size))
+                pixels = self.transform(image.convert("RGB"))
+        except Exception as err:  # the worker's traceback alone names neither the file nor the manifest line
+            raise RuntimeError(f"{row.file}, line {row.line}: image {str(row.image)!r}: {type(err).__name__}: {err}") from err
         return {"image": pixels, "text": row.text, "label": self.label_ids[row.label], "index": index}
 
 
@@ -274,30 +150,61 @@ class ManifestDataModule(MultimodalDataModule):
         self, val_fraction: float, test_fraction: float, seed: int, labels: Sequence[str] | None
     ) -> dict[str, list[ManifestRow]]:
         read = self.read_rows()
+        conflicts = label_spelling_conflicts([(row.label, row.file, row.line) for rows in read.values() for row in rows])
+        if conflicts:
+            raise ValueError(
+                "labels spelt more than one way would become separate classes: " + "; ".join(conflicts[:10])
+                + ". Use one spelling per class in the manifest"
+            )
         known = set(labels) if labels is not None else {row.label for row in read["train"] if row.label}
+        images = check_images(
+            [row.image for rows in read.values() for row in rows if not row.problem and row.image != Path()],
+            cache_file=default_check_cache(),
+        )
         problems: list[tuple[str, int, str]] = []
         for name in read:
             good = []
             for row in read[name]:
-                problem = row_problem(row, known)
+                problem = row_problem(row, known, images)
                 if problem is None:
                     good.append(row)
                 else:
                     problems.append((row.file, row.line, problem))
             read[name] = good
+        groups = duplicate_groups([(str(row.image), row.text) for row in read["train"]])
+        for group in groups:
+            first = read["train"][group[0]]
+            problems += [
+                (row.file, row.line, f"same image and text as line {first.line}, but label {row.label!r} there "
+                 f"{first.label!r}")
+                for row in (read["train"][i] for i in group[1:]) if row.label != first.label
+            ]
         if problems:
             if self.on_bad_rows == "raise":
                 raise ManifestError(problems)
             self.skipped_rows = problems
             rank_zero_warn(f"{type(self).__name__} skipped {len(problems)} bad row(s); see .skipped_rows. First: {problems[0]}")
+            bad = {(file, line) for file, line, _ in problems}
+            read["train"] = [row for row in read["train"] if (row.file, row.line) not in bad]
+            groups = duplicate_groups([(str(row.image), row.text) for row in read["train"]])
+        repeats = [group for group in groups if len(group) > 1]
+        if repeats:
+            first = [read["train"][i].line for i in repeats[0][:2]]
+            rank_zero_warn(
+                f"{type(self).__name__}: {sum(len(g) - 1 for g in repeats)} row(s) repeat the image and text of an "
+                f"earlier row (first: line {first[1]} repeats line {first[0]}); each set of repeats is kept in one split"
+            )
+        # Split groups of identical rows, not rows, so that no sample is both trained and tested on; without repeats
+        # every group is one row and the split is the plain seeded split of the rows.
         positions = seeded_split(
-            len(read["train"]),
+            len(groups),
             0.0 if "val" in read else val_fraction,
             0.0 if "test" in read else test_fraction,
             seed,
         )
-        splits = {name: read.get(name) or [read["train"][i] for i in positions[name]] for name in ("val", "test")}
-        splits["train"] = [read["train"][i] for i in positions["train"]]
+        members = {name: [read["train"][i] for g in positions[name] for i in groups[g]] for name in positions}
+        splits = {name: read.get(name) or members[name] for name in ("val", "test")}
+        splits["train"] = members["train"]
         if not splits["train"]:
             raise ValueError(f"no usable training rows in {self.manifests['train']!r}")
         return splits
