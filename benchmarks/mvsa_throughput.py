@@ -5,7 +5,7 @@
 Times one batch (``--batch-size`` posts of the training split, the recipe's encoders: EfficientNet-Lite0 at 224
 pixels, MiniLM at 64 tokens) for each part of a step, over ``--batches`` batches after one warm-up, in one process:
 
-* decoding and transforming the JPEGs (full-resolution decode vs PIL's reduced-scale ``draft`` decode), tokenising;
+* decoding and transforming the JPEGs, tokenising;
 * the image and the text encoder: forward without gradient (a frozen encoder), forward + backward of the whole encoder,
   forward + backward of the top blocks only (the rest frozen);
 * the fusion head on cached features.
@@ -68,16 +68,9 @@ def main() -> None:
     features = {"image": torch.randn(args.batch_size, image.output_dim), "text": torch.randn(args.batch_size, text.output_dim)}
     labels = batch["label"]
 
-    def decode(draft: bool) -> Callable[[], object]:
-        def run() -> None:
-            saved = dataset.draft_size
-            dataset.draft_size = saved if draft else None
-            try:
-                for i in rows:
-                    dataset[i]
-            finally:
-                dataset.draft_size = saved
-        return run
+    def decode() -> None:
+        for i in rows:
+            dataset[i]
 
     def forward(encoder: torch.nn.Module, inputs: object) -> Callable[[], object]:
         def run() -> None:
@@ -102,8 +95,7 @@ def main() -> None:
         loss.backward()
 
     parts = {
-        "decode + transform, full-resolution JPEG decode": decode(draft=False),
-        "decode + transform, reduced-scale (draft) decode": decode(draft=True),
+        "decode + transform (JPEG at full resolution, resize, crop)": decode,
         "tokenise": lambda: data.collate(samples),
         "image encoder forward, no gradient (frozen)": forward(image, batch["image"]),
         "image encoder forward + backward, all blocks": train(image, batch["image"], None),
@@ -120,15 +112,12 @@ def main() -> None:
         print(f"| {name} | {value:.3f} | {1000 * value / args.batch_size:.1f} |")
 
     s = seconds
-    decode_best = s["decode + transform, reduced-scale (draft) decode"] + s["tokenise"]
+    decode_all = s["decode + transform (JPEG at full resolution, resize, crop)"] + s["tokenise"]
     plans = {
-        "everything recomputed, both encoders finetuned (full decode)":
-            s["decode + transform, full-resolution JPEG decode"] + s["tokenise"]
-            + s["image encoder forward + backward, all blocks"] + s["text encoder forward + backward, all layers"],
-        "both encoders finetuned (draft decode)":
-            decode_best + s["image encoder forward + backward, all blocks"] + s["text encoder forward + backward, all layers"],
-        "image top 2 blocks + all of MiniLM (draft decode)":
-            decode_best + s["image encoder forward + backward, top 2 blocks"] + s["text encoder forward + backward, all layers"],
+        "both encoders finetuned, images decoded each epoch":
+            decode_all + s["image encoder forward + backward, all blocks"] + s["text encoder forward + backward, all layers"],
+        "image top 2 blocks + all of MiniLM":
+            decode_all + s["image encoder forward + backward, top 2 blocks"] + s["text encoder forward + backward, all layers"],
         "image frozen and cached, all of MiniLM finetuned (the recipe)":
             s["tokenise"] + s["text encoder forward + backward, all layers"] + s["fusion head forward + backward on cached features"],
         "image frozen and cached, MiniLM top 2 layers":

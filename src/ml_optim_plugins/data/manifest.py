@@ -23,18 +23,12 @@ def _sorted_labels(labels: set[str]) -> list[str]:
 
 class ManifestDataset(Dataset):
     """Loads the image of each row, applies ``transform``, and returns ``{"image", "text", "label", "index"}``
-    (``index``: the row's position, the sample id of feature caches).
+    (``index``: the row's position, the sample id of feature caches)."""
 
-    ``draft_size``: JPEGs are decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose sides stay at least this
-    large (PIL's ``draft``); ``None`` decodes at full resolution."""
-
-    def __init__(
-        self, rows: Sequence[ManifestRow], label_ids: dict[str, int], transform: Any, draft_size: int | None = None
-    ) -> None:
+    def __init__(self, rows: Sequence[ManifestRow], label_ids: dict[str, int], transform: Any) -> None:
         self.rows = list(rows)
         self.label_ids = label_ids
         self.transform = transform
-        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -43,10 +37,6 @@ class ManifestDataset(Dataset):
         row = self.rows[index]
         try:
             with Image.open(row.image) as image:
-                if self.draft_size:
-                    # JPEG: let the decoder scale by 1/2, 1/4 or 1/8 while staying above the size the transform
-                    # needs; a full-resolution decode of a phone photo costs more than the encoder's forward pass.
-                    image.draft("RGB", (self.draft_size, self.draft_size))
                 pixels = self.transform(image.convert("RGB"))
         except Exception as err:  # the worker's traceback alone names neither the file nor the manifest line
             raise RuntimeError(f"{row.file}, line {row.line}: image {str(row.image)!r}: {type(err).__name__}: {err}") from err
@@ -220,16 +210,11 @@ class ManifestDataModule(MultimodalDataModule):
     def setup(self, stage: str) -> None:
         label_ids = {name: index for index, name in enumerate(self._class_names)}
         self.datasets = {
-            split: ManifestDataset(rows, label_ids, self.transform(train=split == "train"), self._draft_size())
+            split: ManifestDataset(rows, label_ids, self.transform(train=split == "train"))
             for split, rows in self.splits.items()
             if rows
         }
         self._save_to_log_dir("labels.json", self._class_names, "label names")
-
-    def _draft_size(self) -> int:
-        """The smallest decoded side the transforms need: the evaluation resize (input size / crop_pct)."""
-        side = max(self.image_config["input_size"][1:])
-        return int(side / (self.image_config.get("crop_pct") or 1.0)) + 1
 
     def _save_to_log_dir(self, name: str, content: Any, what: str) -> None:
         """Write ``content`` as JSON file ``name`` into the run's log directory (rank 0; nothing without a Trainer or
