@@ -183,7 +183,8 @@ def run_trained(
     cli = run(args)
     wall = time.perf_counter() - start
     trainer = cli.trainer
-    timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimes))
+    # By name: the CLI imports this file as module "mvsa_single", so its class is not this run's __main__.EpochTimes.
+    timer = next(c for c in trainer.callbacks if type(c).__name__ == "EpochTimes")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     checkpoint = trainer.checkpoint_callback
     test = {m: metrics.get(f"test/{m}") for m in METRICS}
