@@ -20,25 +20,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from gradcheck import median_time  # this folder's scripts share their timer
 from PIL import Image
 
 TRAIN_POSTS = 3609
-
-
-def timed(step: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``step`` over ``repeats`` calls, after one warm-up call."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -105,7 +93,7 @@ def main() -> None:
         "text encoder forward + backward, top 2 layers": train(text, batch["text"], "[-2:]"),
         "fusion head forward + backward on cached features": fusion_step,
     }
-    seconds = {name: timed(step, args.batches) for name, step in parts.items()}
+    seconds = {name: median_time(step, args.batches) for name, step in parts.items()}
     print(f"\nper batch of {args.batch_size} posts ({args.threads} threads, median of {args.batches}):\n")
     print("| part | s / batch | ms / post |\n|---|---|---|")
     for name, value in seconds.items():
