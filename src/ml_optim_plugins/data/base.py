@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ml_optim_plugins.data.collate import MultimodalCollate, load_tokenizer
 
@@ -64,26 +65,52 @@ class MultimodalDataModule(pl.LightningDataModule):
             self._collate = MultimodalCollate(tokenizer, self.max_length)
         return self._collate
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__} has no {split!r} split; was setup() called for this stage?")
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
         )
 
+    def evaluation_sampler(self, split: str) -> Sampler | None:
+        """Under a distributed Trainer, this process's share of ``split`` without padding; ``None`` otherwise.
+
+        Lightning's ``DistributedSampler`` pads a split to a multiple of the process count, so up to N-1 samples
+        would be evaluated twice; Lightning's ``UnrepeatedDistributedSampler`` (what it uses for ``predict``) gives
+        the ranks counts that differ by at most one instead, and the metrics sync over uneven counts. Lightning leaves
+        a loader that already has a ``DistributedSampler`` as it is. Used by the val and test loaders.
+
+        Raises:
+            ValueError: ``split`` has fewer samples than there are processes (a rank without a batch would block
+                the others at the end of the epoch).
+        """
+        trainer = self.trainer
+        shares = None if trainer is None else trainer.distributed_sampler_kwargs
+        if not shares or shares.get("num_replicas", 1) < 2:
+            return None
+        dataset = self.datasets[split]
+        size, processes = len(dataset), shares["num_replicas"]
+        if 0 < size < processes:
+            raise ValueError(
+                f"the {split} split has {size} sample(s) for {processes} processes; every process needs at least one: "
+                f"run fewer processes or give the {split} split at least {processes} samples"
+            )
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **shares)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", shuffle=False, sampler=self.evaluation_sampler("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", shuffle=False, sampler=self.evaluation_sampler("test"))
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ml_optim_plugins.multimodal.contract import ModalityAwareMixin
 from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
+from ml_optim_plugins.rank_seed import seed_per_rank
 
 FUSED = "fused"
 SPLITS = ("train", "val", "test")
@@ -40,6 +41,11 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     logs, as epoch aggregates: ``{split}/loss``, ``{split}/acc``, ``{split}/f1`` (macro) and ``{split}/f1_weighted``
     for the fused prediction, and ``{split}/{modality}/loss|acc|f1|f1_weighted`` for each modality's own prediction (the fusion's per-modality logits, or
     as ``modality_scoring`` says).
+
+    Under DDP every logged value is the global one: losses are reduced over the ranks weighted by their sample counts,
+    the torchmetrics metrics sync their states, and the library's data modules give each rank a share of the val / test
+    splits without the distributed sampler's padded duplicates. In ``setup`` each rank reseeds its noise with
+    :func:`~ml_optim_plugins.seed_per_rank`, so dropout differs between ranks and a rerun draws the same.
 
     Subclass it to change the loss (:meth:`compute_loss`, :meth:`compute_modality_loss`), the metrics
     (:meth:`build_metrics`; extra ones are logged per split and head and reach :class:`~ml_optim_plugins.RunReport`'s
@@ -142,6 +148,11 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         )
         self.set_modality_scoring(modality_scoring)
         metrics = MetricCollection(dict(self.build_metrics()))
+        losses = ["loss", *(f"{name}/loss" for name in self.encoders)]
+        losses += [f"{name}/aux_loss" for name in self.aux_heads or {}]
+        self.eval_losses = nn.ModuleDict(
+            {f"{split}/{loss}": MeanMetric(nan_strategy="disable") for split in ("val", "test") for loss in losses}
+        )
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{head}": metrics.clone(prefix=f"{split}/" if head == FUSED else f"{split}/{head}/")
@@ -211,25 +222,50 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
                 aux_loss = self.compute_modality_loss(name, head(features[name]), targets)
                 if split == "train":
                     self.modality_losses[name] = aux_loss
-                self.log(f"{split}/{name}/aux_loss", aux_loss, on_step=False, on_epoch=True, batch_size=batch_size)
+                self._log_loss(split, f"{name}/aux_loss", aux_loss, batch_size)
                 objective = objective + self.aux_loss_weight * aux_loss
         if split == "train":
             self.record_modality_outputs(features, targets)
             per_modality = self.modality_logits
         else:
             per_modality = self.modality_outputs(features)
-        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self._log_loss(split, "loss", loss, batch_size, on_step=split == "train", prog_bar=True)
         self._update_metrics(split, FUSED, logits.detach(), targets)
         for name, modality_logits in per_modality.items():
             modality_loss = self.compute_modality_loss(name, modality_logits.detach(), targets)
-            self.log(f"{split}/{name}/loss", modality_loss, on_step=False, on_epoch=True, batch_size=batch_size)
+            self._log_loss(split, f"{name}/loss", modality_loss, batch_size)
             self._update_metrics(split, name, modality_logits.detach(), targets)
         return objective
+
+    def _log_loss(
+        self, split: str, name: str, value: Tensor, batch_size: int, on_step: bool = False, prog_bar: bool = False
+    ) -> None:
+        key = f"{split}/{name}"
+        if split == "train":
+            # Every rank's training batches have the same size (the distributed sampler pads the training split), so
+            # Lightning's sync_dist, a mean over the ranks, gives the global batch's mean, per step and per epoch.
+            self.log(key, value, on_step=on_step, on_epoch=True, prog_bar=prog_bar, batch_size=batch_size, sync_dist=True)
+            return
+        # Evaluation shards differ by up to one sample (unpadded). sync_dist would divide by a floored integer mean of
+        # the counts (Lightning-AI/pytorch-lightning#21859); a MeanMetric sums values and counts over the ranks. The
+        # batch mean goes in once per sample, not as weight=: nan_strategy="disable" (a NaN loss is logged as NaN)
+        # drops weights in torchmetrics 1.9 (Lightning-AI/torchmetrics#3434).
+        metric = self.eval_losses[key]
+        metric.update(value.detach().expand(batch_size))
+        self.log(key, metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
 
     def _update_metrics(self, split: str, head: str, logits: Tensor, targets: Tensor) -> None:
         collection = self.metrics[f"{split}_{head}"]
         collection.update(logits, targets)
         self.log_dict(collection, on_step=False, on_epoch=True, prog_bar=head == FUSED and split != "train")
+
+    def setup(self, stage: str) -> None:
+        """Under DDP, before ``fit``: seed each process's noise with the run's seed plus its rank
+        (:func:`~ml_optim_plugins.seed_per_rank`), so dropout, Gaussian and modality dropout draw independently on each
+        rank. It runs before Lightning restores a checkpoint, so RNG states restored from one take precedence. Call
+        ``super().setup(stage)`` when overriding."""
+        if stage == "fit" and self.trainer.world_size > 1:
+            seed_per_rank(self.trainer.global_rank)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         return self.step(batch, "train")
