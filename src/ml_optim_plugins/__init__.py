@@ -78,6 +78,7 @@ from ml_optim_plugins.multimodal import (
     resolve_text_model,
 )
 from ml_optim_plugins.process_group import destroy_default_process_group
+from ml_optim_plugins.rank_seed import seed_per_rank
 from ml_optim_plugins.regularization import (
     DropoutReplacement,
     ElasticNetPenalty,
@@ -191,6 +192,7 @@ __all__ = [
     "replace_dropout",
     "require_modality_aware",
     "resolve_text_model",
+    "seed_per_rank",
     "training_step_loss",
     "true_class_scores",
     "variational_kl",

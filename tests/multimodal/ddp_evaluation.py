@@ -123,7 +123,8 @@ class NoiseRecorder(pl.Callback):
         pl_module.modality_dropout.register_forward_hook(
             record("modality", lambda x, y: {m: (y[m] != 0).any(1).tolist() for m in sorted(y)})
         )
-        pl_module.encoders["text"].dropout.register_forward_hook(record("text", lambda x, y: (y != 0).flatten().tolist()))
+        text_dropout = pl_module.encoders["text"].dropout
+        text_dropout.register_forward_hook(record("text", lambda x, y: (y != 0).flatten().tolist()))
 
 
 if __name__ == "__main__":

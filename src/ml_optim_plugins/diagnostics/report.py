@@ -362,7 +362,9 @@ def _pads_samples(loaders: Any) -> bool:
 
     def check(loader: DataLoader) -> None:
         sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
-        padding.append(isinstance(sampler, DistributedSampler) and not isinstance(sampler, UnrepeatedDistributedSampler))
+        padding.append(
+            isinstance(sampler, DistributedSampler) and not isinstance(sampler, UnrepeatedDistributedSampler)
+        )
 
     apply_to_collection(loaders, DataLoader, check)
     return any(padding)

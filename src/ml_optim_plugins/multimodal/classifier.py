@@ -244,13 +244,19 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         if split == "train":
             # Every rank's training batches have the same size (the distributed sampler pads the training split), so
             # Lightning's sync_dist, a mean over the ranks, gives the global batch's mean, per step and per epoch.
-            self.log(key, value, on_step=on_step, on_epoch=True, prog_bar=prog_bar, batch_size=batch_size, sync_dist=True)
+            self.log(
+                key, value, on_step=on_step, on_epoch=True, prog_bar=prog_bar, batch_size=batch_size, sync_dist=True
+            )
             return
         # Evaluation shards differ by up to one sample (unpadded). sync_dist would divide by a floored integer mean of
         # the counts (Lightning-AI/pytorch-lightning#21859); a MeanMetric sums values and counts over the ranks. The
         # batch mean goes in once per sample, not as weight=: nan_strategy="disable" (a NaN loss is logged as NaN)
         # drops weights in torchmetrics 1.9 (Lightning-AI/torchmetrics#3434).
         metric = self.eval_losses[key]
+        if metric.update_count == 0:
+            # Fresh states in this loop's grad mode: MeanMetric adds in place, and states reset at the end of a
+            # trainer.validate (inference mode) cannot be updated in fit's validation (no_grad).
+            metric.reset()
         metric.update(value.detach().expand(batch_size))
         self.log(key, metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
 
