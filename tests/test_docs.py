@@ -194,7 +194,7 @@ def test_finetuning_examples_run_and_the_yaml_builds_the_same_plan(capsys):
     "page",
     ["index.md", "quickstart.md", "data.md", "schedules.md", "regularization.md", "benchmarks.md", "gradcheck.md",
      "diagnostics.md", "balancing.md", "finetuning.md", "recipes.md", "methods.md", "compatibility.md",
-     "baselines.md"],
+     "baselines.md", "multi_node.md"],
 )
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()
