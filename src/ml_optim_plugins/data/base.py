@@ -92,8 +92,8 @@ class MultimodalDataModule(pl.LightningDataModule):
         """
         trainer = self.trainer
         shares = None if trainer is None else trainer.distributed_sampler_kwargs
-        if not shares or shares.get("num_replicas", 1) < 2:
-            return None
+        if not shares or shares.get("num_replicas", 1) < 2 or split not in self.datasets:
+            return None  # a missing split: the loader names it
         dataset = self.datasets[split]
         size, processes = len(dataset), shares["num_replicas"]
         if 0 < size < processes:
