@@ -13,10 +13,12 @@ from ml_optim_plugins.data.base import MultimodalDataModule
 from ml_optim_plugins.data.preprocessing import preprocessing_differences
 
 
-def checkpoint_mismatches(hparams: Mapping[str, Any], data: MultimodalDataModule) -> list[str]:
-    """How a model with hyperparameters ``hparams`` (a checkpoint's) disagrees with ``data``: other label names (or
-    another number of classes where the names were not saved), or inputs prepared otherwise (image size,
-    normalisation, interpolation, crop, tokenizer, longest text). Empty when they fit.
+def checkpoint_mismatches(
+    hparams: Mapping[str, Any], data: MultimodalDataModule, source: str = "the checkpoint"
+) -> list[str]:
+    """How a model with hyperparameters ``hparams`` (a checkpoint's, or ``source``'s) disagrees with ``data``: other
+    label names (or another number of classes where the names were not saved), or inputs prepared otherwise (image
+    size, normalisation, interpolation, crop, tokenizer, longest text). Empty when they fit.
 
     Example:
         >>> from ml_optim_plugins import SyntheticSentimentDataModule
@@ -33,14 +35,14 @@ def checkpoint_mismatches(hparams: Mapping[str, Any], data: MultimodalDataModule
     names = [str(name) for name in data.class_names]
     saved = hparams.get("class_names")
     if saved is not None and [str(name) for name in saved] != names:
-        problems.append(f"labels {[str(name) for name in saved]} in the checkpoint, {names} in the data")
+        problems.append(f"labels {[str(name) for name in saved]} in {source}, {names} in the data")
     elif saved is None and hparams.get("num_classes") not in (None, len(names)):
-        problems.append(f"{hparams['num_classes']} classes in the checkpoint, {len(names)} ({names}) in the data")
+        problems.append(f"{hparams['num_classes']} classes in {source}, {len(names)} ({names}) in the data")
     preprocessing = hparams.get("preprocessing")
     if preprocessing is not None:
         differences = preprocessing_differences(preprocessing, data.preprocessing)
         if differences:
-            problems.append("preprocessing (checkpoint vs data): " + "; ".join(differences))
+            problems.append(f"preprocessing ({source.removeprefix('the ')} vs data): " + "; ".join(differences))
     return problems
 
 

@@ -14,6 +14,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from ml_optim_plugins.data.base import MultimodalDataModule
+from ml_optim_plugins.prediction.checkpoint import checkpoint_mismatches
+
 
 def class_names_of(module: pl.LightningModule, datamodule: Any = None) -> list[str]:
     """The class names a prediction is reported with: the model's ``class_names`` (those it was trained with), else
@@ -40,7 +43,9 @@ class PredictionWriter(BasePredictionWriter):
 
     Each row holds the sample's id (the ``ids`` of the predict dataset, e.g. a manifest's id column; else the
     sample's position), the predicted class by name, the probability of every class (``prob_<class>``) and, with
-    ``modality_predictions``, what each modality alone predicts (``<modality>_prediction``).
+    ``modality_predictions``, what each modality alone predicts (``<modality>_prediction``). With one of the
+    library's data modules, a model whose ``class_names`` or ``preprocessing`` differ from the data's is refused at
+    ``setup``.
 
     It collects each batch's outputs (``predict_step`` must return ``probs``, ``index`` and, for the per-modality
     columns, ``modality_probs``, as :class:`~ml_optim_plugins.MultimodalClassifier`'s does). At the end of the epoch the
@@ -74,6 +79,18 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._rows = []
+        data = trainer.datamodule
+        if stage == "predict" and isinstance(data, MultimodalDataModule):
+            # A model trained on other labels or other preprocessing would be silently wrong, e.g. a Predictor's
+            # model (the checkpoint's names and preprocessing) given another recipe's data module.
+            saved = {"class_names": getattr(pl_module, "class_names", None),
+                     "preprocessing": getattr(pl_module, "preprocessing", None)}
+            problems = checkpoint_mismatches(saved, data, source="the model")
+            if problems:
+                raise ValueError(
+                    f"{type(pl_module).__name__} does not fit the data it is asked to predict on "
+                    f"({type(data).__name__}): {'; '.join(problems)}"
+                )
 
     def _modalities(self, pl_module: pl.LightningModule) -> list[str]:
         if not self.modality_predictions or not callable(getattr(pl_module, "modality_encoders", None)):
