@@ -156,6 +156,23 @@ def test_trainer_predict_refuses_a_model_that_does_not_fit_the_data_module(posts
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_writer_refuses_more_processes_than_inputs(posts, predictor, tmp_path):
+    """Lightning skips the predict loop of a process without inputs, which would leave the others waiting in the
+    gather: refused at setup, on every process alike."""
+    from types import SimpleNamespace
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "7.jpg").write_bytes((posts / "posts" / "0.jpg").read_bytes())
+    (folder / "7.txt").write_text("a single post")
+    data = SyntheticSentimentDataModule(image_size=32, max_length=24, predict=str(folder))
+    data.setup("predict")
+    writer = PredictionWriter(tmp_path / "p.csv")
+    with pytest.raises(ValueError, match=r"1 input\(s\) to predict on for 2 processes: .*--trainer.devices 1\)"):
+        writer.setup(SimpleNamespace(datamodule=data, world_size=2), predictor.model, "predict")
+    writer.setup(SimpleNamespace(datamodule=data, world_size=1), predictor.model, "predict")
+
+
 def test_two_process_ddp_predict_writes_each_sample_once_in_order(
     tiny_run, posts, predictor, run_cli_subprocess, tmp_path
 ):

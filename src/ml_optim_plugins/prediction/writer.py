@@ -24,6 +24,8 @@ def class_names_of(module: pl.LightningModule, datamodule: Any = None) -> list[s
     names = getattr(module, "class_names", None) or getattr(datamodule, "class_names", None)
     if names:
         return [str(name) for name in names]
+    if getattr(module, "num_classes", None) is None:
+        raise ValueError(f"{type(module).__name__} has neither class_names nor num_classes; give it one of them")
     return [str(i) for i in range(int(module.num_classes))]
 
 
@@ -90,6 +92,14 @@ class PredictionWriter(BasePredictionWriter):
                 raise ValueError(
                     f"{type(pl_module).__name__} does not fit the data it is asked to predict on "
                     f"({type(data).__name__}): {'; '.join(problems)}"
+                )
+            # Lightning skips the predict loop, hooks included, of a process whose share of the inputs is empty; the
+            # others would wait for it in the gather forever.
+            inputs = len(data.datasets.get("predict", ()))
+            if 0 < inputs < trainer.world_size:
+                raise ValueError(
+                    f"{inputs} input(s) to predict on for {trainer.world_size} processes: a process without inputs "
+                    f"would never join the others; predict on at most {inputs} device(s) (--trainer.devices {inputs})"
                 )
 
     def _modalities(self, pl_module: pl.LightningModule) -> list[str]:
