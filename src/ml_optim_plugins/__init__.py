@@ -77,6 +77,7 @@ from ml_optim_plugins.multimodal import (
     require_modality_aware,
     resolve_text_model,
 )
+from ml_optim_plugins.prediction import Prediction, PredictionWriter, Predictor
 from ml_optim_plugins.process_group import destroy_default_process_group
 from ml_optim_plugins.rank_seed import seed_per_rank
 from ml_optim_plugins.regularization import (
@@ -156,6 +157,9 @@ __all__ = [
     "MVSADataModule",
     "MetricHistory",
     "OverfitBatchCheck",
+    "Prediction",
+    "PredictionWriter",
+    "Predictor",
     "RunReport",
     "PenaltyCallback",
     "SentenceTransformerTextEncoder",

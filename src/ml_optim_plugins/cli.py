@@ -17,16 +17,20 @@ from rich.table import Table
 
 from ml_optim_plugins.data.base import MultimodalDataModule
 from ml_optim_plugins.multimodal.classifier import MultimodalClassifier
+from ml_optim_plugins.prediction.command import prepare_predict, print_predict_command
 from ml_optim_plugins.process_group import destroy_default_process_group
 
 
 class MultimodalCLI(LightningCLI):
     """LightningCLI for :class:`MultimodalClassifier` (or a subclass) and any :class:`MultimodalDataModule`.
 
-    ``data.num_classes`` is linked to ``model.num_classes``. After ``fit`` / ``validate`` / ``test`` it prints the final
+    ``data.num_classes``, ``data.class_names`` and ``data.preprocessing`` are linked to the model's (so checkpoints
+    carry the label names and the preprocessing). After ``fit`` / ``validate`` / ``test`` it prints the final
     metrics, the log directory and the best checkpoint. ``fit`` then tests the best checkpoint (selected on
     validation) when the data has a test split (``--test_after_fit false`` turns that off), so a
-    :class:`~ml_optim_plugins.RunReport` gets its test column.
+    :class:`~ml_optim_plugins.RunReport` gets its test column, and prints the command that predicts with it.
+    ``predict`` refuses a checkpoint whose labels or preprocessing differ from the data's and writes
+    ``predictions.csv`` (:func:`~ml_optim_plugins.prediction.command.prepare_predict`).
 
     Example:
         >>> MultimodalCLI(args=["fit", "-c", "recipes/quickstart.yaml"])  # doctest: +SKIP
@@ -35,6 +39,7 @@ class MultimodalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.link_arguments("data.preprocessing", "model.init_args.preprocessing", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -58,12 +63,16 @@ class MultimodalCLI(LightningCLI):
         trainer, data = self.trainer, self.datamodule
         wanted = self.config["fit"].get("test_after_fit", True)
         has_test = getattr(data, "has_split", lambda split: False)("test")
-        if not wanted or not has_test or trainer.interrupted or trainer.fast_dev_run:
-            return
-        # The model selected on validation, evaluated once on test: the figures a run report and a paper may quote.
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        trainer.test(self.model, datamodule=data, ckpt_path="best" if best else None, verbose=False)
-        print_run_summary(trainer, "test")
+        if wanted and has_test and not trainer.interrupted and not trainer.fast_dev_run:
+            # The model selected on validation, evaluated once on test: the figures a run report and a paper may quote.
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+            trainer.test(self.model, datamodule=data, ckpt_path="best" if best else None, verbose=False)
+            print_run_summary(trainer, "test")
+        if not trainer.interrupted and not trainer.fast_dev_run:
+            print_predict_command(trainer, self.config["fit"].get("config") or ())
+
+    def before_predict(self) -> None:  # noqa: D102 - LightningCLI hook
+        prepare_predict(self.trainer, self.datamodule, self.config["predict"].get("ckpt_path"))
 
     def after_validate(self) -> None:
         print_run_summary(self.trainer, "validate")

@@ -66,13 +66,24 @@ def test_classifier_learns_a_fixed_batch(tmp_path):
     assert losses[-1] < 0.3 * losses[0]
 
 
-def test_test_and_predict(tmp_path, tiny_model, tiny_datamodule):
-    trainer = tiny_trainer(tmp_path, limit_test_batches=1, limit_predict_batches=1)
-    results = trainer.test(tiny_model, tiny_datamodule, verbose=False)
+def test_test_and_predict(tmp_path, tiny_model):
+    from PIL import Image
+
+    posts = tmp_path / "posts"
+    posts.mkdir()
+    for i in range(10):
+        Image.new("RGB", (32, 32), (20 * i, 80, 160)).save(posts / f"{i}.jpg")
+        (posts / f"{i}.txt").write_text(f"the film was {'great' if i % 2 else 'awful'}")
+    data = make_tiny_datamodule(predict=str(posts))
+    trainer = tiny_trainer(tmp_path, limit_test_batches=1)
+    results = trainer.test(tiny_model, data, verbose=False)
     assert {"test/acc", "test/f1", "test/image/acc", "test/text/acc"} <= set(results[0])
-    prediction = trainer.predict(tiny_model, tiny_datamodule)[0]
-    torch.testing.assert_close(prediction["probs"].sum(-1), torch.ones(8))
-    assert torch.equal(prediction["preds"], prediction["probs"].argmax(-1))
+    first, second = trainer.predict(tiny_model, data)  # the 10 inputs of predict, in batches of 8
+    torch.testing.assert_close(first["probs"].sum(-1), torch.ones(8))
+    assert torch.equal(first["preds"], first["probs"].argmax(-1))
+    assert torch.cat([first["index"], second["index"]]).tolist() == list(range(10))
+    assert set(first["modality_probs"]) == {"image", "text"}
+    torch.testing.assert_close(second["modality_probs"]["image"].sum(-1), torch.ones(2))
 
 
 def test_scheduler_is_returned_with_its_interval():

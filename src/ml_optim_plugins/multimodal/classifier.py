@@ -74,6 +74,10 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         modality_scoring: how the per-modality predictions that callbacks read are obtained: ``"auto"``,
             ``"head_split"``, ``"masking"`` or ``"aux_heads"`` (see :meth:`set_modality_scoring`; a choice that is
             meaningless for the fusion is an error here).
+        preprocessing: how the data prepares inputs for this model (a data module's
+            :attr:`~ml_optim_plugins.MultimodalDataModule.preprocessing`; LightningCLI links it). Only kept with the
+            hyperparameters, with ``class_names``, so a checkpoint alone can classify new inputs
+            (:class:`~ml_optim_plugins.Predictor`).
 
     Example:
         >>> from ml_optim_plugins import SumFusion
@@ -100,6 +104,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         modality_dropout: nn.Module | None = None,
         aux_loss_weight: float = 0.0,
         modality_scoring: str = "auto",
+        preprocessing: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -133,6 +138,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             raise TypeError(f"fusion must be an ml_optim_plugins Fusion, got {type(self.fusion).__name__}")
         self.fusion.build(dims, num_classes)
         self.num_classes = num_classes
+        self.class_names = None if class_names is None else list(class_names)
+        self.preprocessing = None if preprocessing is None else dict(preprocessing)
         self.label_key = label_key
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -282,10 +289,20 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         return self.step(batch, "test")
 
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Class probabilities and predicted class ids of the fused model."""
-        probs = self(batch).softmax(dim=-1)
-        return {"probs": probs, "preds": probs.argmax(dim=-1)}
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Class probabilities (``probs``) and predicted class ids (``preds``) of the fused model, each modality's own
+        probabilities (``modality_probs``: ``{modality: (batch, classes)}``), and the samples' positions in their
+        split (``index``, where the batch has them), which :class:`~ml_optim_plugins.PredictionWriter` orders by."""
+        features = self.compute_features(batch)
+        probs = self.fusion(features).softmax(dim=-1)
+        outputs: dict[str, Any] = {
+            "probs": probs,
+            "preds": probs.argmax(dim=-1),
+            "modality_probs": {name: logits.softmax(dim=-1) for name, logits in self.modality_outputs(features).items()},
+        }
+        if self.sample_id_key in batch:
+            outputs["index"] = batch[self.sample_id_key]
+        return outputs
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One named param group per modality encoder (``encoders.<modality>``) and one for the rest (``fusion``).
