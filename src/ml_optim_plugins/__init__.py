@@ -96,6 +96,7 @@ from ml_optim_plugins.regularization import (
     replace_dropout,
     variational_kl,
 )
+from ml_optim_plugins.resume import ExactResume
 from ml_optim_plugins.schedules import (
     COOLDOWN_SHAPES,
     DECAY_SHAPES,
@@ -136,6 +137,7 @@ __all__ = [
     "DECAY_SHAPES",
     "DropoutReplacement",
     "ElasticNetPenalty",
+    "ExactResume",
     "Fusion",
     "GatedFusion",
     "GaussianDropout",

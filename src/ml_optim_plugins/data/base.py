@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ml_optim_plugins.data.collate import MultimodalCollate, load_tokenizer
 
@@ -67,7 +68,9 @@ class MultimodalDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__} has no {split!r} split; was setup() called for this stage?")
-        return DataLoader(
+        # Resumable: Lightning keeps the loader's state (shuffle generator, batches already served) in checkpoints, so
+        # a run resumed mid-epoch continues with the next batch (ExactResume restores the global random states).
+        return StatefulDataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
