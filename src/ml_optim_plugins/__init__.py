@@ -98,6 +98,7 @@ from ml_optim_plugins.regularization import (
     replace_dropout,
     variational_kl,
 )
+from ml_optim_plugins.resume import ExactResume
 from ml_optim_plugins.schedules import (
     COOLDOWN_SHAPES,
     DECAY_SHAPES,
@@ -138,6 +139,7 @@ __all__ = [
     "DECAY_SHAPES",
     "DropoutReplacement",
     "ElasticNetPenalty",
+    "ExactResume",
     "Fusion",
     "GatedFusion",
     "GaussianDropout",

@@ -9,13 +9,16 @@ import os
 from pathlib import Path
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from ml_optim_plugins.checkpoints import check_checkpoint_config
 from ml_optim_plugins.data.base import MultimodalDataModule
+from ml_optim_plugins.lightning_internals import logging_step
 from ml_optim_plugins.multimodal.classifier import MultimodalClassifier
 from ml_optim_plugins.prediction.command import prepare_predict, print_predict_command
 from ml_optim_plugins.process_group import destroy_default_process_group
@@ -46,6 +49,12 @@ class MultimodalCLI(LightningCLI):
             default=True,
             help="fit only: test the best checkpoint (selected on validation) when the data has a test split",
         )
+        parser.add_argument(
+            "--allow_config_change",
+            type=bool,
+            default=False,
+            help="use a --ckpt_path saved with another model or data configuration than this run's (refused otherwise)",
+        )
 
     def instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI hook
         super().instantiate_classes()
@@ -57,6 +66,27 @@ class MultimodalCLI(LightningCLI):
             resume_in_run_directory(trainer, self.config["fit"].get("ckpt_path"))
         align_logger_versions(trainer)
         return trainer
+
+    def _check_ckpt_path(self) -> None:
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or config.get("allow_config_change"):
+            return
+        check_checkpoint_config(
+            ckpt_path, getattr(self.model, "hparams", None), getattr(self.datamodule, "hparams", None)
+        )
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_path()
 
     def after_fit(self) -> None:
         print_run_summary(self.trainer, "fit")
@@ -165,7 +195,9 @@ def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
 
     One run keeps one directory (metrics.csv keeps its rows, the report covers the whole run), and ModelCheckpoint,
     whose directory is then the same, restores its best score and best checkpoints; in a new directory Lightning resets
-    them and the first validation after the resume would become the "best" checkpoint.
+    them and the first validation after the resume would become the "best" checkpoint. ``metrics.csv`` keeps the rows
+    logged before the checkpoint's step; the rows that the interrupted run wrote after it are dropped, since the
+    resumed run logs those steps again (:class:`ResumedMetricRows`).
     """
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
         return
@@ -181,20 +213,36 @@ def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
         same_place = save_dir is not None and Path(save_dir, logger.name).resolve() == version_dir.parent
         if same_place and hasattr(logger, "_version"):
             logger._version = int(suffix)
-            if isinstance(logger, CSVLogger):
-                _keep_csv_rows(logger)
+            if isinstance(logger, CSVLogger) and getattr(rank_zero_only, "rank", 0) == 0:
+                trainer.callbacks.append(ResumedMetricRows(logger))
 
 
-def _keep_csv_rows(logger: CSVLogger) -> None:
-    """Carry the rows of an existing ``metrics.csv`` into the logger's writer, which would delete the file when it
-    opens the directory again; the first save writes them back, before the resumed run's rows."""
-    path = Path(logger.log_dir) / "metrics.csv"
-    if getattr(rank_zero_only, "rank", 0) != 0 or not path.is_file():
-        return
-    with path.open(newline="") as handle:
-        rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
-    writer = logger.experiment  # opening the directory removes metrics.csv
-    writer.metrics = rows + writer.metrics
+class ResumedMetricRows(Callback):
+    """Carries the rows of a run directory's ``metrics.csv`` into a resumed run's CSV logger, up to the step the run
+    resumes at.
+
+    Lightning's CSV writer deletes ``metrics.csv`` when it opens an existing directory, so the rows are read first and
+    handed back to the writer, which writes them before the resumed run's rows. Rows of the steps from the resume step
+    on were written by the interrupted run after its checkpoint and are logged again by the resumed run: they are
+    dropped, so each step appears once.
+    """
+
+    def __init__(self, logger: CSVLogger) -> None:
+        self.logger = logger
+        path = Path(logger.log_dir) / "metrics.csv"
+        self.rows: list[dict[str, str]] | None = []
+        if path.is_file():
+            with path.open(newline="") as handle:
+                self.rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+        self.writer = logger.experiment  # opening the directory removes metrics.csv
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: object, batch: object, batch_idx: int) -> None:
+        if self.rows is None:
+            return
+        resume_step = logging_step(trainer)  # the first batch's step, once Lightning has placed the resumed loop
+        kept = [row for row in self.rows if not row.get("step") or int(float(row["step"])) < resume_step]
+        self.writer.metrics = kept + self.writer.metrics
+        self.rows = None
 
 
 def align_logger_versions(trainer: Trainer) -> None:

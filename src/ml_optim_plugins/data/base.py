@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ml_optim_plugins.data.collate import MultimodalCollate, load_tokenizer
 from ml_optim_plugins.data.preprocessing import describe_preprocessing
@@ -153,7 +154,10 @@ class MultimodalDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__} has no {split!r} split; was setup() called for this stage?")
-        return DataLoader(
+        # Training is resumable: Lightning keeps the loader's state (shuffle generator, batches already served) in
+        # checkpoints, so a run resumed mid-epoch continues with the next batch (see ExactResume for the noise).
+        loader = StatefulDataLoader if split == "train" else DataLoader
+        return loader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
