@@ -26,14 +26,9 @@ def test_ignored_keys_are_not_reported():
     assert config_differences({"num_workers": 0, "seed": 1}, {"num_workers": 4, "seed": 1}, ignore={"num_workers"}) == []
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from tests.conftest import tiny_config
-
-    root = tmp_path_factory.mktemp("bound")
-    config = tiny_config.__wrapped__(root)
-    cli = run(["fit", "-c", str(config), "--trainer.limit_train_batches", "1", "--test_after_fit", "false"])
-    return config, cli.trainer.checkpoint_callback.last_model_path
+@pytest.fixture
+def trained(tiny_run):
+    return tiny_run.config, str(tiny_run.checkpoint)
 
 
 GAUSSIAN_P = "--model.init_args.fusion.init_args.dropout.init_args.p"
@@ -58,8 +53,10 @@ def test_the_same_config_and_an_explicit_override_are_accepted(trained):
     config, checkpoint = trained
     tested = run(["test", "-c", str(config), "--ckpt_path", checkpoint])
     assert "test/acc" in tested.trainer.callback_metrics
-    changed = run(["test", "-c", str(config), "--ckpt_path", checkpoint, GAUSSIAN_P, "0.5", "--allow_config_change", "true"])
-    assert changed.model.fusion.dropout.p == 0.5
+    # Accepted on request: the data is the run's, the model the checkpoint's (LightningCLI builds it from its hparams).
+    allow = ["--allow_config_change", "true"]
+    changed = run(["test", "-c", str(config), "--ckpt_path", checkpoint, GAUSSIAN_P, "0.5", "--data.init_args.batch_size", "4", *allow])
+    assert changed.datamodule.batch_size == 4 and changed.model.fusion.dropout.p == 0.2
 
 
 def test_num_workers_may_differ(trained, tmp_path):

@@ -67,14 +67,21 @@ class MultimodalCLI(LightningCLI):
         align_logger_versions(trainer)
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:  # noqa: D102 - LightningCLI hook
+        super().parse_arguments(parser, args)
+        # Here, before LightningCLI replaces the parsed model config with the checkpoint's saved hyperparameters
+        # (which would make a checkpoint of another model silently win over the config the user gave).
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = _comparable_ckpt_path(config)
+        if ckpt_path and config.get("model") is not None:
+            check_checkpoint_config(ckpt_path, config["model"].as_dict(), model_ignore=LINKED_MODEL_ARGS)
+
     def _check_ckpt_path(self) -> None:
-        config = self.config[self.subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or config.get("allow_config_change"):
-            return
-        check_checkpoint_config(
-            ckpt_path, getattr(self.model, "hparams", None), getattr(self.datamodule, "hparams", None)
-        )
+        # The data configuration, once instantiated (the model's was compared in parse_arguments).
+        ckpt_path = _comparable_ckpt_path(self.config[self.subcommand])
+        if ckpt_path:
+            check_checkpoint_config(ckpt_path, None, getattr(self.datamodule, "hparams", None))
 
     def before_fit(self) -> None:
         self._check_ckpt_path()
@@ -83,9 +90,6 @@ class MultimodalCLI(LightningCLI):
         self._check_ckpt_path()
 
     def before_test(self) -> None:
-        self._check_ckpt_path()
-
-    def before_predict(self) -> None:
         self._check_ckpt_path()
 
     def after_fit(self) -> None:
@@ -103,12 +107,27 @@ class MultimodalCLI(LightningCLI):
 
     def before_predict(self) -> None:  # noqa: D102 - LightningCLI hook
         prepare_predict(self.trainer, self.datamodule, self.config["predict"].get("ckpt_path"))
+        self._check_ckpt_path()
 
     def after_validate(self) -> None:
         print_run_summary(self.trainer, "validate")
 
     def after_test(self) -> None:
         print_run_summary(self.trainer, "test")
+
+
+# Model arguments the CLI links from the data module: in a checkpoint, absent from a parsed config.
+LINKED_MODEL_ARGS = ("init_args.num_classes", "init_args.class_names", "init_args.preprocessing")
+
+
+def _comparable_ckpt_path(config: object) -> str | None:
+    """The ``--ckpt_path`` of a subcommand's config, if it names a file to compare with the run's configuration."""
+    if config is None or config.get("allow_config_change"):
+        return None
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
+        return None
+    return str(ckpt_path)
 
 
 def check_image_preprocessing(model: object, data: object) -> None:

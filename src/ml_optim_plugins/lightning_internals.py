@@ -18,14 +18,19 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     and never loaded, and a resumed run starts its epoch from the first batch again (Lightning issue #20550, open in
     2.6.6). Called from ``on_train_start``, before the first batch is drawn.
 
-    Uses ``FitLoop._combined_loader_states_to_load``, ``FitLoop._load_combined_loader_states()`` and
-    ``FitLoop._data_fetcher`` (Lightning 2.6.6).
+    Uses ``FitLoop._combined_loader_states_to_load``, ``FitLoop._load_combined_loader_states()``,
+    ``FitLoop._data_fetcher`` and ``FitLoop.restarted_mid_epoch`` (Lightning 2.6.6).
 
     Returns:
         Whether a pending state was loaded.
     """
     fit_loop = trainer.fit_loop
     if not getattr(fit_loop, "_combined_loader_states_to_load", None):
+        return False
+    if not fit_loop.restarted_mid_epoch:
+        # Resumed at an epoch's end: the saved state is that of a finished epoch, and the next epoch's iterator, which
+        # Lightning creates after on_train_epoch_start, shuffles from the generator ExactResume seeds for that epoch.
+        fit_loop._combined_loader_states_to_load = []
         return False
     fit_loop._load_combined_loader_states()
     fetcher = getattr(fit_loop, "_data_fetcher", None)

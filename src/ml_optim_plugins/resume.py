@@ -29,6 +29,12 @@ def batch_seed(run_seed: int, epoch: int, batch_idx: int) -> int:
     return (int(high) << 32 | int(low)) & (2**63 - 1)
 
 
+def epoch_seed(run_seed: int, epoch: int) -> int:
+    """The 64-bit seed of one epoch's shuffle, unrelated to every :func:`batch_seed`."""
+    low, high = np.random.SeedSequence([run_seed, epoch]).generate_state(2)
+    return (int(high) << 32 | int(low)) & (2**63 - 1)
+
+
 def seed_global_generators(seed: int) -> None:
     """Seed torch (CPU and every CUDA device), NumPy's global generator and Python's ``random`` from one seed."""
     torch.manual_seed(seed)
@@ -85,6 +91,14 @@ class ExactResume(Callback):
                     f"{trainer.world_size}; random draws (dropout noise) will differ from an uninterrupted run"
                 )
             self._seed = seeds[trainer.global_rank % len(seeds)]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The shuffle of each later epoch from (run seed, epoch): its batch iterator is created after this hook, and a
+        # run resumed at an epoch's end then shuffles the next epoch as the uninterrupted run did. (Epoch 0's order
+        # comes from the generator the loader was built with; a distributed sampler shuffles by seed and epoch.)
+        generator = getattr(getattr(trainer.train_dataloader, "sampler", None), "generator", None)
+        if isinstance(generator, torch.Generator) and self._seed is not None:
+            generator.manual_seed(epoch_seed(self._seed, trainer.current_epoch))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self._seed is not None

@@ -160,6 +160,9 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         self.eval_losses = nn.ModuleDict(
             {f"{split}/{loss}": MeanMetric(nan_strategy="disable") for split in ("val", "test") for loss in losses}
         )
+        # The training epoch's running means and metric states are saved in checkpoints (persistent), so an epoch
+        # resumed in its middle reports the figures of the whole epoch, as an uninterrupted run does.
+        self.train_losses = nn.ModuleDict({f"train/{loss}": MeanMetric(nan_strategy="disable") for loss in losses})
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{head}": metrics.clone(prefix=f"{split}/" if head == FUSED else f"{split}/{head}/")
@@ -167,6 +170,9 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
                 for head in (FUSED, *self.encoders)
             }
         )
+        for name, module in [*self.train_losses.items(), *self.metrics.items()]:
+            if name.startswith("train"):
+                module.persistent(True)
 
     def build_metrics(self) -> Mapping[str, Metric]:
         """The metrics of every head (fused and per modality) and split, by name: ``{split}/{name}`` and
@@ -250,10 +256,12 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         key = f"{split}/{name}"
         if split == "train":
             # Every rank's training batches have the same size (the distributed sampler pads the training split), so
-            # Lightning's sync_dist, a mean over the ranks, gives the global batch's mean, per step and per epoch.
-            self.log(
-                key, value, on_step=on_step, on_epoch=True, prog_bar=prog_bar, batch_size=batch_size, sync_dist=True
-            )
+            # Lightning's sync_dist, a mean over the ranks, gives the global batch's mean per step; the epoch's mean is
+            # a MeanMetric (summed over ranks), kept in checkpoints.
+            if on_step:
+                self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar, sync_dist=True)
+            self.train_losses[key].update(value.detach().expand(batch_size))
+            self.log(f"{key}_epoch" if on_step else key, self.train_losses[key], on_step=False, on_epoch=True)
             return
         # Evaluation shards differ by up to one sample (unpadded). sync_dist would divide by a floored integer mean of
         # the counts (Lightning-AI/pytorch-lightning#21859); a MeanMetric sums values and counts over the ranks. The
