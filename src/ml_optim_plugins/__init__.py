@@ -77,6 +77,7 @@ from ml_optim_plugins.multimodal import (
     require_modality_aware,
     resolve_text_model,
 )
+from ml_optim_plugins.nonfinite import nonfinite_policy
 from ml_optim_plugins.process_group import destroy_default_process_group
 from ml_optim_plugins.regularization import (
     DropoutReplacement,
@@ -184,6 +185,7 @@ __all__ = [
     "modality_keep_mask",
     "modulate_gradient",
     "mono_modal_losses",
+    "nonfinite_policy",
     "ogm_ge_coefficients",
     "packaged_minilm_path",
     "read_mvsa",
