@@ -138,7 +138,7 @@ class Fusion(nn.Module):
             )
 
 
-def dropout_layer(dropout: float | nn.Module) -> nn.Module:
+def dropout_layer(dropout: nn.Module | float) -> nn.Module:
     """``nn.Dropout(rate)`` for a rate in [0, 1) (1 would zero every feature: only the head's bias would train), or
     the given module itself (e.g. ``GaussianDropout(0.1)``, which checks its own rate; an ``nn.Dropout`` is held to
     the same [0, 1))."""
@@ -159,7 +159,7 @@ class _LinearLateFusion(Fusion):
         in_dims: Mapping[str, int] | None = None,
         num_classes: int | None = None,
         *,
-        dropout: float | nn.Module = 0.0,
+        dropout: nn.Module | float = 0.0,
     ) -> None:
         super().__init__()
         self.dropout = dropout_layer(dropout)
@@ -256,7 +256,7 @@ class GatedFusion(Fusion):
         num_classes: int | None = None,
         *,
         hidden_dim: int = 128,
-        dropout: float | nn.Module = 0.0,
+        dropout: nn.Module | float = 0.0,
         neutral: NeutralValue = "zero",
     ) -> None:
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim <= 0:
