@@ -73,6 +73,11 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     table) or the batch layout (:meth:`compute_features`), or bring your own module that implements
     :class:`ModalityAware`. docs/index.md shows a full subclass run through a recipe.
 
+    A non-finite loss raises ``FloatingPointError`` naming the split and step, except in training when the run's
+    policy (:func:`~ml_optim_plugins.nonfinite_policy`: an attached ``GradientMonitor(on_nonfinite="skip_step")`` or
+    ``"warn"``) takes the step; that step's values are then not logged. The optimizer built by ``configure_optimizers``
+    must have finite learning rates, not all 0.
+
     Args:
         encoders: ``{modality: encoder}``; each encoder reports ``output_dim`` (or give ``feature_dims``).
         fusion: a :class:`Fusion` (not yet built; it is built here for the encoders' sizes). Default: ConcatFusion.
