@@ -3,6 +3,7 @@ monitor every NaN stops the run; GradientMonitor(on_nonfinite=...) decides for a
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning.pytorch as pl
@@ -120,3 +121,15 @@ def test_the_balancer_never_rescales_nonfinite_gradients(make_diag_trainer):
     with pytest.raises(FloatingPointError, match=rf"ModalityBalancer: non-finite gradients in the \['a'\] encoder\(s\) "
                                                  rf"at step {NAN_STEP}; the step is not balanced"):
         fit(make_diag_trainer, model, [NaNEncoderGradient(), ModalityBalancer("ogm_ge")])
+
+
+def test_ddp_ranks_skip_the_same_step_when_one_ranks_loss_is_nan(run_python_subprocess, tmp_path):
+    """A loss is each rank's own: GradientMonitor agrees the verdict across ranks, so both skip step 1 and the weights
+    stay identical (a rank-local verdict would step rank 0 only)."""
+    from pathlib import Path
+
+    run_python_subprocess(str(Path(__file__).with_name("ddp_nonfinite.py")), str(tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["skipped"] == rank1["skipped"] == 1
+    assert rank0["changed"] == rank1["changed"] == [True, False, True]
+    assert rank0["weights"] == rank1["weights"]
