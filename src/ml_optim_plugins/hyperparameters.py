@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from numbers import Real
+from numbers import Integral, Real
 
 
 def _range_text(at_least: float | None, above: float | None, at_most: float | None, below: float | None) -> str:
@@ -75,6 +75,23 @@ def check_number(
         bounds = _range_text(at_least, above, at_most, below)
         raise ValueError(f"{name} must be {kind}{' ' + bounds if bounds else ''}, got {value!r}")
     return float(number)
+
+
+def check_integer(name: str, value: object, *, at_least: int = 0) -> int:
+    """Return ``value`` if it is an integer (not a bool, not a float such as NaN) ``>= at_least``, else raise a
+    ``ValueError`` naming it. For counts and intervals, where a float NaN would silently never match (``step % nan``).
+
+    Example:
+        >>> check_integer("patience", 2, at_least=1)
+        2
+        >>> check_integer("log_every_n_steps", float("nan"), at_least=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: log_every_n_steps must be an integer >= 1, got nan
+    """
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < at_least:
+        raise ValueError(f"{name} must be an integer >= {at_least}, got {value!r}")
+    return int(value)
 
 
 def check_optional_number(name: str, value: object, **bounds: float | bool | None) -> float | None:

@@ -13,7 +13,7 @@ from ml_optim_plugins import GradualUnfreezing, LinearProbeFinetune, Stage, Stag
         ({"start_epoch": -1}, "start_epoch=-1"),
         ({"start_step": 1.5}, "start_step=1.5"),
         ({"warmup_steps": -3}, "warmup_steps=-3"),
-        ({"patience": 0}, "patience=0"),
+        ({"patience": 0}, "Stage patience must be an integer >= 1, got 0"),
         ({"mode": "up"}, "mode='up'"),
         ({"min_delta": -0.1}, "Stage min_delta must be a finite number >= 0, got -0.1"),
         ({"lr_multipliers": {"text": -1.0}}, "Stage lr_multipliers['text'] must be a finite number >= 0"),

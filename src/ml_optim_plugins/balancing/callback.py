@@ -17,7 +17,7 @@ from ml_optim_plugins.balancing.agm import agm_coefficients, agm_ratios, mono_mo
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_with_noise, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
-from ml_optim_plugins.hyperparameters import check_number, check_optional_number
+from ml_optim_plugins.hyperparameters import check_integer, check_number, check_optional_number
 from ml_optim_plugins.multimodal.contract import (
     MODALITY_SCORINGS,
     recorded_modality_outputs,
@@ -147,6 +147,8 @@ class ModalityBalancer(Callback):
         self.method, self.alpha, self.smooth = method, alpha, smooth
         self.window = None if window is None else (int(window[0]), int(window[1]))
         self.window_unit, self.parameters, self.seed = window_unit, parameters, seed
+        if log_every_n_steps is not None:
+            check_integer("log_every_n_steps", log_every_n_steps, at_least=1)
         self.log_every_n_steps = log_every_n_steps
         self.clamp = None if clamp is None else _check_clamp(clamp)
         # The reference caps t - r at 10 or 7.

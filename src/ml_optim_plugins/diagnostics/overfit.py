@@ -69,7 +69,7 @@ class OverfitBatchCheck(Callback):
         if steps < 4 or num_batches < 1:
             raise ValueError(f"need steps >= 4 and num_batches >= 1, got steps={steps}, num_batches={num_batches}")
         check_number("max_loss_ratio", max_loss_ratio, above=0, below=1)
-        check_optional_number("lr", lr, above=0)
+        check_optional_number("lr", lr, at_least=0)  # 0 is not silent: the check then fails, with advice
         if on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure={on_failure!r}; expected 'raise' or 'warn'")
         self.steps, self.num_batches, self.max_loss_ratio = steps, num_batches, max_loss_ratio

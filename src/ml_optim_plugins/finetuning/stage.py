@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ml_optim_plugins.hyperparameters import check_number, check_numbers
+from ml_optim_plugins.hyperparameters import check_integer, check_number, check_numbers
 
 
 @dataclass
@@ -61,8 +61,7 @@ class Stage:
                              ("warmup_steps", self.warmup_steps)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"Stage {label}={value!r}; expected an integer >= 0 or None")
-        if self.patience < 1:
-            raise ValueError(f"Stage patience={self.patience}; expected >= 1")
+        check_integer("Stage patience", self.patience, at_least=1)
         if self.mode not in ("min", "max"):
             raise ValueError(f"Stage mode={self.mode!r}; expected 'min' or 'max'")
         self.min_delta = check_number("Stage min_delta", self.min_delta, at_least=0)

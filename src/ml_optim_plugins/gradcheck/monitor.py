@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ml_optim_plugins.evaluation import log_to_loggers
-from ml_optim_plugins.hyperparameters import check_number
+from ml_optim_plugins.hyperparameters import check_integer, check_number
 from ml_optim_plugins.multimodal.contract import parameter_modalities
 from ml_optim_plugins.nonfinite import ON_NONFINITE, scaler_skips_nonfinite
 
@@ -93,8 +93,9 @@ class GradientMonitor(Callback):
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite={on_nonfinite!r}; expected one of {', '.join(ON_NONFINITE)}")
-        if depth < 1 or (log_every_n_steps is not None and log_every_n_steps < 1):
-            raise ValueError(f"depth and log_every_n_steps must be >= 1, got {depth} and {log_every_n_steps}")
+        check_integer("depth", depth, at_least=1)
+        if log_every_n_steps is not None:
+            check_integer("log_every_n_steps", log_every_n_steps, at_least=1)
         check_number("norm_type", norm_type, above=0, allow_inf=True)  # inf: the max-norm, as in clip_grad_norm_
         check_number("vanishing", vanishing, at_least=0)
         check_number("exploding", exploding, allow_inf=True)  # inf: never flagged

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ml_optim_plugins.hyperparameters import check_number, check_optional_number
+from ml_optim_plugins.hyperparameters import check_integer, check_number, check_optional_number
 from ml_optim_plugins.regularization.elastic_net import elastic_net_penalty, regularized_parameters
 from ml_optim_plugins.regularization.variational import variational_kl, variational_modules
 
@@ -169,8 +169,7 @@ class VariationalKL(PenaltyCallback):
     def __init__(self, weight: float | None = None, warmup_steps: int = 0) -> None:
         super().__init__()
         weight = check_optional_number("weight", weight, at_least=0)
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        check_integer("warmup_steps", warmup_steps, at_least=0)
         self.weight, self.warmup_steps = weight, warmup_steps
         self.resolved_weight: float | None = weight
 

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from ml_optim_plugins.hyperparameters import check_numbers
+from ml_optim_plugins.hyperparameters import check_integer, check_numbers
 from ml_optim_plugins.schedules.param_groups import (
     check_multiplier_keys,
     group_keys,
@@ -86,8 +86,8 @@ class WarmupDecay(Callback):
     ) -> None:
         self.schedule = WarmupDecaySchedule.from_arguments(schedule, **schedule_args)
         self.lr_multipliers = check_numbers("WarmupDecay: lr_multipliers", lr_multipliers or {}, at_least=0)
-        if late_warmup_steps is not None and late_warmup_steps < 0:
-            raise ValueError(f"late_warmup_steps must be >= 0, got {late_warmup_steps}")
+        if late_warmup_steps is not None:
+            check_integer("late_warmup_steps", late_warmup_steps, at_least=0)
         self.late_warmup_steps = late_warmup_steps
         self.optimizer_indices = None if optimizers is None else [int(i) for i in optimizers]
         self.resolved: WarmupDecaySchedule | None = None
