@@ -32,6 +32,11 @@ class MultimodalCLI(LightningCLI):
     validation) when the data has a test split (``--test_after_fit false`` turns that off), so a
     :class:`~ml_optim_plugins.RunReport` gets its test column.
 
+    Overrides of ``model.init_args.encoders`` (a second ``-c`` file, ``--model.init_args.encoders.image...``) are
+    merged per modality, so one encoder changes and the others stay, and ``null`` means None there too
+    (:func:`~ml_optim_plugins.encoder_overrides.merge_encoder_overrides`). A ``fit`` that would train nothing
+    (``max_epochs``, ``max_steps`` or ``limit_train_batches`` of 0) is refused before it starts.
+
     Example:
         >>> MultimodalCLI(args=["fit", "-c", "recipes/quickstart.yaml"])  # doctest: +SKIP
     """
