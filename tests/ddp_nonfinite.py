@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 from ml_optim_plugins import GradientMonitor, destroy_default_process_group
+from tests.conftest import WeightWatch
 from tests.gradcheck.planted import CustomLightning
 
 
@@ -21,17 +22,6 @@ class NaNLossOnRankOne(CustomLightning):
         if self.global_step == 1 and self.global_rank == 1:
             loss = loss + torch.tensor(float("nan"))  # the loss is NaN, its gradients are not
         return loss
-
-
-class WeightWatch(pl.Callback):
-    def __init__(self) -> None:
-        self.changed: list[bool] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before = [p.detach().clone() for p in pl_module.parameters()]
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.changed.append(any(not torch.equal(a, p) for a, p in zip(self.before, pl_module.parameters())))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 from ml_optim_plugins import GradientMonitor, ModalityBalancer, nonfinite_policy
 from tests.balancing.tiny import loader, tiny_classifier
+from tests.conftest import WeightWatch
 
 NAN_STEP = 1
 
@@ -29,19 +30,6 @@ def nan_loss_model(when: str = "train", **kwargs):
 
     model.compute_loss = compute_loss
     return model
-
-
-class WeightWatch(pl.Callback):
-    """Records, per training batch, whether any weight changed, and which monitor policy the run had."""
-
-    def __init__(self) -> None:
-        self.changed: list[bool] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before = [p.detach().clone() for p in pl_module.parameters()]
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.changed.append(any(not torch.equal(a, p) for a, p in zip(self.before, pl_module.parameters())))
 
 
 def fit(make_diag_trainer, model, callbacks, steps: int = 4):
