@@ -10,8 +10,11 @@ os.environ.setdefault("ML_OPTIM_PLUGINS_CACHE", __import__("tempfile").mkdtemp(p
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
+import io
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -65,9 +68,8 @@ def tiny_model() -> MultimodalClassifier:
     return make_tiny_model()
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path) -> Path:
-    """The quick-start recipe shrunk to seconds: tiny data, a tiny CNN, one short epoch, logs under tmp_path."""
+def write_tiny_config(directory: Path) -> Path:
+    """The quick-start recipe shrunk to seconds: tiny data, a tiny CNN, one short epoch, logs under ``directory``."""
     config = yaml.safe_load(QUICKSTART.read_text())
     image = config["model"]["init_args"]["encoders"]["image"]["init_args"]
     image["model_name"] = "test_resnet"
@@ -80,13 +82,43 @@ def tiny_config(tmp_path: Path) -> Path:
     trainer = config["trainer"]
     trainer.update(max_epochs=1, accelerator="cpu", log_every_n_steps=1, enable_model_summary=False)
     for logger in trainer["logger"]:
-        logger["init_args"]["save_dir"] = str(tmp_path / "runs")
+        logger["init_args"]["save_dir"] = str(directory / "runs")
     # No Rich bar in captured output; no whole-model gradient check in every CLI test (tests/gradcheck covers it).
     dropped = ("RichProgressBar", "GradientCheck")
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith(dropped)]
-    path = tmp_path / "tiny.yaml"
+    path = directory / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    """The quick-start recipe shrunk to seconds: tiny data, a tiny CNN, one short epoch, logs under tmp_path."""
+    return write_tiny_config(tmp_path)
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """A finished ``fit`` of the tiny quick start: its config, its selected checkpoint and what it printed."""
+
+    directory: Path
+    config: Path
+    checkpoint: Path
+    printed: str
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """One short fit of the tiny quick start, shared by the tests that need a trained checkpoint (read-only)."""
+    from ml_optim_plugins.cli import run
+
+    directory = tmp_path_factory.mktemp("tiny-run")
+    config = write_tiny_config(directory)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        cli = run(["fit", "-c", str(config), "--trainer.limit_train_batches", "2", "--test_after_fit", "false"])
+    checkpoint = Path(cli.trainer.checkpoint_callback.best_model_path)
+    return TinyRun(directory, config, checkpoint, printed.getvalue())
 
 
 class WeightWatch(pl.Callback):

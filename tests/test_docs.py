@@ -194,7 +194,7 @@ def test_finetuning_examples_run_and_the_yaml_builds_the_same_plan(capsys):
     "page",
     ["index.md", "quickstart.md", "data.md", "schedules.md", "regularization.md", "benchmarks.md", "gradcheck.md",
      "diagnostics.md", "balancing.md", "finetuning.md", "recipes.md", "methods.md", "compatibility.md",
-     "baselines.md"],
+     "baselines.md", "multi_node.md", "predict.md"],
 )
 def test_docs_pages_have_no_unfilled_placeholders(page):
     assert "MEASURED_" not in (REPO / "docs" / page).read_text()
@@ -209,3 +209,44 @@ def test_method_cards_examples_run(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert "[(3, 0.5)] ['train/loss', 'val/acc']" in printed
     assert "[('image', 'kNN'), ('image', 'elastic-net')]" in printed
+
+
+def test_predict_page_examples_classify_posts_from_a_checkpoint_alone(tiny_run, tmp_path, monkeypatch, capsys):
+    """docs/predict.md's Python examples, with the tiny quick start's checkpoint at the path the page names and
+    images at the page's paths; the Trainer example's data module gets the tiny run's image size and text length."""
+    import csv
+    import shutil
+
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    page = REPO / "docs" / "predict.md"
+    predictor_block, trainer_block = python_blocks(page)
+    (checkpoint,) = re.findall(r'from_checkpoint\("([^"]+)"\)', predictor_block)
+    Path(checkpoint).parent.mkdir(parents=True)
+    shutil.copy(tiny_run.checkpoint, checkpoint)  # nothing else of the run: no recipe, no config
+    posts = re.findall(r'\("(posts/[^"]+\.jpg)", "([^"]+)"\)', predictor_block)
+    assert len(posts) == 2
+    for i, (image, _) in enumerate(posts):
+        Path(image).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (40, 40), (200 * i, 120, 40)).save(image)
+    namespace: dict = {}
+    exec(compile(predictor_block, "docs/predict.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2
+    for line, prediction in zip(printed, namespace["predictions"]):
+        label, probability, modalities = line.split(" ", 2)
+        assert label == prediction.label in ("negative", "neutral", "positive")
+        assert float(probability) == pytest.approx(max(prediction.probabilities.values()), abs=0.005)
+        assert modalities.startswith("{'image': ")
+
+    with open("new_posts.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["id", "image", "text"], *[[f"p{i}", *post] for i, post in enumerate(posts)]])
+    assert "image_size=64, max_length=32" in trainer_block  # the quick start's; the tiny run's below
+    exec(compile(trainer_block.replace("image_size=64, max_length=32", "image_size=32, max_length=24"),
+                 "docs/predict.md", "exec"), namespace)
+    assert capsys.readouterr().out.splitlines()[-1] == "2 predictions in predictions.csv"
+    rows = list(csv.DictReader(open("predictions.csv")))
+    assert [(row["id"], row["prediction"]) for row in rows] == [
+        (f"p{i}", p.label) for i, p in enumerate(namespace["predictions"])
+    ]

@@ -78,7 +78,9 @@ from ml_optim_plugins.multimodal import (
     resolve_text_model,
 )
 from ml_optim_plugins.nonfinite import nonfinite_policy
+from ml_optim_plugins.prediction import Prediction, PredictionWriter, Predictor
 from ml_optim_plugins.process_group import destroy_default_process_group
+from ml_optim_plugins.rank_seed import seed_per_rank
 from ml_optim_plugins.regularization import (
     DropoutReplacement,
     ElasticNetPenalty,
@@ -97,6 +99,7 @@ from ml_optim_plugins.regularization import (
     replace_dropout,
     variational_kl,
 )
+from ml_optim_plugins.resume import ExactResume
 from ml_optim_plugins.schedules import (
     COOLDOWN_SHAPES,
     DECAY_SHAPES,
@@ -137,6 +140,7 @@ __all__ = [
     "DECAY_SHAPES",
     "DropoutReplacement",
     "ElasticNetPenalty",
+    "ExactResume",
     "Fusion",
     "GatedFusion",
     "GaussianDropout",
@@ -156,6 +160,9 @@ __all__ = [
     "MVSADataModule",
     "MetricHistory",
     "OverfitBatchCheck",
+    "Prediction",
+    "PredictionWriter",
+    "Predictor",
     "RunReport",
     "PenaltyCallback",
     "SentenceTransformerTextEncoder",
@@ -193,6 +200,7 @@ __all__ = [
     "replace_dropout",
     "require_modality_aware",
     "resolve_text_model",
+    "seed_per_rank",
     "training_step_loss",
     "true_class_scores",
     "variational_kl",

@@ -11,26 +11,33 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from ml_optim_plugins.checkpoints import check_checkpoint_config
 from ml_optim_plugins.cli_errors import exit_with_short_errors
 from ml_optim_plugins.data.base import MultimodalDataModule
 from ml_optim_plugins.encoder_overrides import merge_encoder_overrides
+from ml_optim_plugins.lightning_internals import logging_step
 from ml_optim_plugins.multimodal.classifier import MultimodalClassifier
+from ml_optim_plugins.prediction.command import prepare_predict, print_predict_command
 from ml_optim_plugins.process_group import destroy_default_process_group
 
 
 class MultimodalCLI(LightningCLI):
     """LightningCLI for :class:`MultimodalClassifier` (or a subclass) and any :class:`MultimodalDataModule`.
 
-    ``data.num_classes`` is linked to ``model.num_classes``. After ``fit`` / ``validate`` / ``test`` it prints the final
+    ``data.num_classes``, ``data.class_names`` and ``data.preprocessing`` are linked to the model's (so checkpoints
+    carry the label names and the preprocessing). After ``fit`` / ``validate`` / ``test`` it prints the final
     metrics, the log directory and the best checkpoint. ``fit`` then tests the best checkpoint (selected on
     validation) when the data has a test split (``--test_after_fit false`` turns that off), so a
-    :class:`~ml_optim_plugins.RunReport` gets its test column.
+    :class:`~ml_optim_plugins.RunReport` gets its test column, and prints the command that predicts with it.
+    ``predict`` refuses a checkpoint whose labels or preprocessing differ from the data's and writes
+    ``predictions.csv`` (:func:`~ml_optim_plugins.prediction.command.prepare_predict`).
 
     Overrides of ``model.init_args.encoders`` (a second ``-c`` file, ``--model.init_args.encoders.image...``) are
     merged per modality, so one encoder changes and the others stay, and ``null`` means None there too
@@ -44,11 +51,18 @@ class MultimodalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.link_arguments("data.preprocessing", "model.init_args.preprocessing", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=True,
             help="fit only: test the best checkpoint (selected on validation) when the data has a test split",
+        )
+        parser.add_argument(
+            "--allow_config_change",
+            type=bool,
+            default=False,
+            help="use a --ckpt_path saved with another model or data configuration than this run's (refused otherwise)",
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:  # noqa: D102 - LightningCLI hook
@@ -71,20 +85,43 @@ class MultimodalCLI(LightningCLI):
         align_logger_versions(trainer)
         return trainer
 
-    def before_fit(self) -> None:  # noqa: D102 - LightningCLI hook
+    def _check_ckpt_path(self) -> None:
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or config.get("allow_config_change"):
+            return
+        check_checkpoint_config(
+            ckpt_path, getattr(self.model, "hparams", None), getattr(self.datamodule, "hparams", None)
+        )
+
+    def before_fit(self) -> None:
         check_fit_trains(self.trainer)
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_path()
 
     def after_fit(self) -> None:
         print_run_summary(self.trainer, "fit")
         trainer, data = self.trainer, self.datamodule
         wanted = self.config["fit"].get("test_after_fit", True)
         has_test = getattr(data, "has_split", lambda split: False)("test")
-        if not wanted or not has_test or trainer.interrupted or trainer.fast_dev_run:
-            return
-        # The model selected on validation, evaluated once on test: the figures a run report and a paper may quote.
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        trainer.test(self.model, datamodule=data, ckpt_path="best" if best else None, verbose=False)
-        print_run_summary(trainer, "test")
+        if wanted and has_test and not trainer.interrupted and not trainer.fast_dev_run:
+            # The model selected on validation, evaluated once on test: the figures a run report and a paper may quote.
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+            trainer.test(self.model, datamodule=data, ckpt_path="best" if best else None, verbose=False)
+            print_run_summary(trainer, "test")
+        if not trainer.interrupted and not trainer.fast_dev_run:
+            print_predict_command(trainer, self.config["fit"].get("config") or ())
+
+    def before_predict(self) -> None:  # noqa: D102 - LightningCLI hook
+        prepare_predict(self.trainer, self.datamodule, self.config["predict"].get("ckpt_path"))
 
     def after_validate(self) -> None:
         print_run_summary(self.trainer, "validate")
@@ -194,7 +231,9 @@ def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
 
     One run keeps one directory (metrics.csv keeps its rows, the report covers the whole run), and ModelCheckpoint,
     whose directory is then the same, restores its best score and best checkpoints; in a new directory Lightning resets
-    them and the first validation after the resume would become the "best" checkpoint.
+    them and the first validation after the resume would become the "best" checkpoint. ``metrics.csv`` keeps the rows
+    logged before the checkpoint's step; the rows that the interrupted run wrote after it are dropped, since the
+    resumed run logs those steps again (:class:`ResumedMetricRows`).
     """
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
         return
@@ -210,20 +249,36 @@ def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
         same_place = save_dir is not None and Path(save_dir, logger.name).resolve() == version_dir.parent
         if same_place and hasattr(logger, "_version"):
             logger._version = int(suffix)
-            if isinstance(logger, CSVLogger):
-                _keep_csv_rows(logger)
+            if isinstance(logger, CSVLogger) and getattr(rank_zero_only, "rank", 0) == 0:
+                trainer.callbacks.append(ResumedMetricRows(logger))
 
 
-def _keep_csv_rows(logger: CSVLogger) -> None:
-    """Carry the rows of an existing ``metrics.csv`` into the logger's writer, which would delete the file when it
-    opens the directory again; the first save writes them back, before the resumed run's rows."""
-    path = Path(logger.log_dir) / "metrics.csv"
-    if getattr(rank_zero_only, "rank", 0) != 0 or not path.is_file():
-        return
-    with path.open(newline="") as handle:
-        rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
-    writer = logger.experiment  # opening the directory removes metrics.csv
-    writer.metrics = rows + writer.metrics
+class ResumedMetricRows(Callback):
+    """Carries the rows of a run directory's ``metrics.csv`` into a resumed run's CSV logger, up to the step the run
+    resumes at.
+
+    Lightning's CSV writer deletes ``metrics.csv`` when it opens an existing directory, so the rows are read first and
+    handed back to the writer, which writes them before the resumed run's rows. Rows of the steps from the resume step
+    on were written by the interrupted run after its checkpoint and are logged again by the resumed run: they are
+    dropped, so each step appears once.
+    """
+
+    def __init__(self, logger: CSVLogger) -> None:
+        self.logger = logger
+        path = Path(logger.log_dir) / "metrics.csv"
+        self.rows: list[dict[str, str]] | None = []
+        if path.is_file():
+            with path.open(newline="") as handle:
+                self.rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+        self.writer = logger.experiment  # opening the directory removes metrics.csv
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: object, batch: object, batch_idx: int) -> None:
+        if self.rows is None:
+            return
+        resume_step = logging_step(trainer)  # the first batch's step, once Lightning has placed the resumed loop
+        kept = [row for row in self.rows if not row.get("step") or int(float(row["step"])) < resume_step]
+        self.writer.metrics = kept + self.writer.metrics
+        self.rows = None
 
 
 def align_logger_versions(trainer: Trainer) -> None:

@@ -142,3 +142,17 @@ def test_a_validation_before_fit_stays_out_of_the_history(tmp_path):
     validations = [values for _, values in report.history.rows if "val/acc" in values]
     assert len(validations) == 1 and validations[0]["epoch"] == 0  # fit's own, not the untrained model's
     assert report.final["val"]["val/acc"] == pytest.approx(validations[0]["val/acc"])
+
+
+def test_only_loaders_with_a_padding_distributed_sampler_count_as_padded():
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ml_optim_plugins.diagnostics.report import _pads_samples
+
+    data = list(range(5))
+    padded = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    unpadded = DataLoader(data, sampler=UnrepeatedDistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    assert len(list(padded)) == 3 and len(list(unpadded)) == 2  # rank 1's share: sample 0 again, or not
+    assert _pads_samples(padded) and _pads_samples([unpadded, padded])
+    assert not any(_pads_samples(loaders) for loaders in (unpadded, [unpadded], DataLoader(data), None))

@@ -66,13 +66,24 @@ def test_classifier_learns_a_fixed_batch(tmp_path):
     assert losses[-1] < 0.3 * losses[0]
 
 
-def test_test_and_predict(tmp_path, tiny_model, tiny_datamodule):
-    trainer = tiny_trainer(tmp_path, limit_test_batches=1, limit_predict_batches=1)
-    results = trainer.test(tiny_model, tiny_datamodule, verbose=False)
+def test_test_and_predict(tmp_path, tiny_model):
+    from PIL import Image
+
+    posts = tmp_path / "posts"
+    posts.mkdir()
+    for i in range(10):
+        Image.new("RGB", (32, 32), (20 * i, 80, 160)).save(posts / f"{i}.jpg")
+        (posts / f"{i}.txt").write_text(f"the film was {'great' if i % 2 else 'awful'}")
+    data = make_tiny_datamodule(predict=str(posts))
+    trainer = tiny_trainer(tmp_path, limit_test_batches=1)
+    results = trainer.test(tiny_model, data, verbose=False)
     assert {"test/acc", "test/f1", "test/image/acc", "test/text/acc"} <= set(results[0])
-    prediction = trainer.predict(tiny_model, tiny_datamodule)[0]
-    torch.testing.assert_close(prediction["probs"].sum(-1), torch.ones(8))
-    assert torch.equal(prediction["preds"], prediction["probs"].argmax(-1))
+    first, second = trainer.predict(tiny_model, data)  # the 10 inputs of predict, in batches of 8
+    torch.testing.assert_close(first["probs"].sum(-1), torch.ones(8))
+    assert torch.equal(first["preds"], first["probs"].argmax(-1))
+    assert torch.cat([first["index"], second["index"]]).tolist() == list(range(10))
+    assert set(first["modality_probs"]) == {"image", "text"}
+    torch.testing.assert_close(second["modality_probs"]["image"].sum(-1), torch.ones(2))
 
 
 def test_scheduler_is_returned_with_its_interval():
@@ -186,3 +197,34 @@ def test_no_auxiliary_heads_by_default_and_negative_weight_rejected():
     assert model.aux_heads is None
     with pytest.raises(ValueError, match="aux_loss_weight must be a finite number >= 0"):
         MultimodalClassifier({"a": torch.nn.Linear(4, 8)}, num_classes=3, feature_dims={"a": 8}, aux_loss_weight=-1)
+
+
+def test_evaluation_losses_are_means_over_samples_before_and_after_fit(tmp_path):
+    """Batches of 4 and 3: each logged loss is the mean over the 7 samples, not over the 2 batch means; a validate
+    before fit (inference mode) and fit's own validation (no_grad) share the loss metrics."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = MultimodalClassifier({"a": nn.Linear(4, 8), "b": nn.Linear(6, 8)}, fusion=SumFusion(), num_classes=3,
+                                 feature_dims={"a": 8, "b": 8}, aux_loss_weight=0.5)
+    samples = [{"a": torch.randn(4), "b": torch.randn(6), "label": torch.tensor(i % 3)} for i in range(7)]
+    everything = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+    def expected() -> dict[str, float]:
+        with torch.no_grad():
+            features = model.compute_features(everything)
+            losses = {"val/loss": F.cross_entropy(model.fusion(features), everything["label"])}
+            targets = everything["label"]
+            for name, logits in model.modality_outputs(features).items():
+                losses[f"val/{name}/loss"] = F.cross_entropy(logits, targets)
+                losses[f"val/{name}/aux_loss"] = F.cross_entropy(model.aux_heads[name](features[name]), targets)
+        return {key: float(value) for key, value in losses.items()}
+
+    trainer = tiny_trainer(tmp_path, max_steps=2, num_sanity_val_steps=0)
+    for run in (lambda: trainer.validate(model, DataLoader(samples, batch_size=4), verbose=False),
+                lambda: trainer.fit(model, DataLoader(samples, batch_size=4), DataLoader(samples, batch_size=4))):
+        run()
+        want = expected()
+        got = {key: float(trainer.callback_metrics[key]) for key in want}
+        assert got == pytest.approx(want, rel=1e-6)

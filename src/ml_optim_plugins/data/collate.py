@@ -28,8 +28,8 @@ class MultimodalCollate:
     """Collate ``{"image": Tensor, "text": str, "label": int}`` samples into a model-ready batch.
 
     Images are stacked, texts tokenised (padding to the longest in the batch, truncation to ``max_length``) so that
-    the text encoder never sees strings, labels become a ``long`` tensor. Without a tokenizer, texts stay a list of
-    strings for text encoders that take raw text.
+    the text encoder never sees strings, labels (absent from inputs to predict on) become a ``long`` tensor. Without
+    a tokenizer, texts stay a list of strings for text encoders that take raw text.
 
     Args:
         tokenizer: a Hugging Face tokenizer, or ``None``.
@@ -50,10 +50,9 @@ class MultimodalCollate:
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         texts = [sample["text"] for sample in samples]
-        batch: dict[str, Any] = {
-            "image": torch.stack([sample["image"] for sample in samples]),
-            "label": torch.tensor([int(sample["label"]) for sample in samples], dtype=torch.long),
-        }
+        batch: dict[str, Any] = {"image": torch.stack([sample["image"] for sample in samples])}
+        if "label" in samples[0]:  # inputs to predict on have none
+            batch["label"] = torch.tensor([int(sample["label"]) for sample in samples], dtype=torch.long)
         if "index" in samples[0]:  # sample ids, for caches of per-sample features
             batch["index"] = torch.tensor([int(sample["index"]) for sample in samples], dtype=torch.long)
         if self.tokenizer is None:

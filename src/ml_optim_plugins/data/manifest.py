@@ -8,40 +8,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image
-from torch.utils.data import Dataset
 
 from ml_optim_plugins.data.base import MultimodalDataModule
 from ml_optim_plugins.data.checks import check_images, default_check_cache, duplicate_groups, label_spelling_conflicts
-from ml_optim_plugins.data.rows import ManifestError, ManifestRow, read_manifest, row_problem, seeded_split
+from ml_optim_plugins.data.rows import (
+    ManifestDataset,
+    ManifestError,
+    ManifestRow,
+    partition_rows,
+    read_manifest,
+    row_problem,  # noqa: F401 - imported from here by benchmarks/mvsa_assemble.py
+    seeded_split,
+)
 from ml_optim_plugins.data.transforms import image_data_config, image_transform
 from ml_optim_plugins.hyperparameters import check_number
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels, key=int) if all(label.lstrip("-").isdigit() for label in labels) else sorted(labels)
-
-
-class ManifestDataset(Dataset):
-    """Loads the image of each row, applies ``transform``, and returns ``{"image", "text", "label", "index"}``
-    (``index``: the row's position, the sample id of feature caches)."""
-
-    def __init__(self, rows: Sequence[ManifestRow], label_ids: dict[str, int], transform: Any) -> None:
-        self.rows = list(rows)
-        self.label_ids = label_ids
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
-        try:
-            with Image.open(row.image) as image:
-                pixels = self.transform(image.convert("RGB"))
-        except Exception as err:  # the worker's traceback alone names neither the file nor the manifest line
-            raise RuntimeError(f"{row.file}, line {row.line}: image {str(row.image)!r}: {type(err).__name__}: {err}") from err
-        return {"image": pixels, "text": row.text, "label": self.label_ids[row.label], "index": index}
 
 
 class ManifestDataModule(MultimodalDataModule):
@@ -68,7 +52,7 @@ class ManifestDataModule(MultimodalDataModule):
         label_column: column of the labels.
         image_root: folder that relative image paths start from.
         labels: class names in id order; default: the sorted names found in ``train``.
-        on_bad_rows: ``"raise"`` or ``"skip"``.
+        on_bad_rows: ``"raise"`` or ``"skip"`` (for the rows to train on and those to predict on).
         image_model: the image encoder's timm architecture; its data config (input size, interpolation, mean, std,
             crop) makes the image transforms (:func:`~ml_optim_plugins.data.transforms.image_data_config`). ``None``:
             timm's ImageNet defaults.
@@ -78,6 +62,8 @@ class ManifestDataModule(MultimodalDataModule):
         num_workers: DataLoader worker processes.
         tokenizer: text model whose tokenizer to use; ``None`` keeps raw strings.
         max_length: longest tokenised text.
+        predict: inputs to predict on (a manifest with ``image_column``, ``text_column`` and optionally ``id``, an
+            MVSA root, or a folder of ``<id>.jpg`` + ``<id>.txt``; see :class:`~ml_optim_plugins.MultimodalDataModule`).
 
     Example:
         >>> dm = ManifestDataModule("data/train.csv", val="data/val.csv", labels=["negative", "neutral", "positive"])
@@ -105,10 +91,16 @@ class ManifestDataModule(MultimodalDataModule):
         num_workers: int = 0,
         tokenizer: str | None = "all-MiniLM-L6-v2",
         max_length: int = 64,
+        predict: str | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, tokenizer=tokenizer, max_length=max_length)
-        if on_bad_rows not in ("raise", "skip"):
-            raise ValueError(f"on_bad_rows={on_bad_rows!r}; expected 'raise' or 'skip'")
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            predict=predict,
+            on_bad_rows=on_bad_rows,
+        )
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             check_number(name, value, at_least=0, below=1)
         if val is None and test is None and val_fraction + test_fraction >= 1.0:
@@ -119,7 +111,6 @@ class ManifestDataModule(MultimodalDataModule):
         self.image_config = image_data_config(image_model, image_size)
         self.columns = (image_column, text_column, label_column)
         self.image_root = image_root
-        self.on_bad_rows = on_bad_rows
         self.skipped_rows: list[tuple[str, int, str]] = []
         self.manifests = {"train": train, "val": val, "test": test}
         self.splits = self._load(val_fraction, test_fraction, split_seed, labels)
@@ -153,14 +144,8 @@ class ManifestDataModule(MultimodalDataModule):
         )
         problems: list[tuple[str, int, str]] = []
         for name in read:
-            good = []
-            for row in read[name]:
-                problem = row_problem(row, known, images)
-                if problem is None:
-                    good.append(row)
-                else:
-                    problems.append((row.file, row.line, problem))
-            read[name] = good
+            read[name], bad = partition_rows(read[name], known, images)
+            problems += bad
         groups = duplicate_groups([(str(row.image), row.text) for row in read["train"]])
         for group in groups:
             first = read["train"][group[0]]
@@ -170,10 +155,7 @@ class ManifestDataModule(MultimodalDataModule):
                 for row in (read["train"][i] for i in group[1:]) if row.label != first.label
             ]
         if problems:
-            if self.on_bad_rows == "raise":
-                raise ManifestError(problems)
-            self.skipped_rows = problems
-            rank_zero_warn(f"{type(self).__name__} skipped {len(problems)} bad row(s); see .skipped_rows. First: {problems[0]}")
+            self.skipped_rows = self.handle_bad_rows(problems, "skipped_rows")
             bad = {(file, line) for file, line, _ in problems}
             read["train"] = [row for row in read["train"] if (row.file, row.line) not in bad]
             groups = duplicate_groups([(str(row.image), row.text) for row in read["train"]])
@@ -215,6 +197,11 @@ class ManifestDataModule(MultimodalDataModule):
             if rows
         }
         self._save_to_log_dir("labels.json", self._class_names, "label names")
+        super().setup(stage)
+
+    @property
+    def input_columns(self) -> tuple[str, str]:
+        return self.columns[0], self.columns[1]
 
     def _save_to_log_dir(self, name: str, content: Any, what: str) -> None:
         """Write ``content`` as JSON file ``name`` into the run's log directory (rank 0; nothing without a Trainer or

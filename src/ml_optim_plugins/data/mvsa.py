@@ -244,6 +244,8 @@ class MVSADataModule(ManifestDataModule):
         num_workers: DataLoader worker processes.
         tokenizer: text model whose tokenizer to use; ``None`` keeps raw strings.
         max_length: longest tokenised text.
+        predict: inputs to predict on (a manifest of image path and text, another MVSA root, or a folder of
+            ``<id>.jpg`` + ``<id>.txt``; see :class:`~ml_optim_plugins.MultimodalDataModule`).
 
     Raises:
         ValueError: for ``labels`` that are not the three MVSA labels, or a ``variant`` the label file contradicts.
@@ -284,6 +286,7 @@ class MVSADataModule(ManifestDataModule):
         num_workers: int = 0,
         tokenizer: str | None = "all-MiniLM-L6-v2",
         max_length: int = 64,
+        predict: str | None = None,
     ) -> None:
         if sorted(labels) != sorted(MVSA_LABELS):
             raise ValueError(f"labels={list(labels)}; give the MVSA labels {list(MVSA_LABELS)} in class-id order")
@@ -306,6 +309,7 @@ class MVSADataModule(ManifestDataModule):
             num_workers=num_workers,
             tokenizer=tokenizer,
             max_length=max_length,
+            predict=predict,
         )
         kept = Counter(row.label for rows in self.splits.values() for row in rows)
         self.cleaning: dict[str, Any] = {

@@ -15,7 +15,7 @@ but incomplete, and a model that fuses both beats either.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -224,6 +224,10 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
         num_workers: DataLoader worker processes.
         tokenizer: text model whose tokenizer to use; ``None`` keeps raw strings.
         max_length: longest tokenised text.
+        predict: image + text inputs to predict on (a manifest of image path and text, an MVSA root, or a folder of
+            ``<id>.jpg`` + ``<id>.txt``; see :class:`~ml_optim_plugins.MultimodalDataModule`): their images are
+            resized to ``image_size`` and normalised as the generated ones.
+        on_bad_rows: ``"raise"`` or ``"skip"``: what a bad input to predict on does.
 
     Example:
         >>> dm = SyntheticSentimentDataModule(train_size=8, val_size=4, test_size=4, batch_size=4)
@@ -249,8 +253,17 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
         num_workers: int = 0,
         tokenizer: str | None = "all-MiniLM-L6-v2",
         max_length: int = 64,
+        predict: str | None = None,
+        on_bad_rows: Literal["raise", "skip"] = "raise",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, tokenizer=tokenizer, max_length=max_length)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            predict=predict,
+            on_bad_rows=on_bad_rows,
+        )
         self.save_hyperparameters()
         sizes = {"train": train_size, "val": val_size, "test": test_size}
         if image_model is None and image_size is None:
@@ -267,6 +280,15 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
             mean=None if config is None else config["mean"],
             std=None if config is None else config["std"],
         )
+        # Image files (to predict on) are prepared as the generated images: resized to the side they are drawn at,
+        # pixels in [0, 1], normalised as above.
+        plain = {"interpolation": "bilinear", "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+        self.image_config = {
+            **(plain if config is None else config),
+            "input_size": (3, image_size, image_size),
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        }
         # Built eagerly: they are cheap (samples are generated on access) and validate the arguments at once.
         self._all = {split: SyntheticSentimentDataset(size, split=split, **common) for split, size in sizes.items()}
 
@@ -276,3 +298,4 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
 
     def setup(self, stage: str) -> None:
         self.datasets = dict(self._all)
+        super().setup(stage)

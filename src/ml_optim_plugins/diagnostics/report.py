@@ -11,9 +11,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ml_optim_plugins.diagnostics.curves import moving_average, param_group_lrs, spans_decades
 from ml_optim_plugins.hyperparameters import check_integer
@@ -120,6 +123,7 @@ class RunReport(Callback):
         self.lrs: dict[str, Series] = defaultdict(list)
         self.final: dict[str, dict[str, float]] = {}
         self.final_source: dict[str, str] = {}
+        self.padded: dict[str, bool] = {}  # split -> its loader padded the split under DDP
         self.fit_seconds = 0.0
         self._fit_start: float | None = None
         self._fitting = True
@@ -158,6 +162,7 @@ class RunReport(Callback):
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/") and v.numel() == 1}
         self.final[split] = {k.removesuffix("_epoch"): v for k, v in values.items()}
         self.final_source[split] = source
+        self.padded[split] = _pads_samples(trainer.test_dataloaders if split == "test" else trainer.val_dataloaders)
         self.write(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -168,6 +173,7 @@ class RunReport(Callback):
         if row is not None:
             self.final["val"] = {k: v for k, v in row.items() if k.startswith("val/")}
             self.final_source["val"] = source
+            self.padded["val"] = _pads_samples(trainer.val_dataloaders)
         self.write(trainer)
 
     def _selected_validation(self, trainer: pl.Trainer) -> tuple[dict[str, float] | None, str]:
@@ -279,10 +285,12 @@ class RunReport(Callback):
             lines.append(f"- **non-finite values were logged** (left out of the plots): {shown}")
         lines += ["", "## Final metrics", ""]
         lines += self._final_table() or ["No validation or test metrics were logged."]
-        if trainer.world_size > 1 and self.final:
+        padded = sorted(split for split in self.final if self.padded.get(split))
+        if trainer.world_size > 1 and padded:
             lines.append(
-                f"- {trainer.world_size} processes: Lightning's distributed sampler pads each split to a multiple of "
-                f"the process count, so up to {trainer.world_size - 1} samples may be counted twice."
+                f"- {trainer.world_size} processes: the {' and '.join(padded)} loader(s) used Lightning's distributed "
+                f"sampler, which pads a split to a multiple of the process count, so up to {trainer.world_size - 1} "
+                "samples were counted twice (the library's data modules shard val / test without padding)."
             )
         if boundaries:
             lines += ["", "## Stages", "", "| stage | name | from epoch | from step |", "|---|---|---|---|"]
@@ -345,6 +353,21 @@ class RunReport(Callback):
         self.lrs = defaultdict(list, {k: [tuple(p) for p in v] for k, v in state_dict["lrs"].items()})
         self.fit_seconds = float(state_dict.get("fit_seconds", 0.0))
         self.history.nonfinite = dict(state_dict.get("nonfinite", {}))
+
+
+def _pads_samples(loaders: Any) -> bool:
+    """Whether a loader among ``loaders`` (one, or a collection, as ``trainer.val_dataloaders`` holds) samples with a
+    ``DistributedSampler`` that pads (Lightning's default for val / test), not an unrepeated one."""
+    padding: list[bool] = []
+
+    def check(loader: DataLoader) -> None:
+        sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+        padding.append(
+            isinstance(sampler, DistributedSampler) and not isinstance(sampler, UnrepeatedDistributedSampler)
+        )
+
+    apply_to_collection(loaders, DataLoader, check)
+    return any(padding)
 
 
 def _figure(

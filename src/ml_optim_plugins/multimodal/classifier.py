@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ml_optim_plugins.hyperparameters import check_number
 from ml_optim_plugins.multimodal.contract import ModalityAwareMixin
 from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
 from ml_optim_plugins.nonfinite import nonfinite_policy
+from ml_optim_plugins.rank_seed import seed_per_rank
 
 FUSED = "fused"
 SPLITS = ("train", "val", "test")
@@ -68,6 +69,11 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     for the fused prediction, and ``{split}/{modality}/loss|acc|f1|f1_weighted`` for each modality's own prediction (the fusion's per-modality logits, or
     as ``modality_scoring`` says).
 
+    Under DDP every logged value is the global one: losses are reduced over the ranks weighted by their sample counts,
+    the torchmetrics metrics sync their states, and the library's data modules give each rank a share of the val / test
+    splits without the distributed sampler's padded duplicates. In ``setup`` each rank reseeds its noise with
+    :func:`~ml_optim_plugins.seed_per_rank`, so dropout differs between ranks and a rerun draws the same.
+
     Subclass it to change the loss (:meth:`compute_loss`, :meth:`compute_modality_loss`), the metrics
     (:meth:`build_metrics`; extra ones are logged per split and head and reach :class:`~ml_optim_plugins.RunReport`'s
     table) or the batch layout (:meth:`compute_features`), or bring your own module that implements
@@ -100,6 +106,10 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         modality_scoring: how the per-modality predictions that callbacks read are obtained: ``"auto"``,
             ``"head_split"``, ``"masking"`` or ``"aux_heads"`` (see :meth:`set_modality_scoring`; a choice that is
             meaningless for the fusion is an error here).
+        preprocessing: how the data prepares inputs for this model (a data module's
+            :attr:`~ml_optim_plugins.MultimodalDataModule.preprocessing`; LightningCLI links it). Only kept with the
+            hyperparameters, with ``class_names``, so a checkpoint alone can classify new inputs
+            (:class:`~ml_optim_plugins.Predictor`).
 
     Example:
         >>> from ml_optim_plugins import SumFusion
@@ -126,6 +136,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         modality_dropout: nn.Module | None = None,
         aux_loss_weight: float = 0.0,
         modality_scoring: str = "auto",
+        preprocessing: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -159,6 +170,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             raise TypeError(f"fusion must be an ml_optim_plugins Fusion, got {type(self.fusion).__name__}")
         self.fusion.build(dims, num_classes)
         self.num_classes = num_classes
+        self.class_names = None if class_names is None else list(class_names)
+        self.preprocessing = None if preprocessing is None else dict(preprocessing)
         self.label_key = label_key
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -172,6 +185,11 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         )
         self.set_modality_scoring(modality_scoring)
         metrics = MetricCollection(dict(self.build_metrics()))
+        losses = ["loss", *(f"{name}/loss" for name in self.encoders)]
+        losses += [f"{name}/aux_loss" for name in self.aux_heads or {}]
+        self.eval_losses = nn.ModuleDict(
+            {f"{split}/{loss}": MeanMetric(nan_strategy="disable") for split in ("val", "test") for loss in losses}
+        )
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{head}": metrics.clone(prefix=f"{split}/" if head == FUSED else f"{split}/{head}/")
@@ -243,30 +261,34 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             per_modality = self.modality_logits
         else:
             per_modality = self.modality_outputs(features)
-        if not torch.isfinite(objective):
-            self._nonfinite_objective(objective, split)
+        if not self._loggable(objective, split):
             return objective  # the run's policy skips (or warns about) this step: its values are not logged
         for name, aux_loss in aux_losses.items():
-            self.log(f"{split}/{name}/aux_loss", aux_loss, on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
+            self._log_loss(split, f"{name}/aux_loss", aux_loss, batch_size)
+        self._log_loss(split, "loss", loss, batch_size, on_step=split == "train", prog_bar=True)
         self._update_metrics(split, FUSED, logits.detach(), targets)
         for name, modality_logits in per_modality.items():
             modality_loss = self.compute_modality_loss(name, modality_logits.detach(), targets)
-            self.log(f"{split}/{name}/loss", modality_loss, on_step=False, on_epoch=True, batch_size=batch_size)
+            self._log_loss(split, f"{name}/loss", modality_loss, batch_size)
             self._update_metrics(split, name, modality_logits.detach(), targets)
         return objective
 
-    def _nonfinite_objective(self, objective: Tensor, split: str) -> None:
-        """Raise on a non-finite objective, unless this is a training step and the run's policy
-        (:func:`~ml_optim_plugins.nonfinite_policy`: a ``GradientMonitor(on_nonfinite=...)``) skips or warns; that
-        monitor then acts on the step. Evaluation always raises: a metric over NaN means nothing."""
+    def _loggable(self, objective: Tensor, split: str) -> bool:
+        """Whether the step's values are logged: ``False`` for a non-finite training objective that the run's policy
+        (:func:`~ml_optim_plugins.nonfinite_policy`: a ``GradientMonitor(on_nonfinite=...)``) skips or warns about,
+        on every DDP rank at once (the training loss is logged with ``sync_dist``, a collective, so ranks log or skip
+        together). Otherwise a non-finite objective raises; evaluation always does: a metric over NaN means nothing."""
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer
             trainer = None
-        policy = nonfinite_policy(trainer)
-        if split == "train" and policy != "raise":
-            return
+        finite = torch.isfinite(objective.detach())
+        if split == "train" and nonfinite_policy(trainer) != "raise":
+            if trainer is not None and trainer.world_size > 1:
+                finite = trainer.strategy.reduce((~finite).float(), reduce_op="sum") == 0
+            return bool(finite)
+        if bool(finite):
+            return True
         advice = (
             "; or attach GradientMonitor(on_nonfinite='skip_step') to skip such steps" if split == "train" else ""
         )
@@ -275,10 +297,41 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             f"inputs for NaN/Inf, or add gradient clipping{advice}"
         )
 
+    def _log_loss(
+        self, split: str, name: str, value: Tensor, batch_size: int, on_step: bool = False, prog_bar: bool = False
+    ) -> None:
+        key = f"{split}/{name}"
+        if split == "train":
+            # Every rank's training batches have the same size (the distributed sampler pads the training split), so
+            # Lightning's sync_dist, a mean over the ranks, gives the global batch's mean, per step and per epoch.
+            self.log(
+                key, value, on_step=on_step, on_epoch=True, prog_bar=prog_bar, batch_size=batch_size, sync_dist=True
+            )
+            return
+        # Evaluation shards differ by up to one sample (unpadded). sync_dist would divide by a floored integer mean of
+        # the counts (Lightning-AI/pytorch-lightning#21859); a MeanMetric sums values and counts over the ranks. The
+        # batch mean goes in once per sample, not as weight=: nan_strategy="disable" (a NaN loss is logged as NaN)
+        # drops weights in torchmetrics 1.9 (Lightning-AI/torchmetrics#3434).
+        metric = self.eval_losses[key]
+        if metric.update_count == 0:
+            # Fresh states in this loop's grad mode: MeanMetric adds in place, and states reset at the end of a
+            # trainer.validate (inference mode) cannot be updated in fit's validation (no_grad).
+            metric.reset()
+        metric.update(value.detach().expand(batch_size))
+        self.log(key, metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
+
     def _update_metrics(self, split: str, head: str, logits: Tensor, targets: Tensor) -> None:
         collection = self.metrics[f"{split}_{head}"]
         collection.update(logits, targets)
         self.log_dict(collection, on_step=False, on_epoch=True, prog_bar=head == FUSED and split != "train")
+
+    def setup(self, stage: str) -> None:
+        """Under DDP, before ``fit``: seed each process's noise with the run's seed plus its rank
+        (:func:`~ml_optim_plugins.seed_per_rank`), so dropout, Gaussian and modality dropout draw independently on each
+        rank. It runs before Lightning restores a checkpoint, so RNG states restored from one take precedence. Call
+        ``super().setup(stage)`` when overriding."""
+        if stage == "fit" and self.trainer.world_size > 1:
+            seed_per_rank(self.trainer.global_rank)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         return self.step(batch, "train")
@@ -289,10 +342,20 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         return self.step(batch, "test")
 
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Class probabilities and predicted class ids of the fused model."""
-        probs = self(batch).softmax(dim=-1)
-        return {"probs": probs, "preds": probs.argmax(dim=-1)}
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Class probabilities (``probs``) and predicted class ids (``preds``) of the fused model, each modality's own
+        probabilities (``modality_probs``: ``{modality: (batch, classes)}``), and the samples' positions in their
+        split (``index``, where the batch has them), which :class:`~ml_optim_plugins.PredictionWriter` orders by."""
+        features = self.compute_features(batch)
+        probs = self.fusion(features).softmax(dim=-1)
+        outputs: dict[str, Any] = {
+            "probs": probs,
+            "preds": probs.argmax(dim=-1),
+            "modality_probs": {name: logits.softmax(dim=-1) for name, logits in self.modality_outputs(features).items()},
+        }
+        if self.sample_id_key in batch:
+            outputs["index"] = batch[self.sample_id_key]
+        return outputs
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One named param group per modality encoder (``encoders.<modality>``) and one for the rest (``fusion``).

@@ -1,0 +1,43 @@
+"""The one place that reaches into Lightning's private attributes, each where Lightning has no public way yet.
+
+Every function names the attribute it uses, why, and the Lightning versions it was checked on (2.6.6). When an
+attribute disappears the function degrades to doing nothing, and the test that covers it fails loudly.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+
+def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
+    """Load the train dataloaders' saved state if Lightning skipped it, and restart the batch iterator from it.
+
+    Lightning restores a resumable (``state_dict`` / ``load_state_dict``) train loader in ``FitLoop.setup_data``; when
+    something reads ``trainer.estimated_stepping_batches`` before the checkpoint is restored (a callback's
+    ``on_fit_start``, or ``configure_optimizers``), the loader is set up early, the saved state is stashed afterwards
+    and never loaded, and a resumed run starts its epoch from the first batch again (Lightning issue #20550, open in
+    2.6.6). Called from ``on_train_start``, before the first batch is drawn.
+
+    Uses ``FitLoop._combined_loader_states_to_load``, ``FitLoop._load_combined_loader_states()`` and
+    ``FitLoop._data_fetcher`` (Lightning 2.6.6).
+
+    Returns:
+        Whether a pending state was loaded.
+    """
+    fit_loop = trainer.fit_loop
+    if not getattr(fit_loop, "_combined_loader_states_to_load", None):
+        return False
+    fit_loop._load_combined_loader_states()
+    fetcher = getattr(fit_loop, "_data_fetcher", None)
+    if fetcher is not None:
+        iter(fetcher)  # a new iterator, which starts where the loaded state says (the old one had prefetched a batch)
+    return True
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The ``step`` that loggers receive for the next training batch: the count of batches that stepped an optimizer.
+
+    Lightning logs with ``FitLoop.epoch_loop._batches_that_stepped`` (not ``global_step``, which counts the steps of
+    every optimizer); after a restore it already accounts for where the checkpoint was saved. Lightning 2.6.6.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)

@@ -1,0 +1,102 @@
+"""Exact resume: every training batch draws its random numbers from a seed of its own (:class:`ExactResume`), so a
+resumed run draws what an uninterrupted one would, beside the position inside the epoch that a resumable DataLoader
+(torchdata's ``StatefulDataLoader``) keeps in the checkpoint."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from ml_optim_plugins.lightning_internals import load_pending_train_loader_state
+
+
+def batch_seed(run_seed: int, epoch: int, batch_idx: int) -> int:
+    """The 64-bit seed of one training batch: a hash (NumPy's ``SeedSequence``) of the run's seed, the epoch and the
+    batch's index in it, so that nearby batches get unrelated streams.
+
+    Example:
+        >>> batch_seed(0, 0, 1) == batch_seed(0, 0, 1), batch_seed(0, 0, 1) == batch_seed(0, 1, 0)
+        (True, False)
+    """
+    low, high = np.random.SeedSequence([run_seed, epoch, batch_idx]).generate_state(2)
+    return (int(high) << 32 | int(low)) & (2**63 - 1)
+
+
+def seed_global_generators(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device), NumPy's global generator and Python's ``random`` from one seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class ExactResume(Callback):
+    """Seed the global random generators at every training batch from (run seed, epoch, batch index), and keep the
+    run seed of every process in checkpoints, so that a run interrupted at any checkpoint (mid-epoch included) and
+    resumed continues bit for bit as if it had not stopped.
+
+    A resumed run restores weights, optimizer, schedules and callback states; what it cannot restore by itself is the
+    randomness it draws from: dropout and Gaussian-dropout noise, a text encoder's dropout, anything drawn from the
+    global torch / NumPy / Python generators. Saving those generators' states is not enough, because Lightning and the
+    DataLoader draw from them between a checkpoint and the next batch in ways a resumed run does not repeat exactly
+    (creating the epoch's batch iterator, prefetching). Seeding each batch from its own coordinates makes its draws
+    independent of what ran before. The run seed is ``torch.initial_seed()`` at fit start (the ``seed_everything``
+    seed, per rank where the module seeds ranks apart); each rank's is saved, gathered under DDP.
+
+    The order of the data and the position inside the epoch come from a resumable DataLoader (the library's data
+    modules use torchdata's ``StatefulDataLoader``, whose state Lightning keeps in checkpoints); ``on_train_start``
+    also loads that state where Lightning skipped it (Lightning #20550, triggered by any read of
+    ``trainer.estimated_stepping_batches`` before the restore).
+
+    Not exact: random draws of the data pipeline itself (random crops and flips in a dataset's ``__getitem__``, in
+    worker processes or one batch ahead); a resumed run sees the same samples in the same order, but other crops.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ExactResume(), ModelCheckpoint(every_n_train_steps=100, save_top_k=-1)])
+        trainer.fit(model, datamodule=data)                                # interrupted after step 250
+        trainer.fit(model, datamodule=data, ckpt_path=".../step=200.ckpt")  # steps 201.. as if never stopped
+    """
+
+    def __init__(self) -> None:
+        self._seed: int | None = None
+        self._loaded: list[int] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seed = torch.initial_seed()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        load_pending_train_loader_state(trainer)
+        if self._loaded is not None:
+            seeds, self._loaded = self._loaded, None
+            if len(seeds) != trainer.world_size:
+                rank_zero_warn(
+                    f"ExactResume: the checkpoint holds the seeds of {len(seeds)} process(es), this run has "
+                    f"{trainer.world_size}; random draws (dropout noise) will differ from an uninterrupted run"
+                )
+            self._seed = seeds[trainer.global_rank % len(seeds)]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        assert self._seed is not None
+        seed_global_generators(batch_seed(self._seed, trainer.current_epoch, batch_idx))
+
+    def state_dict(self) -> dict[str, Any]:
+        # Called on every rank while a checkpoint is written (ModelCheckpoint saves on all ranks at the same step).
+        seeds = [self._seed]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            seeds = [None] * dist.get_world_size()
+            dist.all_gather_object(seeds, self._seed)
+        return {"seeds": seeds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = list(state_dict["seeds"])
