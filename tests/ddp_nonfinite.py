@@ -1,6 +1,7 @@
-"""Run by test_nonfinite.py as ``python ddp_nonfinite.py OUT_DIR``: 2-process DDP on CPU where only rank 1's loss is
-NaN at step 1, with finite gradients (a NaN constant added to the loss), under GradientMonitor(on_nonfinite=
-"skip_step"); each rank writes what it did."""
+"""Run by test_nonfinite.py as ``python ddp_nonfinite.py OUT_DIR MODEL``: 2-process DDP on CPU where only rank 1's
+loss is NaN at step 1, under GradientMonitor(on_nonfinite="skip_step") and, for MODEL ``classifier``, OGM-GE; each
+rank writes what it did. MODEL ``custom``: a plain module, the NaN a constant added to its loss (finite gradients).
+MODEL ``classifier``: MultimodalClassifier, whose training loss is logged with sync_dist (a collective per step)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ml_optim_plugins import GradientMonitor, destroy_default_process_group
+from ml_optim_plugins import GradientMonitor, ModalityBalancer, destroy_default_process_group
+from tests.balancing.tiny import imbalanced_samples, tiny_classifier
 from tests.conftest import WeightWatch
 from tests.gradcheck.planted import CustomLightning
 
@@ -24,14 +26,28 @@ class NaNLossOnRankOne(CustomLightning):
         return loss
 
 
+def classifier_nan_on_rank_one() -> pl.LightningModule:
+    model = tiny_classifier()
+    loss = model.compute_loss
+
+    def compute_loss(logits, targets):
+        value = loss(logits, targets)
+        return value * float("nan") if model.training and model.global_step == 1 and model.global_rank == 1 else value
+
+    model.compute_loss = compute_loss
+    model.train_dataloader = lambda: torch.utils.data.DataLoader(imbalanced_samples(64), batch_size=8)
+    return model
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
+    out, kind = Path(sys.argv[1]), sys.argv[2]
     monitor, watch = GradientMonitor(on_nonfinite="skip_step"), WeightWatch()
+    extra = [ModalityBalancer("ogm_ge")] if kind == "classifier" else []
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, watch],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, *extra, watch],
     )
-    model = NaNLossOnRankOne()
+    model = NaNLossOnRankOne() if kind == "custom" else classifier_nan_on_rank_one()
     trainer.fit(model)
     seen = {"changed": watch.changed, "skipped": monitor.skipped_steps,
             "weights": [p.detach().flatten().tolist() for p in model.parameters()]}
