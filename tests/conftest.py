@@ -121,6 +121,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     return TinyRun(directory, config, checkpoint, printed.getvalue())
 
 
+class WeightWatch(pl.Callback):
+    """Records, per training batch, whether any weight changed (a skipped step changes none)."""
+
+    def __init__(self) -> None:
+        self.changed: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.changed.append(any(not torch.equal(a, p) for a, p in zip(self.before, pl_module.parameters())))
+
+
 def gloo_threads() -> list[str]:
     """Names of this process's native threads that belong to a gloo process group or its TCPStore (Linux's /proc)."""
     tasks = Path("/proc/self/task")

@@ -133,3 +133,41 @@ def test_a_recipe_trains_in_bf16_mixed_precision(tmp_path, monkeypatch):
     assert balancer.last and all(0.0 < stats["coefficient"] <= 1.0 for stats in balancer.last.values())
     report = (Path(cli.trainer.log_dir) / "report.md").read_text()
     assert "| 1 | finetune | 1 | 4 |" in report and "test macro-F1" in report
+
+
+def test_the_small_variant_runs_every_stage_of_the_quick_start(tmp_path, monkeypatch):
+    """recipes/quickstart.yaml + recipes/variants/small.yaml as documented: no pretraining checkpoint, both stages
+    start, the finetuning warmup completes, both gradient checks run, OGM-GE acts, then the test and the report. For
+    the test's time only, the CNN, the images, the texts and the batches are smaller (80 samples in batches of 4: the
+    variant's 20 optimizer steps an epoch, on a quarter of its samples) and evaluation stops after 2 batches."""
+    from ml_optim_plugins import LinearProbeFinetune, ModalityBalancer
+    from ml_optim_plugins.cli import run
+
+    variant = yaml.safe_load((RECIPES / "variants" / "small.yaml").read_text())["data"]["init_args"]
+    assert variant["train_size"] / variant["batch_size"] == 20 == 80 / 4
+    monkeypatch.chdir(tmp_path)
+    cli = run([
+        "fit", "-c", str(RECIPES / "quickstart.yaml"), "-c", str(RECIPES / "variants" / "small.yaml"),
+        "--model.init_args.encoders.image.init_args.model_name", "test_resnet", "--data.init_args.image_size", "32",
+        "--model.init_args.encoders.text.init_args.max_seq_length", "16", "--data.init_args.max_length", "16",
+        "--data.init_args.train_size", "80", "--data.init_args.batch_size", "4", "--trainer.limit_val_batches", "2",
+        "--trainer.limit_test_batches", "2", "--trainer.enable_model_summary", "false",
+    ])
+    trainer = cli.trainer
+    assert sorted(cli.model.encoders) == ["image", "text"] and not cli.model.encoders["image"].pretrained_weights
+    assert trainer.global_step == 80  # 20 steps, 4 epochs
+    staged = next(c for c in trainer.callbacks if isinstance(c, LinearProbeFinetune))
+    assert [(b["name"], b["epoch"], b["step"]) for b in staged.boundaries] == [("probe", 0, 0), ("finetune", 2, 40)]
+    run_dir = Path(trainer.log_dir).resolve()
+    assert run_dir == tmp_path.resolve() / "runs" / "quickstart-small" / "version_0"
+    # The image encoder trains at 0.3x the head's LR once its 20-step warmup (steps 40-59) is over (rows every 10
+    # steps: 9, 19, ...).
+    rows = {int(row["step"]): row for row in csv.DictReader((run_dir / "metrics.csv").open())
+            if row.get("lr-AdamW/encoders.image")}
+    ratio = {step: float(row["lr-AdamW/encoders.image"]) / float(row["lr-AdamW/fusion"]) for step, row in rows.items()}
+    assert ratio[29] == 0.0 and 0.0 < ratio[49] < 0.3 and ratio[69] == pytest.approx(0.3)
+    assert [json.loads((run_dir / f"gradcheck-epoch{e}.json").read_text())["passed"] for e in (0, 2)] == [True, True]
+    balancer = next(c for c in trainer.callbacks if isinstance(c, ModalityBalancer))
+    assert balancer.last and min(stats["coefficient"] for stats in balancer.last.values()) < 1.0
+    report = (run_dir / "report.md").read_text()
+    assert "| 1 | finetune | 2 | 40 |" in report and "test macro-F1" in report

@@ -77,6 +77,7 @@ from ml_optim_plugins.multimodal import (
     require_modality_aware,
     resolve_text_model,
 )
+from ml_optim_plugins.nonfinite import nonfinite_policy
 from ml_optim_plugins.prediction import Prediction, PredictionWriter, Predictor
 from ml_optim_plugins.process_group import destroy_default_process_group
 from ml_optim_plugins.rank_seed import seed_per_rank
@@ -191,6 +192,7 @@ __all__ = [
     "modality_keep_mask",
     "modulate_gradient",
     "mono_modal_losses",
+    "nonfinite_policy",
     "ogm_ge_coefficients",
     "packaged_minilm_path",
     "read_mvsa",

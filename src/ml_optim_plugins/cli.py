@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -17,7 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ml_optim_plugins.checkpoints import check_checkpoint_config
+from ml_optim_plugins.cli_errors import exit_with_short_errors
 from ml_optim_plugins.data.base import MultimodalDataModule
+from ml_optim_plugins.encoder_overrides import merge_encoder_overrides
 from ml_optim_plugins.lightning_internals import logging_step
 from ml_optim_plugins.multimodal.classifier import MultimodalClassifier
 from ml_optim_plugins.prediction.command import prepare_predict, print_predict_command
@@ -34,6 +38,11 @@ class MultimodalCLI(LightningCLI):
     :class:`~ml_optim_plugins.RunReport` gets its test column, and prints the command that predicts with it.
     ``predict`` refuses a checkpoint whose labels or preprocessing differ from the data's and writes
     ``predictions.csv`` (:func:`~ml_optim_plugins.prediction.command.prepare_predict`).
+
+    Overrides of ``model.init_args.encoders`` (a second ``-c`` file, ``--model.init_args.encoders.image...``) are
+    merged per modality, so one encoder changes and the others stay, and ``null`` means None there too
+    (:func:`~ml_optim_plugins.encoder_overrides.merge_encoder_overrides`). A ``fit`` that would train nothing
+    (``max_epochs``, ``max_steps`` or ``limit_train_batches`` of 0) is refused before it starts.
 
     Example:
         >>> MultimodalCLI(args=["fit", "-c", "recipes/quickstart.yaml"])  # doctest: +SKIP
@@ -55,6 +64,15 @@ class MultimodalCLI(LightningCLI):
             default=False,
             help="use a --ckpt_path saved with another model or data configuration than this run's (refused otherwise)",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:  # noqa: D102 - LightningCLI hook
+        # Overrides of one encoder keep the others (docs/recipes.md); see encoder_overrides.py.
+        argv = None if isinstance(args, (dict, Namespace)) else sys.argv[1:] if args is None else list(args)
+        merged = None if argv is None else merge_encoder_overrides(argv)
+        if args is None and merged != argv:
+            self.config = parser.parse_args(merged)  # not as args=: LightningCLI would warn about sys.argv
+            return
+        super().parse_arguments(parser, args if args is None or merged is None else merged)
 
     def instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI hook
         super().instantiate_classes()
@@ -84,6 +102,7 @@ class MultimodalCLI(LightningCLI):
             check_checkpoint_config(ckpt_path, None, getattr(self.datamodule, "hparams", None))
 
     def before_fit(self) -> None:
+        check_fit_trains(self.trainer)
         self._check_ckpt_path()
 
     def before_validate(self) -> None:
@@ -166,6 +185,23 @@ def check_image_preprocessing(model: object, data: object) -> None:
                 f"image_model={image_model!r} ({', '.join(f'{k} {given.get(k)} instead of {wanted.get(k)}' for k in differs)}); "
                 f"set {key}"
             )
+
+
+def check_fit_trains(trainer: Trainer) -> None:
+    """Refuse a ``fit`` that would train nothing (``max_epochs``, ``max_steps`` or ``limit_train_batches`` of 0): its
+    untrained model would then be validated, saved and tested as if it were a result.
+
+    Raises:
+        ValueError: naming the setting.
+    """
+    settings = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+                "limit_train_batches": trainer.limit_train_batches}
+    zero = [f"trainer.{name}={value}" for name, value in settings.items() if value == 0]
+    if zero:
+        raise ValueError(
+            f"{', '.join(zero)}: fit would train nothing, and the untrained model would be validated and tested; set "
+            "it to 1 or more (to evaluate a checkpoint, use the validate or test command with --ckpt_path)"
+        )
 
 
 def format_metric(value: float) -> str:
@@ -279,15 +315,16 @@ def align_logger_versions(trainer: Trainer) -> None:
             logger._version = first.version
 
 
+@exit_with_short_errors
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``ml-optim-plugins`` console script (``baselines`` goes to
     :func:`~ml_optim_plugins.baselines.run_baselines`, everything else to LightningCLI).
 
     A DDP run ends by destroying its process group (:func:`~ml_optim_plugins.destroy_default_process_group`), so the
-    process does not abort at exit; after an error the group is left alone and the error propagates.
+    process does not abort at exit; after an error the group is left alone and the error propagates. An error the
+    library raised on purpose (a bad value, a missing file) is printed as one line (exit status 1); set
+    ``JSONARGPARSE_DEBUG=true`` for the full traceback.
     """
-    import sys
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["baselines"]:

@@ -100,7 +100,7 @@ def test_a_step_that_records_no_modality_outputs_fails_at_the_first_step(make_di
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"method": "agm2"}, "method='agm2'"), ({"alpha": -1}, "alpha must be >= 0"),
+    [({"method": "agm2"}, "method='agm2'"), ({"alpha": -1}, "alpha must be a finite number >= 0"),
      ({"window": (5, 2)}, "first <= last"), ({"parameters": "bias"}, "parameters='bias'")],
 )
 def test_bad_arguments(kwargs, message):

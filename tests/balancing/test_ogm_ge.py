@@ -34,7 +34,7 @@ def test_coefficients_match_equation_10(scores, alpha, smooth, expected):
 
 
 def test_negative_alpha_is_rejected():
-    with pytest.raises(ValueError, match="alpha must be >= 0"):
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
         ogm_ge_coefficients({"a": 1.0, "b": 2.0}, -0.1)
 
 

@@ -105,7 +105,7 @@ def test_skip_bad_rows_reports_the_count(image_dir):
     [
         ({"image_column": "picture"}, ValueError, r"lacks column\(s\) \['picture'\]"),
         ({"on_bad_rows": "ignore"}, ValueError, "on_bad_rows='ignore'"),
-        ({"val_fraction": 1.0}, ValueError, "val_fraction=1.0"),
+        ({"val_fraction": 1.0}, ValueError, r"val_fraction must be a finite number in \[0, 1\), got 1.0"),
         ({"labels": ["a", "a"]}, ValueError, "duplicates"),
     ],
 )

@@ -97,7 +97,7 @@ def test_raw_strings_without_tokenizer():
     ("kwargs", "match"),
     [
         ({"num_classes": 4}, "2 or 3 classes"),
-        ({"image_noise": 1.5}, r"image_noise=1.5 must be in \[0, 1\]"),
+        ({"image_noise": 1.5}, r"image_noise must be a finite number in \[0, 1\], got 1.5"),
         ({"image_size": 8}, "too small"),
         ({"train_size": 0}, "length=0"),
         ({"batch_size": 0}, "batch_size=0"),

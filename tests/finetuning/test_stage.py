@@ -13,10 +13,10 @@ from ml_optim_plugins import GradualUnfreezing, LinearProbeFinetune, Stage, Stag
         ({"start_epoch": -1}, "start_epoch=-1"),
         ({"start_step": 1.5}, "start_step=1.5"),
         ({"warmup_steps": -3}, "warmup_steps=-3"),
-        ({"patience": 0}, "patience=0"),
+        ({"patience": 0}, "Stage patience must be an integer >= 1, got 0"),
         ({"mode": "up"}, "mode='up'"),
-        ({"min_delta": -0.1}, "min_delta=-0.1"),
-        ({"lr_multipliers": {"text": -1.0}}, "lr_multipliers must be >= 0"),
+        ({"min_delta": -0.1}, "Stage min_delta must be a finite number >= 0, got -0.1"),
+        ({"lr_multipliers": {"text": -1.0}}, "Stage lr_multipliers['text'] must be a finite number >= 0"),
     ],
 )
 def test_bad_stage_values(kwargs, message):
@@ -54,7 +54,7 @@ def test_stages_from_mappings_as_a_config_gives_them():
     [
         (LinearProbeFinetune, {"probe_epochs": 0}, "probe_epochs=0"),
         (GradualUnfreezing, {"epochs_per_stage": 0}, "epochs_per_stage=0"),
-        (GradualUnfreezing, {"factor": 0.5}, "factor=0.5"),
+        (GradualUnfreezing, {"factor": 0.5}, "slowly.* must be a finite number >= 1, got 0.5"),
         (GradualUnfreezing, {"max_blocks": 0}, "max_blocks=0"),
     ],
 )

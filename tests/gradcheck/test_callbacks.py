@@ -92,7 +92,7 @@ class NaNAt(CustomLightning):
 
 def test_nonfinite_gradients_raise_naming_the_module(make_diag_trainer):
     trainer = make_diag_trainer(max_steps=5, callbacks=[GradientMonitor()])
-    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 2 in net.head \(nan\)"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss and gradients at step 2 in net.head \(nan\)"):
         trainer.fit(NaNAt())
 
 
@@ -109,7 +109,7 @@ def test_nonfinite_gradients_can_be_skipped(make_diag_trainer):
 
     monitor, watch, model = GradientMonitor(on_nonfinite="skip_step"), Watch(), NaNAt()
     trainer = make_diag_trainer(max_steps=5, callbacks=[monitor, watch])
-    with pytest.warns(UserWarning, match="non-finite gradients at step 2 in net.head .*step skipped"):
+    with pytest.warns(UserWarning, match="non-finite loss and gradients at step 2 in net.head .*step skipped"):
         trainer.fit(model)
     assert monitor.skipped_steps == 1 and watch.changed == [True, True, False, True, True, True][: len(watch.changed)]
     assert all(torch.isfinite(p).all() for p in model.parameters())

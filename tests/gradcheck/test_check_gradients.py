@@ -126,7 +126,7 @@ def test_params_filter_and_report_serialisation():
         check_gradients(WithCustomLayer(), custom_batch(), classification_loss, params=["nothing"])
 
 
-@pytest.mark.parametrize("kwargs, message", [({"mode": "test"}, "mode='test'"), ({"eps": 0}, "need eps > 0")])
+@pytest.mark.parametrize("kwargs, message", [({"mode": "test"}, "mode='test'"), ({"eps": 0}, "eps must be a finite number > 0, got 0")])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         check_gradients(WithCustomLayer(), custom_batch(), classification_loss, **kwargs)

@@ -195,7 +195,7 @@ def test_build_metrics_adds_a_metric_to_every_split_and_head():
 def test_no_auxiliary_heads_by_default_and_negative_weight_rejected():
     model = MultimodalClassifier({"a": torch.nn.Linear(4, 8)}, num_classes=3, feature_dims={"a": 8})
     assert model.aux_heads is None
-    with pytest.raises(ValueError, match="aux_loss_weight must be >= 0"):
+    with pytest.raises(ValueError, match="aux_loss_weight must be a finite number >= 0"):
         MultimodalClassifier({"a": torch.nn.Linear(4, 8)}, num_classes=3, feature_dims={"a": 8}, aux_loss_weight=-1)
 
 

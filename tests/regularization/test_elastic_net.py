@@ -21,7 +21,7 @@ def test_penalty_value_is_l1_plus_l2(l1, l2):
 
 
 def test_negative_weights_are_rejected():
-    with pytest.raises(ValueError, match="l1 and l2 must be >= 0"):
+    with pytest.raises(ValueError, match="l1 must be a finite number >= 0"):
         elastic_net_penalty([torch.ones(1)], l1=-1.0)
     with pytest.raises(ValueError, match="not both 0"):
         ElasticNetPenalty()

@@ -117,7 +117,7 @@ def test_variational_kl_sums_every_layer():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"p_init": 0.0}, r"p_init must be in \(0, 1\)"),
+    ({"p_init": 0.0}, r"p_init must be a finite number in \(0, 1\)"),
     ({"kl_approximation": "exact"}, "kl_approximation='exact'; expected one of kingma, molchanov"),
 ])
 def test_bad_arguments(kwargs, message):

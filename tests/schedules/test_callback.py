@@ -178,7 +178,7 @@ def test_bad_setup_fails_before_the_first_step(make_trainer, callback, model, er
 def test_schedule_object_or_keywords_not_both():
     with pytest.raises(TypeError, match="not both"):
         WarmupDecay(WarmupDecaySchedule(), warmup_steps=3)
-    with pytest.raises(ValueError, match="late_warmup_steps must be >= 0"):
+    with pytest.raises(ValueError, match="late_warmup_steps must be an integer >= 0"):
         WarmupDecay(late_warmup_steps=-1)
 
 

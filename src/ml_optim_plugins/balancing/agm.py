@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ml_optim_plugins.hyperparameters import check_number
+
 LOG_FLOOR = 1e-8  # the reference clamps the true-class probability here before taking the log
 
 
@@ -67,8 +69,7 @@ def agm_coefficients(
         >>> k["a"] < 1 < k["b"]
         True
     """
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    check_number("alpha", alpha, at_least=0)
     ratios = agm_ratios(scores)
     targets = agm_ratios({name: running[name] for name in scores})
     coefficients = {}

@@ -17,11 +17,13 @@ from ml_optim_plugins.balancing.agm import agm_coefficients, agm_ratios, mono_mo
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_with_noise, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
+from ml_optim_plugins.hyperparameters import check_integer, check_number, check_optional_number
 from ml_optim_plugins.multimodal.contract import (
     MODALITY_SCORINGS,
     recorded_modality_outputs,
     require_modality_aware,
 )
+from ml_optim_plugins.nonfinite import nonfinite_policy, scaler_skips_nonfinite
 
 METHODS = ("ogm_ge", "ogm", "agm", "mmpareto")
 PARAMETER_KINDS = ("all", "weights", "conv")
@@ -33,6 +35,15 @@ def _selected(param: nn.Parameter, kinds: str) -> bool:
     if kinds == "weights":
         return param.dim() >= 2
     return param.dim() == 4  # "conv": the reference code's choice (4-D convolution kernels only)
+
+
+def _check_clamp(clamp: Sequence[float]) -> tuple[float, float]:
+    try:
+        if len(clamp) != 2:
+            raise ValueError("two values")
+        return check_number("low", clamp[0], above=0, at_most=1), check_number("high", clamp[1], at_least=1)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"clamp must be (low, high) with 0 < low <= 1 <= high, got {clamp} ({err})") from None
 
 
 class ModalityBalancer(Callback):
@@ -65,8 +76,10 @@ class ModalityBalancer(Callback):
     With several optimizers (manual optimization), each optimizer's step modulates only its own parameters, and the
     batch is scored once, at its first optimizer step.
 
-    Only inside the modulation ``window``; steps with non-finite gradients are left alone (AMP's scaler or a monitor
-    deals with them). Logs per modality, every ``log_every_n_steps``: ``balance/{m}/score``, ``ratio``,
+    Only inside the modulation ``window``. A step with non-finite scores or gradients is never rescaled (nor counted in
+    AGM's running means): it raises ``FloatingPointError``, unless the run's policy skips it
+    (``GradientMonitor(on_nonfinite="skip_step")``, see :func:`~ml_optim_plugins.nonfinite_policy`) or float16 AMP's
+    scaler does. Logs per modality, every ``log_every_n_steps``: ``balance/{m}/score``, ``ratio``,
     ``coefficient`` and the norms of the encoder's selected gradients: ``grad_norm_before`` (``g``),
     ``grad_norm_modulated`` (``k g``, i.e. ``k`` times the norm before), ``noise_norm`` (the enhancement noise ``n``,
     0 without it) and ``grad_norm_after`` (``k g + n``, what the optimizer steps with: above the norm before when the
@@ -97,7 +110,8 @@ class ModalityBalancer(Callback):
 
     Raises:
         TypeError: at fit start, if the module is not modality-aware (with what to implement).
-        ValueError: bad arguments.
+        ValueError: bad arguments (NaN and infinities included).
+        FloatingPointError: at a step with non-finite scores or gradients, under the run's default policy ``"raise"``.
 
     Example::
 
@@ -121,8 +135,7 @@ class ModalityBalancer(Callback):
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)}")
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        alpha = check_number("alpha", alpha, at_least=0)
         if window is not None and (len(window) != 2 or window[0] > window[1]):
             raise ValueError(f"window must be (first, last) with first <= last, got {window}")
         if window_unit not in ("epoch", "step"):
@@ -134,15 +147,13 @@ class ModalityBalancer(Callback):
         self.method, self.alpha, self.smooth = method, alpha, smooth
         self.window = None if window is None else (int(window[0]), int(window[1]))
         self.window_unit, self.parameters, self.seed = window_unit, parameters, seed
+        if log_every_n_steps is not None:
+            check_integer("log_every_n_steps", log_every_n_steps, at_least=1)
         self.log_every_n_steps = log_every_n_steps
-        if clamp is not None and (len(clamp) != 2 or not 0 < clamp[0] <= 1 <= clamp[1]):
-            raise ValueError(f"clamp must be (low, high) with 0 < low <= 1 <= high, got {clamp}")
-        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
-        if max_gap is not None and max_gap <= 0:
-            raise ValueError(f"max_gap must be > 0 (the reference uses 10 or 7) or None, got {max_gap}")
-        self.max_gap = None if max_gap is None else float(max_gap)
-        if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
+        self.clamp = None if clamp is None else _check_clamp(clamp)
+        # The reference caps t - r at 10 or 7.
+        self.max_gap = check_optional_number("max_gap", max_gap, above=0)
+        gamma = check_number("gamma", gamma, above=0)
         if scores is not None and scores not in MODALITY_SCORINGS:
             raise ValueError(f"scores={scores!r}; expected one of {', '.join(MODALITY_SCORINGS)} or None")
         self.gamma, self.scores = gamma, scores
@@ -280,14 +291,22 @@ class ModalityBalancer(Callback):
             if self._pending is not None:
                 scores, self._pending = scores + self._pending.to(scores.device), None
             sums = trainer.strategy.reduce(scores, reduce_op="sum")  # the global batch's sums on every rank
-            self._step_values = self._coefficients(sums)  # AGM's running means advance once per batch
+            if bool(torch.isfinite(sums).all()):
+                self._step_values = self._coefficients(sums)  # AGM's running means advance once per batch
+            else:  # never into AGM's running means
+                self._step_values = None
+                self._nonfinite(trainer, "per-modality scores")
         if self._step_values is None or not self._in_window(trainer):
             return
         scores_by_name, ratios, coefficients = self._step_values
         params = {name: [p for p in self._params[name] if p.grad is not None and id(p) in owned]
                   for name in self._modalities}
         grads = [p.grad for group in params.values() for p in group]
-        if not grads or not bool(torch.isfinite(torch.stack([g.float().sum() for g in grads])).all()):
+        if not grads:
+            return
+        if not bool(torch.isfinite(torch.stack([g.float().sum() for g in grads])).all()):
+            bad = [name for name, group in params.items() if any(not torch.isfinite(p.grad).all() for p in group)]
+            self._nonfinite(trainer, f"gradients in the {bad} encoder(s)")
             return
         generator_device = grads[0].device
         generator = torch.Generator(device=generator_device).manual_seed(self.seed * 1_000_003 + trainer.global_step)
@@ -343,6 +362,7 @@ class ModalityBalancer(Callback):
             unimodal = [g * scale for g in unimodal]
         checks = torch.stack([x.float().sum() for (_, p, _), g in zip(entries, unimodal) for x in (p.grad, g)])
         if not bool(torch.isfinite(checks).all()):
+            self._nonfinite(trainer, "multimodal or unimodal gradients")
             return
         device = entries[0][1].grad.device
         dots = torch.zeros(len(self._modalities), 5, device=device,
@@ -367,6 +387,17 @@ class ModalityBalancer(Callback):
                    "grad_norm_before": norms[row][0], "grad_norm_after": norms[row][1]}
             for row, name in enumerate(self._modalities) if row in rows
         })
+
+    def _nonfinite(self, trainer: pl.Trainer, what: str) -> None:
+        """A step with non-finite values is never rescaled; the run's policy (:func:`~ml_optim_plugins.nonfinite_policy`)
+        says whether it stops here or a GradientMonitor skips the step (or warns); float16 AMP's scaler skips it."""
+        if scaler_skips_nonfinite(trainer) or nonfinite_policy(trainer) != "raise":
+            return
+        raise FloatingPointError(
+            f"ModalityBalancer: non-finite {what} at step {trainer.global_step}; the step is not balanced. Lower the "
+            "learning rate, check the inputs and the loss for NaN/Inf, or attach GradientMonitor(on_nonfinite="
+            "'skip_step') to skip such steps"
+        )
 
     def _log(self, trainer: pl.Trainer, stats: dict[str, dict[str, float]]) -> None:
         self.last = stats

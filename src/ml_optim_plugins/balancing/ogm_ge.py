@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ml_optim_plugins.hyperparameters import check_number
+
 
 def true_class_scores(modality_logits: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
     """Each modality's score on a batch: the sum over samples of its softmax probability of the true class.
@@ -45,8 +47,7 @@ def ogm_ge_coefficients(scores: Mapping[str, float], alpha: float, smooth: bool 
         >>> {k: round(v, 4) for k, v in ogm_ge_coefficients({"image": 10.0, "text": 20.0}, 0.5, smooth=True).items()}
         {'image': 1.0, 'text': 0.5379}
     """
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    check_number("alpha", alpha, at_least=0)
     values = {name: float(score) for name, score in scores.items()}
     weakest = min(values.values())
     if weakest <= 0:

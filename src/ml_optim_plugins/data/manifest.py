@@ -21,6 +21,7 @@ from ml_optim_plugins.data.rows import (
     seeded_split,
 )
 from ml_optim_plugins.data.transforms import image_data_config, image_transform
+from ml_optim_plugins.hyperparameters import check_number
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
@@ -101,8 +102,7 @@ class ManifestDataModule(MultimodalDataModule):
             on_bad_rows=on_bad_rows,
         )
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value} must be in [0, 1)")
+            check_number(name, value, at_least=0, below=1)
         if val is None and test is None and val_fraction + test_fraction >= 1.0:
             raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data")
         if labels is not None and len(set(labels)) != len(labels):

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from ml_optim_plugins.data.base import MultimodalDataModule
 from ml_optim_plugins.data.transforms import image_data_config
+from ml_optim_plugins.hyperparameters import check_number
 
 CUE_STATUSES = ("present", "missing", "misleading")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -150,8 +151,7 @@ class SyntheticSentimentDataset(Dataset):
         if num_classes not in (2, 3):
             raise ValueError(f"num_classes={num_classes}; the synthetic data has 2 or 3 classes")
         for name, value in (("image_noise", image_noise), ("text_noise", text_noise), ("misleading_share", misleading_share)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}={value} must be in [0, 1]")
+            check_number(name, value, at_least=0, at_most=1)
         if image_size < 16:
             raise ValueError(f"image_size={image_size} is too small to draw a face; use 16 or more")
         if split not in _SPLIT_CODES:

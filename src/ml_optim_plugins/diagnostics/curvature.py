@@ -19,6 +19,7 @@ from ml_optim_plugins.evaluation import (
     slice_batch,
     training_step_loss,
 )
+from ml_optim_plugins.hyperparameters import check_integer
 from ml_optim_plugins.names import name_matches
 
 
@@ -158,8 +159,8 @@ class CurvatureProbe(Callback):
         max_samples: int | None = 16,
         loss_fn: LossFn | None = None,
     ):
-        if every_n_epochs < 1 or iters < 2:
-            raise ValueError(f"need every_n_epochs >= 1 and iters >= 2, got {every_n_epochs}, {iters}")
+        check_integer("every_n_epochs", every_n_epochs, at_least=1)
+        check_integer("iters", iters, at_least=2)
         self.every_n_epochs, self.iters, self.bottom, self.max_samples = every_n_epochs, iters, bottom, max_samples
         self.loss_fn = loss_fn
         self._batch: Any = None

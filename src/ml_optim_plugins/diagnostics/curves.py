@@ -11,6 +11,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ml_optim_plugins.hyperparameters import check_integer
+
 
 def _scalar(value: Any) -> float | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -65,8 +67,8 @@ class TrainingCurves(Callback):
     """
 
     def __init__(self, filename: str = "curves.png", every_n_epochs: int = 1, smoothing: int = 20) -> None:
-        if every_n_epochs < 0 or smoothing < 1:
-            raise ValueError(f"need every_n_epochs >= 0 and smoothing >= 1, got {every_n_epochs}, {smoothing}")
+        check_integer("every_n_epochs", every_n_epochs, at_least=0)
+        check_integer("smoothing", smoothing, at_least=1)
         self.filename, self.every_n_epochs, self.smoothing = filename, every_n_epochs, smoothing
         self.train_loss: list[tuple[int, float]] = []
         self.val: dict[str, list[tuple[int, float]]] = defaultdict(list)

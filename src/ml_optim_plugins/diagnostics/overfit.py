@@ -14,8 +14,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-
 from ml_optim_plugins.evaluation import detached_copy, fixed_randomness, training_step_loss
+from ml_optim_plugins.hyperparameters import check_number, check_optional_number
 
 
 def _first_optimizer(configured: Any) -> Optimizer:
@@ -68,8 +68,8 @@ class OverfitBatchCheck(Callback):
     ) -> None:
         if steps < 4 or num_batches < 1:
             raise ValueError(f"need steps >= 4 and num_batches >= 1, got steps={steps}, num_batches={num_batches}")
-        if not 0 < max_loss_ratio < 1:
-            raise ValueError(f"max_loss_ratio must be in (0, 1), got {max_loss_ratio}")
+        check_number("max_loss_ratio", max_loss_ratio, above=0, below=1)
+        check_optional_number("lr", lr, at_least=0)  # 0 is not silent: the check then fails, with advice
         if on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure={on_failure!r}; expected 'raise' or 'warn'")
         self.steps, self.num_batches, self.max_loss_ratio = steps, num_batches, max_loss_ratio

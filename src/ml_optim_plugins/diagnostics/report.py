@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ml_optim_plugins.diagnostics.curves import moving_average, param_group_lrs, spans_decades
+from ml_optim_plugins.hyperparameters import check_integer
 
 Series = list[tuple[int, float]]
 HEAD_METRICS = (("acc", "accuracy"), ("f1", "macro-F1"), ("f1_weighted", "weighted-F1"))
@@ -116,8 +117,7 @@ class RunReport(Callback):
     def __init__(self, filename: str = "report.md", smoothing: int = 10) -> None:
         if not filename.endswith(".md"):
             raise ValueError(f"filename={filename!r}: the report is Markdown, use a name ending in .md")
-        if smoothing < 1:
-            raise ValueError(f"smoothing={smoothing} must be >= 1")
+        check_integer("smoothing", smoothing, at_least=1)
         self.filename, self.smoothing = filename, smoothing
         self.history = MetricHistory()
         self.lrs: dict[str, Series] = defaultdict(list)

@@ -21,6 +21,7 @@ from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
 from ml_optim_plugins.finetuning.blocks import encoder_blocks, parse_selector, select_parameters
 from ml_optim_plugins.finetuning.cache import FeatureCache
 from ml_optim_plugins.finetuning.stage import Stage
+from ml_optim_plugins.hyperparameters import check_number
 from ml_optim_plugins.schedules.callback import WarmupDecay
 from ml_optim_plugins.schedules.param_groups import module_label, name_group, parameter_names, split_groups
 
@@ -744,8 +745,7 @@ class GradualUnfreezing(StagedFinetuning):
     ) -> None:
         if epochs_per_stage < 1:
             raise ValueError(f"epochs_per_stage={epochs_per_stage}; expected >= 1")
-        if factor < 1:
-            raise ValueError(f"factor={factor}; expected >= 1 (lower blocks learn more slowly)")
+        factor = check_number("factor (lower blocks learn more slowly)", factor, at_least=1)
         if max_blocks is not None and max_blocks < 1:
             raise ValueError(f"max_blocks={max_blocks}; expected >= 1")
         super().__init__(None, **kwargs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ml_optim_plugins.hyperparameters import check_integer, check_number, check_numbers
+
 
 @dataclass
 class Stage:
@@ -54,20 +56,15 @@ class Stage:
         if isinstance(self.trainable, str):
             self.trainable = [self.trainable]
         self.trainable = list(self.trainable)
-        self.lr_multipliers = dict(self.lr_multipliers)
+        self.lr_multipliers = check_numbers("Stage lr_multipliers", self.lr_multipliers, at_least=0)
         for label, value in (("start_epoch", self.start_epoch), ("start_step", self.start_step),
                              ("warmup_steps", self.warmup_steps)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"Stage {label}={value!r}; expected an integer >= 0 or None")
-        if self.patience < 1:
-            raise ValueError(f"Stage patience={self.patience}; expected >= 1")
+        check_integer("Stage patience", self.patience, at_least=1)
         if self.mode not in ("min", "max"):
             raise ValueError(f"Stage mode={self.mode!r}; expected 'min' or 'max'")
-        if self.min_delta < 0:
-            raise ValueError(f"Stage min_delta={self.min_delta}; expected >= 0")
-        bad = {key: value for key, value in self.lr_multipliers.items() if value < 0}
-        if bad:
-            raise ValueError(f"Stage lr_multipliers must be >= 0, got {bad}")
+        self.min_delta = check_number("Stage min_delta", self.min_delta, at_least=0)
 
     @property
     def has_trigger(self) -> bool:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ml_optim_plugins.evaluation import log_to_loggers, require_loss_fn_under_manual_optimization
 from ml_optim_plugins.gradcheck.core import check_gradients
 from ml_optim_plugins.gradcheck.report import GradCheckReport
+from ml_optim_plugins.hyperparameters import check_integer
 
 ON_FAILURE = ("raise", "warn")
 
@@ -61,8 +62,8 @@ class GradientCheck(Callback):
     ) -> None:
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure={on_failure!r}; expected one of {', '.join(ON_FAILURE)}")
-        if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
+        if every_n_epochs is not None:
+            check_integer("every_n_epochs", every_n_epochs, at_least=1)
         allowed = {"eps", "rtol", "atol", "max_exact_elements", "mode", "inputs", "seed", "worst", "loss_fn"}
         unknown = sorted(set(check_args) - allowed)
         if unknown:

@@ -20,6 +20,7 @@ from ml_optim_plugins.evaluation import (
     training_step_loss,
 )
 from ml_optim_plugins.gradcheck.report import FAILED, NONDIFFERENTIABLE, PASSED, GradCheckReport, TensorCheck
+from ml_optim_plugins.hyperparameters import check_number
 from ml_optim_plugins.multimodal.contract import parameter_modalities
 from ml_optim_plugins.names import name_matches
 
@@ -159,10 +160,13 @@ def check_gradients(
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode={mode!r}; expected 'train' or 'eval'")
-    if eps <= 0 or rtol < 0 or atol < 0 or directions < 1 or max_exact_elements < 0:
+    check_number("eps", eps, above=0)
+    check_number("rtol", rtol, at_least=0)
+    check_number("atol", atol, at_least=0)
+    if directions < 1 or max_exact_elements < 0:
         raise ValueError(
-            f"need eps > 0, rtol >= 0, atol >= 0, directions >= 1, max_exact_elements >= 0; got eps={eps}, "
-            f"rtol={rtol}, atol={atol}, directions={directions}, max_exact_elements={max_exact_elements}"
+            f"need directions >= 1 and max_exact_elements >= 0; got directions={directions}, "
+            f"max_exact_elements={max_exact_elements}"
         )
     start = time.perf_counter()
     loss_fn = loss_fn or training_step_loss

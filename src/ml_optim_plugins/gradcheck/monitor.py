@@ -13,9 +13,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ml_optim_plugins.evaluation import log_to_loggers
+from ml_optim_plugins.hyperparameters import check_integer, check_number
 from ml_optim_plugins.multimodal.contract import parameter_modalities
-
-ON_NONFINITE = ("raise", "skip_step", "warn")
+from ml_optim_plugins.nonfinite import ON_NONFINITE, scaler_skips_nonfinite
 
 
 def module_group(name: str, depth: int) -> str:
@@ -51,10 +51,14 @@ class GradientMonitor(Callback):
     Acts in ``on_before_optimizer_step`` (after backward, accumulation, DDP averaging and AMP unscaling, so it sees
     the gradients the optimizer will use):
 
-    * every step, checks that all gradients are finite; on NaN/Inf it names the modules and, per ``on_nonfinite``,
-      raises ``FloatingPointError``, skips the step (drops the gradients so the optimizer leaves the weights as they
-      are; counted in ``grad_health/skipped_steps``), or warns. Under float16 AMP, non-finite gradients are expected
-      now and then and the GradScaler already skips those steps: they are counted, not raised.
+    * every step, checks that the loss (``on_before_backward``) and all gradients are finite; on NaN/Inf it names
+      the modules and, per ``on_nonfinite``, raises ``FloatingPointError``, skips the step (drops the gradients so the
+      optimizer leaves the weights as they are; counted in ``grad_health/skipped_steps``), or warns. Its
+      ``on_nonfinite`` is the run's policy (:func:`~ml_optim_plugins.nonfinite_policy`):
+      :class:`~ml_optim_plugins.MultimodalClassifier` then lets a non-finite training loss reach this check instead
+      of raising, and :class:`~ml_optim_plugins.ModalityBalancer` leaves such a step to it. Under DDP the verdict is
+      agreed by all ranks, so they skip the same steps. Under float16 AMP, non-finite gradients are expected now and
+      then and the GradScaler already skips those steps: they are counted, not raised.
     * every ``log_every_n_steps`` steps, logs ``grad_norm/{module}`` (parameters grouped by module name cut to
       ``depth`` components, not per tensor as Lightning's ``grad_norm`` does), ``grad_norm/modality/{name}`` for a
       module with the modality contract (plus ``shared`` for fusion and head), ``grad_norm/total``, and warns once per
@@ -89,9 +93,13 @@ class GradientMonitor(Callback):
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite={on_nonfinite!r}; expected one of {', '.join(ON_NONFINITE)}")
-        if depth < 1 or (log_every_n_steps is not None and log_every_n_steps < 1):
-            raise ValueError(f"depth and log_every_n_steps must be >= 1, got {depth} and {log_every_n_steps}")
-        if not 0 <= vanishing < exploding:
+        check_integer("depth", depth, at_least=1)
+        if log_every_n_steps is not None:
+            check_integer("log_every_n_steps", log_every_n_steps, at_least=1)
+        check_number("norm_type", norm_type, above=0, allow_inf=True)  # inf: the max-norm, as in clip_grad_norm_
+        check_number("vanishing", vanishing, at_least=0)
+        check_number("exploding", exploding, allow_inf=True)  # inf: never flagged
+        if not vanishing < exploding:
             raise ValueError(f"need 0 <= vanishing < exploding, got vanishing={vanishing}, exploding={exploding}")
         self.log_every_n_steps, self.depth, self.norm_type = log_every_n_steps, depth, norm_type
         self.vanishing, self.exploding = vanishing, exploding
@@ -103,6 +111,7 @@ class GradientMonitor(Callback):
         self._modalities: dict[str, str] = {}
         self._snapshot: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._names: dict[int, str] = {}
+        self._loss_finite: Tensor | None = None  # whether every loss of the step's micro-batches was finite
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -121,15 +130,25 @@ class GradientMonitor(Callback):
             if p.grad is not None and id(p) in self._names
         ]
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all()  # kept on the device: checked with the gradients, one sync
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        loss_finite, self._loss_finite = self._loss_finite, None
         named = self._named_grads(optimizer)
         if not named:
             return
         norms = grouped_grad_norms(named, self._groups, self.norm_type)
-        if not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
-            self._nonfinite(trainer, pl_module, optimizer, norms)
+        bad = (~torch.isfinite(torch.stack(list(norms.values())))).any()
+        loss_bad = torch.zeros_like(bad) if loss_finite is None else ~loss_finite.to(bad.device)
+        if trainer.world_size > 1:
+            # Gradients are already averaged over the ranks, but a loss is each rank's own: all must skip together.
+            loss_bad = trainer.strategy.reduce(loss_bad.float(), reduce_op="sum") > 0
+        if bool(bad | loss_bad):
+            self._nonfinite(trainer, pl_module, optimizer, norms, bool(loss_bad))
             return
         step = trainer.global_step
         if step % self._interval(trainer):
@@ -181,14 +200,20 @@ class GradientMonitor(Callback):
                                f"({'<' if kind == 'vanishing' else '>'} {bound:g}); {advice}")
 
     def _nonfinite(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, norms: dict[str, Tensor]
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Optimizer,
+        norms: dict[str, Tensor],
+        loss_bad: bool = False,
     ) -> None:
         self.nonfinite_steps += 1
         bad = {group: float(norm) for group, norm in norms.items() if not torch.isfinite(norm)}
         where = ", ".join(f"{group} ({value})" for group, value in bad.items())
-        message = f"non-finite gradients at step {trainer.global_step} in {where}"
+        what = "loss and gradients" if loss_bad and bad else "loss" if loss_bad else "gradients"
+        message = f"non-finite {what} at step {trainer.global_step}" + (f" in {where}" if bad else "")
         log_to_loggers(trainer, {"grad_health/nonfinite_steps": self.nonfinite_steps})
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        if scaler_skips_nonfinite(trainer):
             return  # float16 AMP: the GradScaler skips this step and lowers its scale
         if self.on_nonfinite == "raise":
             raise FloatingPointError(

@@ -14,8 +14,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ml_optim_plugins.hyperparameters import check_number
 from ml_optim_plugins.multimodal.contract import ModalityAwareMixin
 from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
+from ml_optim_plugins.nonfinite import nonfinite_policy
 from ml_optim_plugins.rank_seed import seed_per_rank
 
 FUSED = "fused"
@@ -31,6 +33,31 @@ def _is_plain_data(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_is_plain_data(v) for v in value)
     return False
+
+
+def check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose learning rates are not finite and >= 0, or are all 0 (nothing would train; a group
+    at 0 beside others is a deliberate gate, e.g. a frozen encoder).
+
+    Raises:
+        ValueError: naming the param group and its learning rate.
+
+    Example:
+        >>> check_learning_rates(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.0))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: every param group of SGD has lr=0, so no weight would change; set the optimizer's lr > 0 ...
+    """
+    rates = []
+    for index, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        rates.append(check_number(f"the learning rate of param group {group.get('name', index)!r}", lr, at_least=0))
+    if rates and not any(rates):
+        raise ValueError(
+            f"every param group of {type(optimizer).__name__} has lr=0, so no weight would change; set the optimizer's "
+            "lr > 0 (in a recipe: model.init_args.optimizer.init_args.lr)"
+        )
 
 
 class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
@@ -51,6 +78,11 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     (:meth:`build_metrics`; extra ones are logged per split and head and reach :class:`~ml_optim_plugins.RunReport`'s
     table) or the batch layout (:meth:`compute_features`), or bring your own module that implements
     :class:`ModalityAware`. docs/index.md shows a full subclass run through a recipe.
+
+    A non-finite loss raises ``FloatingPointError`` naming the split and step, except in training when the run's
+    policy (:func:`~ml_optim_plugins.nonfinite_policy`: an attached ``GradientMonitor(on_nonfinite="skip_step")`` or
+    ``"warn"``) takes the step; that step's values are then not logged. The optimizer built by ``configure_optimizers``
+    must have finite learning rates, not all 0.
 
     Args:
         encoders: ``{modality: encoder}``; each encoder reports ``output_dim`` (or give ``feature_dims``).
@@ -145,9 +177,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
         self.modality_dropout = modality_dropout
-        if aux_loss_weight < 0:
-            raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
-        self.aux_loss_weight = aux_loss_weight
+        self.aux_loss_weight = check_number("aux_loss_weight", aux_loss_weight, at_least=0)
         self.aux_heads = (
             nn.ModuleDict({name: nn.Linear(dim, num_classes) for name, dim in dims.items()})
             if aux_loss_weight > 0
@@ -222,26 +252,25 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         else:
             logits = self.fusion(features)
         loss = self.compute_loss(logits, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{split} loss is {loss.item()} at global step {self.global_step}; lower the learning rate, check the "
-                "inputs for NaN/Inf, or add gradient clipping"
-            )
         batch_size = targets.shape[0]
         objective = loss
+        aux_losses = {}
         if self.aux_heads is not None:
             self.modality_losses = {}
             for name, head in self.aux_heads.items():
-                aux_loss = self.compute_modality_loss(name, head(features[name]), targets)
+                aux_losses[name] = self.compute_modality_loss(name, head(features[name]), targets)
                 if split == "train":
-                    self.modality_losses[name] = aux_loss
-                self._log_loss(split, f"{name}/aux_loss", aux_loss, batch_size)
-                objective = objective + self.aux_loss_weight * aux_loss
+                    self.modality_losses[name] = aux_losses[name]
+                objective = objective + self.aux_loss_weight * aux_losses[name]
         if split == "train":
             self.record_modality_outputs(features, targets)
             per_modality = self.modality_logits
         else:
             per_modality = self.modality_outputs(features)
+        if not self._loggable(objective, split):
+            return objective  # the run's policy skips (or warns about) this step: its values are not logged
+        for name, aux_loss in aux_losses.items():
+            self._log_loss(split, f"{name}/aux_loss", aux_loss, batch_size)
         self._log_loss(split, "loss", loss, batch_size, on_step=split == "train", prog_bar=True)
         self._update_metrics(split, FUSED, logits.detach(), targets)
         for name, modality_logits in per_modality.items():
@@ -249,6 +278,30 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             self._log_loss(split, f"{name}/loss", modality_loss, batch_size)
             self._update_metrics(split, name, modality_logits.detach(), targets)
         return objective
+
+    def _loggable(self, objective: Tensor, split: str) -> bool:
+        """Whether the step's values are logged: ``False`` for a non-finite training objective that the run's policy
+        (:func:`~ml_optim_plugins.nonfinite_policy`: a ``GradientMonitor(on_nonfinite=...)``) skips or warns about,
+        on every DDP rank at once (the training loss is logged with ``sync_dist``, a collective, so ranks log or skip
+        together). Otherwise a non-finite objective raises; evaluation always does: a metric over NaN means nothing."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
+        finite = torch.isfinite(objective.detach())
+        if split == "train" and nonfinite_policy(trainer) != "raise":
+            if trainer is not None and trainer.world_size > 1:
+                finite = trainer.strategy.reduce((~finite).float(), reduce_op="sum") == 0
+            return bool(finite)
+        if bool(finite):
+            return True
+        advice = (
+            "; or attach GradientMonitor(on_nonfinite='skip_step') to skip such steps" if split == "train" else ""
+        )
+        raise FloatingPointError(
+            f"{split} loss is {objective.item()} at global step {self.global_step}; lower the learning rate, check the "
+            f"inputs for NaN/Inf, or add gradient clipping{advice}"
+        )
 
     def _log_loss(
         self, split: str, name: str, value: Tensor, batch_size: int, on_step: bool = False, prog_bar: bool = False
@@ -333,6 +386,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             optimizer = torch.optim.AdamW(self.param_groups(), lr=1e-3, weight_decay=0.01)
         else:
             optimizer = self.optimizer_factory(self.param_groups())
+        check_learning_rates(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -83,7 +83,8 @@ class TimmImageEncoder(nn.Module):
     Raises:
         ValueError: for an unknown ``model_name``, an unknown ``pretrained`` value, ``"packaged"`` for an architecture
             without packaged weights, or ``pretrained`` together with ``checkpoint_path``.
-        FileNotFoundError: when ``checkpoint_path`` does not exist.
+        FileNotFoundError: when ``checkpoint_path`` does not exist (before building the model), naming the file, the
+            recipe that writes the quick start's, and ``checkpoint_path: null`` to go without it.
         RuntimeError: when the weights do not fit the architecture, naming the offending keys.
 
     Example:
@@ -111,6 +112,13 @@ class TimmImageEncoder(nn.Module):
         if pretrained and checkpoint_path is not None:
             raise ValueError(
                 f"pretrained={pretrained!r} and checkpoint_path={str(checkpoint_path)!r} both give weights; keep one"
+            )
+        if checkpoint_path is not None and not Path(checkpoint_path).is_file():
+            raise FileNotFoundError(
+                f"image encoder checkpoint_path {str(checkpoint_path)!r} does not exist (relative to {Path.cwd()}). "
+                "Run the recipe that writes it first (the quick start's: ml-optim-plugins fit -c "
+                "recipes/pretrain_image.yaml), or set checkpoint_path: null to start from random weights (on the "
+                "command line, e.g. --model.init_args.encoders.image.init_args.checkpoint_path null)"
             )
         self.model_name = model_name
         self.pretrained = pretrained

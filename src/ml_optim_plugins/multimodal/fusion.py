@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ml_optim_plugins.hyperparameters import check_number, check_rate
+
 NeutralValue = Literal["zero", "mean"]
 
 
@@ -43,10 +45,8 @@ class Fusion(nn.Module):
         super().__init__()
         if neutral not in ("zero", "mean"):
             raise ValueError(f"neutral={neutral!r} is not supported; expected 'zero' or 'mean'")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum={momentum} must be in (0, 1]")
         self.neutral = neutral
-        self.momentum = momentum
+        self.momentum = check_number("momentum", momentum, above=0, at_most=1)
         self.in_dims: dict[str, int] = {}
         self.num_classes = 0
 
@@ -138,11 +138,15 @@ class Fusion(nn.Module):
             )
 
 
-def dropout_layer(dropout: float | nn.Module) -> nn.Module:
-    """``nn.Dropout(rate)`` for a rate, or the given module itself (e.g. ``GaussianDropout(0.1)``)."""
+def dropout_layer(dropout: nn.Module | float) -> nn.Module:
+    """``nn.Dropout(rate)`` for a rate in [0, 1) (1 would zero every feature: only the head's bias would train), or
+    the given module itself (e.g. ``GaussianDropout(0.1)``, which checks its own rate; an ``nn.Dropout`` is held to
+    the same [0, 1))."""
     if isinstance(dropout, nn.Module):
+        if isinstance(dropout, nn.Dropout):
+            check_rate(dropout.p, "dropout.p")
         return dropout
-    return nn.Dropout(float(dropout))
+    return nn.Dropout(check_rate(dropout, "dropout"))
 
 
 class _LinearLateFusion(Fusion):
@@ -155,7 +159,7 @@ class _LinearLateFusion(Fusion):
         in_dims: Mapping[str, int] | None = None,
         num_classes: int | None = None,
         *,
-        dropout: float | nn.Module = 0.0,
+        dropout: nn.Module | float = 0.0,
     ) -> None:
         super().__init__()
         self.dropout = dropout_layer(dropout)
@@ -252,11 +256,11 @@ class GatedFusion(Fusion):
         num_classes: int | None = None,
         *,
         hidden_dim: int = 128,
-        dropout: float | nn.Module = 0.0,
+        dropout: nn.Module | float = 0.0,
         neutral: NeutralValue = "zero",
     ) -> None:
-        if hidden_dim <= 0:
-            raise ValueError(f"hidden_dim={hidden_dim} must be positive")
+        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim <= 0:
+            raise ValueError(f"hidden_dim={hidden_dim!r} must be a positive integer")
         super().__init__(neutral=neutral)
         self.hidden_dim = hidden_dim
         self.dropout = dropout_layer(dropout)

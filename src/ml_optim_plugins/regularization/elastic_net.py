@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import Tensor, nn
 
+from ml_optim_plugins.hyperparameters import check_number
 from ml_optim_plugins.names import name_matches
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -26,8 +27,7 @@ def elastic_net_penalty(params: Iterable[Tensor], l1: float = 0.0, l2: float = 0
         >>> elastic_net_penalty([torch.tensor([1.0, -2.0])], l1=0.1, l2=0.01)
         tensor(0.3500)
     """
-    if l1 < 0 or l2 < 0:
-        raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}")
+    l1, l2 = check_number("l1", l1, at_least=0), check_number("l2", l2, at_least=0)
     total = torch.zeros(())
     for p in params:
         term = torch.zeros((), device=p.device, dtype=p.dtype)

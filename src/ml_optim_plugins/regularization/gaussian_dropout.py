@@ -8,15 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-
-def check_rate(p: float, name: str = "p") -> float:
-    """Return ``p`` as a float if it is a valid dropout rate in [0, 1), else raise a ``ValueError`` saying why."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(
-            f"{name} must be a dropout rate in [0, 1), got {p!r}"
-            + ("; p=1 would need infinite noise variance p / (1 - p)" if p == 1 else "")
-        )
-    return float(p)
+from ml_optim_plugins.hyperparameters import check_rate
 
 
 def gaussian_dropout(

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ml_optim_plugins.regularization.gaussian_dropout import check_rate
+from ml_optim_plugins.hyperparameters import check_number, check_rate
 
 
 def modality_keep_mask(
@@ -73,7 +73,7 @@ class ModalityDropout(nn.Module):
             self.p: float | dict[str, float] = {name: check_rate(rate, f"p[{name!r}]") for name, rate in p.items()}
         else:
             self.p = check_rate(p)
-        self.rescale, self.fill = rescale, fill
+        self.rescale, self.fill = rescale, check_number("fill", fill)
 
     def rates(self, modalities: list[str]) -> dict[str, float]:
         """The drop rate of each of ``modalities``."""

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ml_optim_plugins.hyperparameters import check_integer, check_number, check_optional_number
 from ml_optim_plugins.regularization.elastic_net import elastic_net_penalty, regularized_parameters
 from ml_optim_plugins.regularization.variational import variational_kl, variational_modules
 
@@ -121,8 +122,9 @@ class ElasticNetPenalty(PenaltyCallback):
         exclude_bias_and_norm: bool = True,
     ) -> None:
         super().__init__()
-        if l1 < 0 or l2 < 0 or (l1 == 0 and l2 == 0):
-            raise ValueError(f"ElasticNetPenalty needs l1 >= 0 and l2 >= 0, not both 0; got l1={l1}, l2={l2}")
+        l1, l2 = check_number("l1", l1, at_least=0), check_number("l2", l2, at_least=0)
+        if l1 == 0 and l2 == 0:
+            raise ValueError(f"ElasticNetPenalty needs l1 > 0 or l2 > 0, not both 0; got l1={l1}, l2={l2}")
         self.l1, self.l2 = l1, l2
         self.modules = list(modules) if modules is not None else None
         self.exclude_bias_and_norm = exclude_bias_and_norm
@@ -166,10 +168,8 @@ class VariationalKL(PenaltyCallback):
 
     def __init__(self, weight: float | None = None, warmup_steps: int = 0) -> None:
         super().__init__()
-        if weight is not None and weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        weight = check_optional_number("weight", weight, at_least=0)
+        check_integer("warmup_steps", warmup_steps, at_least=0)
         self.weight, self.warmup_steps = weight, warmup_steps
         self.resolved_weight: float | None = weight
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ml_optim_plugins.hyperparameters import check_number
+
 # Kingma et al. 2015, eq. (7): -KL ~ const + 0.5 log a + c1 a + c2 a^2 + c3 a^3, fitted for a <= 1.
 KINGMA_C1, KINGMA_C2, KINGMA_C3 = 1.16145124, -1.50204118, 0.58629921
 # Molchanov et al. 2017, eq. (14): -KL ~ k1 sigmoid(k2 + k3 log a) - 0.5 log(1 + 1/a) + C, C = -k1, for any a.
@@ -78,8 +80,7 @@ class VariationalGaussianDropout(nn.Module):
         self, num_features: int, dim: int = -1, p_init: float = 0.1, kl_approximation: str = "kingma"
     ) -> None:
         super().__init__()
-        if not 0.0 < p_init < 1.0:
-            raise ValueError(f"p_init must be in (0, 1), got {p_init!r}")
+        check_number("p_init", p_init, above=0, below=1)
         _check_approximation(kl_approximation)
         if kl_approximation == "kingma" and p_init > 0.5:
             raise ValueError(
@@ -147,7 +148,7 @@ class VariationalLinear(nn.Module):
     ) -> None:
         super().__init__()
         _check_approximation(kl_approximation)
-        self.threshold, self.kl_approximation = threshold, kl_approximation
+        self.threshold, self.kl_approximation = check_number("threshold", threshold), kl_approximation
         reference = nn.Linear(in_features, out_features, bias=bias)  # the usual initialisation
         self.weight = nn.Parameter(reference.weight.detach().clone())
         self.bias = nn.Parameter(reference.bias.detach().clone()) if bias else None

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
+from ml_optim_plugins.hyperparameters import check_integer, check_numbers
 from ml_optim_plugins.schedules.param_groups import (
     check_multiplier_keys,
     group_keys,
@@ -84,9 +85,9 @@ class WarmupDecay(Callback):
         **schedule_args: Any,
     ) -> None:
         self.schedule = WarmupDecaySchedule.from_arguments(schedule, **schedule_args)
-        self.lr_multipliers = dict(lr_multipliers or {})
-        if late_warmup_steps is not None and late_warmup_steps < 0:
-            raise ValueError(f"late_warmup_steps must be >= 0, got {late_warmup_steps}")
+        self.lr_multipliers = check_numbers("WarmupDecay: lr_multipliers", lr_multipliers or {}, at_least=0)
+        if late_warmup_steps is not None:
+            check_integer("late_warmup_steps", late_warmup_steps, at_least=0)
         self.late_warmup_steps = late_warmup_steps
         self.optimizer_indices = None if optimizers is None else [int(i) for i in optimizers]
         self.resolved: WarmupDecaySchedule | None = None

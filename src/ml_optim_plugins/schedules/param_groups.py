@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from ml_optim_plugins.hyperparameters import check_numbers
 from ml_optim_plugins.names import name_matches, name_prefixes
 
 
@@ -61,11 +62,11 @@ def multiplier_key(name: str, multipliers: Mapping[str, float]) -> str | None:
 
 
 def check_multiplier_keys(multipliers: Mapping[str, float], names: Iterable[str], owner: str) -> None:
-    """Raise a ``ValueError`` for a multiplier that is negative or matches no parameter of the module (a typo)."""
+    """Raise a ``ValueError`` for a multiplier that is negative or not finite, or that matches no parameter of the
+    module (a typo)."""
     names = list(names)
-    for key, value in multipliers.items():
-        if value < 0:
-            raise ValueError(f"{owner}: lr_multipliers[{key!r}] = {value} is negative")
+    check_numbers(f"{owner}: lr_multipliers", multipliers, at_least=0)
+    for key in multipliers:
         if not any(name_matches(name, [key]) for name in names):
             top = sorted({name.split(".")[0] for name in names})
             raise ValueError(

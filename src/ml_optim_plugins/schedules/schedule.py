@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ml_optim_plugins.hyperparameters import check_number, check_optional_number
 from ml_optim_plugins.schedules.shapes import (
     COOLDOWN_SHAPES,
     DECAY_SHAPES,
@@ -45,9 +46,7 @@ def _non_negative_int(name: str, value: object) -> None:
 
 
 def _fraction(name: str, value: float | None, *, upper_open: bool = True) -> None:
-    if value is not None and not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
-        bound = "[0, 1)" if upper_open else "[0, 1]"
-        raise ValueError(f"{name} must be in {bound}, got {value!r}")
+    check_optional_number(name, value, at_least=0, **({"below": 1} if upper_open else {"at_most": 1}))
 
 
 @dataclass(frozen=True)
@@ -155,32 +154,26 @@ class WarmupDecaySchedule:
             )
         if self.min_lr is not None and self.min_lr_ratio:
             raise ValueError("give min_lr (absolute) or min_lr_ratio (relative to each group's base LR), not both")
-        if self.min_lr is not None and self.min_lr < 0:
-            raise ValueError(f"min_lr must be >= 0, got {self.min_lr!r}")
+        check_optional_number("min_lr", self.min_lr, at_least=0)
         _fraction("min_lr_ratio", self.min_lr_ratio, upper_open=False)
         self._check_decay_arguments()
 
     def _check_decay_arguments(self) -> None:
         if isinstance(self.cycles, bool) or not isinstance(self.cycles, int) or self.cycles < 1:
             raise ValueError(f"cycles must be an integer >= 1, got {self.cycles!r}")
-        if self.cycle_mul <= 0:
-            raise ValueError(f"cycle_mul must be > 0, got {self.cycle_mul!r}")
-        if not 0 < self.cycle_decay <= 1:
-            raise ValueError(f"cycle_decay must be in (0, 1], got {self.cycle_decay!r}")
-        if self.power <= 0:
-            raise ValueError(f"power must be > 0, got {self.power!r}")
+        check_number("cycle_mul", self.cycle_mul, above=0)
+        check_number("cycle_decay", self.cycle_decay, above=0, at_most=1)
+        check_number("power", self.power, above=0)
         if self.decay == "exponential" and self.gamma is None:
             raise ValueError("decay='exponential' needs gamma, the LR factor per optimizer step (e.g. 0.999)")
-        if self.gamma is not None and not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
+        check_optional_number("gamma", self.gamma, above=0, at_most=1)
         if self.decay == "step" and (self.step_size is None or self.step_size <= 0):
             raise ValueError(f"decay='step' needs step_size, a positive number of steps, got {self.step_size!r}")
         if self.decay == "multistep":
             ms = self.milestones
             if not ms or any(b <= a for a, b in zip(ms, ms[1:])) or ms[0] <= 0:
                 raise ValueError(f"decay='multistep' needs strictly increasing positive milestones, got {list(ms)}")
-        if self.timescale is not None and self.timescale <= 0:
-            raise ValueError(f"timescale must be > 0, got {self.timescale!r}")
+        check_optional_number("timescale", self.timescale, above=0)
         if self.decay == "wsd":
             if (self.cooldown_steps is None) == (self.cooldown_ratio is None):
                 raise ValueError("decay='wsd' needs exactly one of cooldown_steps or cooldown_ratio")
@@ -295,8 +288,7 @@ class WarmupDecaySchedule:
     def check_base_lr(self, base_lr: float, group: str) -> None:
         """Raise a ``ValueError`` naming ``group`` if its base LR is negative or below the decay's floor (a base LR
         of 0 is a gated group, e.g. a frozen encoder, and stays 0)."""
-        if base_lr < 0:
-            raise ValueError(f"param group {group} has a negative learning rate ({base_lr})")
+        check_number(f"the learning rate of param group {group}", base_lr, at_least=0)
         if self.min_lr is not None and self.min_lr > base_lr > 0:
             raise ValueError(
                 f"min_lr ({self.min_lr}) is above the base learning rate of param group {group} ({base_lr}); the "
