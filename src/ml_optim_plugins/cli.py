@@ -71,8 +71,9 @@ class MultimodalCLI(LightningCLI):
         merged = None if argv is None else merge_encoder_overrides(argv)
         if args is None and merged != argv:
             self.config = parser.parse_args(merged)  # not as args=: LightningCLI would warn about sys.argv
-            return
-        super().parse_arguments(parser, args if args is None or merged is None else merged)
+        else:
+            super().parse_arguments(parser, args if args is None or merged is None else merged)
+        self._check_parsed_model_config()
 
     def instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI hook
         super().instantiate_classes()
@@ -85,10 +86,9 @@ class MultimodalCLI(LightningCLI):
         align_logger_versions(trainer)
         return trainer
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:  # noqa: D102 - LightningCLI hook
-        super().parse_arguments(parser, args)
-        # Here, before LightningCLI replaces the parsed model config with the checkpoint's saved hyperparameters
-        # (which would make a checkpoint of another model silently win over the config the user gave).
+    def _check_parsed_model_config(self) -> None:
+        # Before LightningCLI replaces the parsed model config with the checkpoint's saved hyperparameters (which would
+        # make a checkpoint of another model silently win over the config the user gave).
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
         ckpt_path = _comparable_ckpt_path(config)
