@@ -37,9 +37,9 @@ GAUSSIAN_P = "--model.init_args.fusion.init_args.dropout.init_args.p"
 @pytest.mark.parametrize(
     ("subcommand", "override", "named"),
     [
-        ("test", [GAUSSIAN_P, "0.5"], "model.fusion.init_args.dropout.init_args.p: 0.2 in the checkpoint, 0.5 in this run"),
+        ("test", [GAUSSIAN_P, "0.5"], "model.init_args.fusion.init_args.dropout.init_args.p: 0.2 in the checkpoint, 0.5 in this run"),
         ("validate", ["--data.init_args.val_size", "8"], "data.val_size: 16 in the checkpoint, 8 in this run"),
-        ("fit", ["--model.init_args.aux_loss_weight", "0.5"], "model.aux_loss_weight: 0.0 in the checkpoint, 0.5 in this run"),
+        ("fit", ["--model.init_args.aux_loss_weight", "0.5"], "model.init_args.aux_loss_weight: 0.0 in the checkpoint, 0.5 in this run"),
     ],
 )
 def test_a_checkpoint_from_another_config_is_refused(trained, subcommand, override, named):

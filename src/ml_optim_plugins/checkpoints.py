@@ -73,6 +73,7 @@ def check_checkpoint_config(
     data_hparams: Mapping[str, Any] | None = None,
     override_flag: str = "--allow_config_change true",
     model_ignore: Iterable[str] = (),
+    data_ignore: Iterable[str] = IGNORED_DATA_KEYS,
 ) -> None:
     """Refuse a checkpoint saved with another model or data configuration than the run about to use it.
 
@@ -90,6 +91,7 @@ def check_checkpoint_config(
         data_hparams: the run's data module hyperparameters, or ``None`` to skip the data.
         override_flag: what the error tells the user to pass to use the checkpoint anyway.
         model_ignore: model settings not compared (e.g. those a CLI links from the data module).
+        data_ignore: data settings not compared (default: ``num_workers`` and ``predict``).
 
     Raises:
         ValueError: naming every differing setting with the checkpoint's and the run's values.
@@ -104,7 +106,7 @@ def check_checkpoint_config(
     differences = []
     for part, saved, current, ignore in (
         ("model", saved_model, model_hparams, tuple(model_ignore)),
-        ("data", checkpoint.get("datamodule_hyper_parameters"), data_hparams, IGNORED_DATA_KEYS),
+        ("data", checkpoint.get("datamodule_hyper_parameters"), data_hparams, tuple(data_ignore)),
     ):
         if saved and current:
             differences += [(f"{part}.{key}", *values) for key, *values in config_differences(saved, current, ignore)]

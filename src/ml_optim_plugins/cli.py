@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from ml_optim_plugins.checkpoints import check_checkpoint_config
+from ml_optim_plugins.checkpoints import IGNORED_DATA_KEYS, check_checkpoint_config
 from ml_optim_plugins.cli_errors import exit_with_short_errors
 from ml_optim_plugins.data.base import MultimodalDataModule
 from ml_optim_plugins.encoder_overrides import merge_encoder_overrides
@@ -99,7 +99,9 @@ class MultimodalCLI(LightningCLI):
         # The data configuration, once instantiated (the model's was compared in parse_arguments).
         ckpt_path = _comparable_ckpt_path(self.config[self.subcommand])
         if ckpt_path:
-            check_checkpoint_config(ckpt_path, None, getattr(self.datamodule, "hparams", None))
+            # Evaluating or predicting, the batch size changes no figure; resuming fit, it changes the run.
+            ignore = IGNORED_DATA_KEYS if self.subcommand == "fit" else (*IGNORED_DATA_KEYS, "batch_size")
+            check_checkpoint_config(ckpt_path, None, getattr(self.datamodule, "hparams", None), data_ignore=ignore)
 
     def before_fit(self) -> None:
         check_fit_trains(self.trainer)

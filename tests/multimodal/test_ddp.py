@@ -26,7 +26,7 @@ def test_two_processes_log_the_metrics_and_reach_the_weights_of_one(run_python_s
     for key in ("validations", "after_fit", "test", "weights"):
         assert rank0[key] == rank1[key], key  # synchronised: every rank holds the same values
     assert len(one["validations"]) == len(rank0["validations"]) == 2
-    logged = ["val/loss", "val/acc", "val/f1", "val/f1_weighted", "val/image/loss", "val/text/acc", "train/loss_epoch"]
+    logged = ["val/loss", "val/acc", "val/f1", "val/f1_weighted", "val/image/loss", "val/text/acc", "train/loss"]
     assert set(logged) <= set(one["after_fit"])
     assert set(one["test"]) == {k.replace("val/", "test/") for k in one["after_fit"] if k.startswith("val/")}
     for epoch_one, epoch_two in zip(one["validations"], rank0["validations"]):

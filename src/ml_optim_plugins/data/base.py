@@ -155,8 +155,12 @@ class MultimodalDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__} has no {split!r} split; was setup() called for this stage?")
         # Training is resumable: Lightning keeps the loader's state (shuffle generator, batches already served) in
-        # checkpoints, so a run resumed mid-epoch continues with the next batch (see ExactResume for the noise).
-        loader = StatefulDataLoader if split == "train" else DataLoader
+        # checkpoints, so a run resumed mid-epoch continues with the next batch (see ExactResume for the noise). Not
+        # where Lightning puts in a DistributedSampler (DDP strategies, even with one process): rebuilt around it, a
+        # StatefulDataLoader changed the batches (tests/multimodal/test_ddp.py), so there a run resumed mid-epoch
+        # restarts that epoch's batches (Lightning warns).
+        distributed = self.trainer is not None and bool(self.trainer.distributed_sampler_kwargs)
+        loader = StatefulDataLoader if split == "train" and not distributed else DataLoader
         return loader(
             self.datasets[split],
             batch_size=self.batch_size,

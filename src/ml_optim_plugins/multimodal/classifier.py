@@ -314,7 +314,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
             if on_step:
                 self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar, sync_dist=True)
             self.train_losses[key].update(value.detach().expand(batch_size))
-            self.log(f"{key}_epoch" if on_step else key, self.train_losses[key], on_step=False, on_epoch=True)
+            self.log(key, self.train_losses[key], on_step=False, on_epoch=True)
             return
         # Evaluation shards differ by up to one sample (unpadded). sync_dist would divide by a floored integer mean of
         # the counts (Lightning-AI/pytorch-lightning#21859); a MeanMetric sums values and counts over the ranks. The
