@@ -139,6 +139,8 @@ class MultimodalCLI(LightningCLI):
 
 # Model arguments the CLI links from the data module: in a checkpoint, absent from a parsed config.
 LINKED_MODEL_ARGS = ("init_args.num_classes", "init_args.class_names", "init_args.preprocessing")
+# --ckpt_path values that Lightning resolves itself, not files.
+SYMBOLIC_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 def _comparable_ckpt_path(config: object) -> str | None:
@@ -146,7 +148,7 @@ def _comparable_ckpt_path(config: object) -> str | None:
     if config is None or config.get("allow_config_change"):
         return None
     ckpt_path = config.get("ckpt_path")
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
+    if not ckpt_path or ckpt_path in SYMBOLIC_CKPT_PATHS or not Path(ckpt_path).is_file():
         return None
     return str(ckpt_path)
 
@@ -256,7 +258,7 @@ def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
     logged before the checkpoint's step; the rows that the interrupted run wrote after it are dropped, since the
     resumed run logs those steps again (:class:`ResumedMetricRows`).
     """
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+    if not ckpt_path or ckpt_path in SYMBOLIC_CKPT_PATHS:
         return
     path = Path(ckpt_path).resolve()
     version_dir = path.parent.parent
@@ -285,7 +287,6 @@ class ResumedMetricRows(Callback):
     """
 
     def __init__(self, logger: CSVLogger) -> None:
-        self.logger = logger
         path = Path(logger.log_dir) / "metrics.csv"
         self.rows: list[dict[str, str]] | None = []
         if path.is_file():
