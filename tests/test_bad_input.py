@@ -197,7 +197,9 @@ def test_a_bug_keeps_its_traceback():
         assert short_error(err) is None
 
 
-def test_a_missing_pretraining_checkpoint_says_which_recipe_writes_it(tiny_config, capsys):
+def test_a_missing_pretraining_checkpoint_says_which_recipe_writes_it(tiny_config, capsys, tmp_path, monkeypatch):
+    # In an empty directory: after README command (a), the repository's own runs/pretrain_image/ holds the file.
+    monkeypatch.chdir(tmp_path)
     err = cli_error(capsys, "fit", "-c", str(tiny_config), "--model.init_args.encoders.image.init_args.checkpoint_path",
                     "runs/pretrain_image/image-encoder.ckpt")
     assert "FileNotFoundError in TimmImageEncoder.__init__: image encoder checkpoint_path " \
