@@ -9,30 +9,49 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ml_optim_plugins.cli import run
 from ml_optim_plugins.resume import batch_seed
 from tests.conftest import write_tiny_config
 
 STEPS = 16  # 4 epochs x 4 batches: epochs 0-1 probe (cached features), epochs 2-3 finetune
+RESUMED_FROM = (1, 9)  # the steps the tests below resume from
+
+
+class AtSteps(ModelCheckpoint):
+    """A checkpoint after each of the given optimizer steps only (each one holds the text encoder: ~100 MB)."""
+
+    def __init__(self, steps: list[int], **kwargs) -> None:
+        super().__init__(every_n_train_steps=1, save_top_k=-1, filename="{step}", **kwargs)
+        self.steps = set(steps)
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step in self.steps:
+            super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory) -> tuple[Path, Path]:
-    """One uninterrupted run of the shrunk quick start with a checkpoint after every step (the run that a resumed copy
-    of its directory must reproduce), and its config."""
+    """One uninterrupted run of the shrunk quick start with checkpoints at the steps and epoch ends the tests resume
+    from (the run that a resumed copy of its directory must reproduce), and its config."""
     root = tmp_path_factory.mktemp("exact_resume")
     config = yaml.safe_load(write_tiny_config(root).read_text())
     config["trainer"]["max_epochs"] = 4
-    for every in ({"every_n_train_steps": 1, "filename": "{step}"}, {"every_n_epochs": 1, "filename": "end-{epoch}"}):
-        config["trainer"]["callbacks"].append(
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_top_k": -1, **every}}
-        )
+    config["trainer"]["callbacks"] += [
+        {"class_path": f"{__name__}.AtSteps", "init_args": {"steps": [*RESUMED_FROM, STEPS]}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_epochs": 2, "filename": "end-{epoch}", "save_top_k": -1},
+        },
+    ]
     assert any(c["class_path"].endswith("ExactResume") for c in config["trainer"]["callbacks"])
     path = root / "every_step.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -40,15 +59,23 @@ def interrupted_run(tmp_path_factory) -> tuple[Path, Path]:
     return root / "runs" / "quickstart" / "version_0", path
 
 
-def resume_copy(run_dir: Path, config: Path, checkpoint: str, tmp_path: Path) -> Path:
-    """Resume a copy of the run directory from its checkpoint at ``step``: as if the run had been interrupted any time
-    after that checkpoint (the copy keeps the rows and checkpoints the run wrote after it)."""
-    copy = tmp_path / "runs" / "quickstart" / "version_0"
-    shutil.copytree(run_dir, copy)
-    text = config.read_text().replace(str(run_dir.parent.parent), str(tmp_path / "runs"))
-    (tmp_path / "resume.yaml").write_text(text)
-    run(["fit", "-c", str(tmp_path / "resume.yaml"), "--ckpt_path", str(copy / "checkpoints" / checkpoint)])
-    return copy
+@contextmanager
+def resumed_in_place(run_dir: Path, config: Path, checkpoint: str) -> Iterator[Path]:
+    """Resume the run in its own directory from ``checkpoint``, as if it had been interrupted any time after that
+    checkpoint (the directory keeps the rows and the best and last checkpoints the run wrote after it; ModelCheckpoint
+    carries on tracking the best one only in the directory it was saved from). Yields the uninterrupted run's
+    directory, moved aside meanwhile; put back afterwards for the next test."""
+    uninterrupted = run_dir.with_name("uninterrupted")
+    run_dir.rename(uninterrupted)
+    try:
+        # The other checkpoints at steps and epoch ends stay behind (~100 MB each); the resumed run writes its own.
+        at_steps = lambda _, names: [n for n in names if n.startswith(("step=", "end-")) and n != checkpoint]
+        shutil.copytree(uninterrupted, run_dir, ignore=at_steps)
+        run(["fit", "-c", str(config), "--ckpt_path", str(run_dir / "checkpoints" / checkpoint)])
+        yield uninterrupted
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        uninterrupted.rename(run_dir)
 
 
 def same(a: str | None, b: str, bitwise: bool) -> bool:
@@ -76,32 +103,25 @@ def test_each_batch_draws_from_its_own_seed(interrupted_run):
         # Epoch 2, inside the finetune stage and its 20-step warmup (WarmupDecay's own warmup is steps 0-1).
         pytest.param("step=9.ckpt", True, id="mid-epoch-mid-warmup-in-a-stage"),
         # The end of epoch 1, the last of the probe stage (after its validation); the finetune stage starts at epoch 2.
-        pytest.param(
-            "end-epoch=1.ckpt",
-            True,
-            id="just-before-the-unfreeze",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap: resumed from the end-of-epoch checkpoint before the stage change, epoch 2 differs from "
-                "its first batch on (cause not found yet; a plain end-of-epoch resume without stages is exact)",
-            ),
-        ),
+        # (Two faults showed here: torchdata's loader made the next epoch's iterator when asked for its state, before
+        # Lightning's set_epoch, so epoch 2 took epoch 0's order; the checkpoint held the finished epoch's running
+        # losses unreset, so epoch 2's figures counted epoch 1 in.)
+        pytest.param("end-epoch=1.ckpt", True, id="just-before-the-unfreeze"),
         # Inside WarmupDecay's warmup and the epoch that fills the feature cache: the cached features of the batches
         # before the checkpoint are recomputed in epoch 1's batches, equal up to float rounding.
         pytest.param("step=1.ckpt", False, id="mid-warmup-while-caching"),
     ],
 )
-def test_a_resumed_run_equals_the_uninterrupted_one(interrupted_run, checkpoint, bitwise, tmp_path):
+def test_a_resumed_run_equals_the_uninterrupted_one(interrupted_run, checkpoint, bitwise):
     run_dir, config = interrupted_run
-    resumed = resume_copy(run_dir, config, checkpoint, tmp_path)
-    # Per-step losses, LRs, balancing coefficients, validation and test metrics: the same rows, the same digits.
-    rows, expected = (list(csv.DictReader((d / "metrics.csv").open())) for d in (resumed, run_dir))
-    for index, (row, wanted) in enumerate(zip(rows, expected)):
-        differing = {key: (row[key], value) for key, value in wanted.items() if not same(row.get(key), value, bitwise)}
-        assert not differing, f"metrics.csv row {index} (resumed, uninterrupted): {differing}"
-    assert len(rows) == len(expected)
-    full = torch.load(run_dir / "checkpoints" / f"step={STEPS}.ckpt", weights_only=False)
-    again = torch.load(resumed / "checkpoints" / f"step={STEPS}.ckpt", weights_only=False)
+    with resumed_in_place(run_dir, config, checkpoint) as uninterrupted:
+        # Per-step losses, LRs, balancing coefficients, validation and test metrics: the same rows, the same digits.
+        rows, expected = (list(csv.DictReader((d / "metrics.csv").open())) for d in (run_dir, uninterrupted))
+        for index, (row, wanted) in enumerate(zip(rows, expected)):
+            differing = {k: (row[k], v) for k, v in wanted.items() if not same(row.get(k), v, bitwise)}
+            assert not differing, f"metrics.csv row {index} (resumed, uninterrupted): {differing}"
+        assert len(rows) == len(expected)
+        full, again = (torch.load(d / "checkpoints" / f"step={STEPS}.ckpt", weights_only=False) for d in (uninterrupted, run_dir))
     for name, value in full["state_dict"].items():
         assert same_tensor(value, again["state_dict"][name], bitwise), name
     for group_a, group_b in zip(full["optimizer_states"][0]["param_groups"], again["optimizer_states"][0]["param_groups"]):

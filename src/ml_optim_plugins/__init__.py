@@ -25,6 +25,7 @@ from ml_optim_plugins.baselines import (
     run_baselines,
 )
 from ml_optim_plugins.data import (
+    EpochShuffle,
     ManifestDataModule,
     ManifestError,
     MultimodalCollate,
@@ -140,6 +141,7 @@ __all__ = [
     "DECAY_SHAPES",
     "DropoutReplacement",
     "ElasticNetPenalty",
+    "EpochShuffle",
     "ExactResume",
     "Fusion",
     "GatedFusion",

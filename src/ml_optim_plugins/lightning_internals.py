@@ -7,6 +7,7 @@ attribute disappears the function degrades to doing nothing, and the test that c
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.data import _set_sampler_epoch
 
 
 def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
@@ -19,7 +20,8 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     2.6.6). Called from ``on_train_start``, before the first batch is drawn.
 
     Uses ``FitLoop._combined_loader_states_to_load``, ``FitLoop._load_combined_loader_states()``,
-    ``FitLoop._data_fetcher`` and ``FitLoop.restarted_mid_epoch`` (Lightning 2.6.6).
+    ``FitLoop._data_fetcher``, ``FitLoop._combined_loader``, ``FitLoop.restarted_mid_epoch`` and
+    ``lightning.fabric.utilities.data._set_sampler_epoch`` (Lightning 2.6.6).
 
     Returns:
         Whether a pending state was loaded.
@@ -35,6 +37,10 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     fit_loop._load_combined_loader_states()
     fetcher = getattr(fit_loop, "_data_fetcher", None)
     if fetcher is not None:
+        # Lightning sets the samplers' epoch only later (FitLoop.on_advance_start), and the new iterator prefetches a
+        # batch now: an epoch-seeded sampler (EpochShuffle, DistributedSampler) must know its epoch first.
+        for loader in fit_loop._combined_loader.flattened:
+            _set_sampler_epoch(loader, trainer.current_epoch)
         iter(fetcher)  # a new iterator, which starts where the loaded state says (the old one had prefetched a batch)
     return True
 

@@ -56,7 +56,8 @@ class ExactResume(Callback):
     seed, per rank where the module seeds ranks apart); each rank's is saved, gathered under DDP.
 
     The order of the data and the position inside the epoch come from a resumable DataLoader (the library's data
-    modules use torchdata's ``StatefulDataLoader``, whose state Lightning keeps in checkpoints); ``on_train_start``
+    modules use torchdata's ``StatefulDataLoader``, whose state Lightning keeps in checkpoints, over
+    :class:`~ml_optim_plugins.EpochShuffle`, whose order depends on the run seed and the epoch alone); ``on_train_start``
     also loads that state where Lightning skipped it (Lightning #20550, triggered by any read of
     ``trainer.estimated_stepping_batches`` before the restore).
 
@@ -93,9 +94,9 @@ class ExactResume(Callback):
             self._seed = seeds[trainer.global_rank % len(seeds)]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The shuffle of each later epoch from (run seed, epoch): its batch iterator is created after this hook, and a
-        # run resumed at an epoch's end then shuffles the next epoch as the uninterrupted run did. (Epoch 0's order
-        # comes from the generator the loader was built with; a distributed sampler shuffles by seed and epoch.)
+        # A plain shuffling DataLoader of the user's: each later epoch's shuffle from (run seed, epoch), since its
+        # batch iterator is created after this hook. (The library's data modules shuffle with EpochShuffle, which has
+        # no generator to reseed; a distributed sampler shuffles by seed and epoch.)
         generator = getattr(getattr(trainer.train_dataloader, "sampler", None), "generator", None)
         if isinstance(generator, torch.Generator) and self._seed is not None:
             generator.manual_seed(epoch_seed(self._seed, trainer.current_epoch))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -15,6 +16,46 @@ from ml_optim_plugins.data.collate import MultimodalCollate, load_tokenizer
 from ml_optim_plugins.data.preprocessing import describe_preprocessing
 from ml_optim_plugins.data.rows import ManifestDataset, ManifestError
 from ml_optim_plugins.data.transforms import image_transform
+from ml_optim_plugins.resume import epoch_seed
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order of ``range(size)`` for each epoch that depends on ``(seed, epoch)`` alone.
+
+    Lightning calls ``set_epoch`` before each training epoch (as it does for a ``DistributedSampler``). Because an
+    epoch's order is a pure function of the seed and the epoch, never of a generator's history, a run resumed from
+    any checkpoint (an epoch's end included) shuffles each epoch as the uninterrupted run did, and a resumable loader
+    finds its place in the epoch by replaying its order.
+
+    Args:
+        size: the number of samples.
+        seed: the run's seed (the data modules pass ``torch.initial_seed()``, i.e. ``seed_everything``'s).
+
+    Example:
+        >>> sampler = EpochShuffle(5, seed=0)
+        >>> first = list(sampler)
+        >>> sorted(first), list(sampler) == first
+        ([0, 1, 2, 3, 4], True)
+        >>> sampler.set_epoch(1)
+        >>> list(sampler) != first, list(EpochShuffle(5, seed=0)) == first
+        (True, True)
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle for ``epoch`` from now on."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        # A generator function: the order is drawn at the first sample, not when the iterator is made. A resumable
+        # loader can make its iterator before Lightning's set_epoch (torchdata's, when asked for its state first).
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        yield from torch.randperm(self.size, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class MultimodalDataModule(pl.LightningDataModule):
@@ -161,6 +202,9 @@ class MultimodalDataModule(pl.LightningDataModule):
         # restarts that epoch's batches (Lightning warns).
         distributed = self.trainer is not None and bool(self.trainer.distributed_sampler_kwargs)
         loader = StatefulDataLoader if split == "train" and not distributed else DataLoader
+        if shuffle and not distributed:
+            # Each epoch's order from (run seed, epoch) alone: the same after a resume from any checkpoint.
+            sampler, shuffle = EpochShuffle(len(self.datasets[split]), torch.initial_seed()), False
         return loader(
             self.datasets[split],
             batch_size=self.batch_size,

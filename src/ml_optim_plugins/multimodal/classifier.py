@@ -341,6 +341,15 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         if stage == "fit" and self.trainer.world_size > 1:
             seed_per_rank(self.trainer.global_rank)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """At an epoch's first batch, start the epoch's running losses and metrics afresh. Lightning resets them after
+        the epoch-end logging, but a checkpoint saved at an epoch's end holds them unreset: a run resumed from it
+        would otherwise count the previous epoch into the next one."""
+        if batch_idx == 0:
+            for name, module in [*self.train_losses.items(), *self.metrics.items()]:
+                if name.startswith("train"):
+                    module.reset()
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         return self.step(batch, "train")
 
