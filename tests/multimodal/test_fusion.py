@@ -24,13 +24,35 @@ def test_shapes_of_fused_and_per_modality_logits(fusion_cls, num_classes):
     assert all(p.shape == (4, num_classes) for p in parts.values())
 
 
+@pytest.mark.parametrize("feature_norm", ["none", "batch"])
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("fusion_cls", [ConcatFusion, SumFusion])
 @pytest.mark.parametrize("dims", [DIMS, {"a": 3, "b": 4, "c": 2}])
-def test_linear_late_fusions_split_exactly(fusion_cls, dims):
-    fusion = fusion_cls(in_dims=dims, num_classes=3).eval()
+def test_linear_late_fusions_split_exactly(fusion_cls, dims, training, feature_norm):
+    fusion = fusion_cls(in_dims=dims, num_classes=3, feature_norm=feature_norm).train(training)
     feats = features(dims=dims)
+    fused = fusion(feats)
     parts = fusion.modality_logits(feats)
-    torch.testing.assert_close(sum(parts.values()), fusion(feats))
+    torch.testing.assert_close(sum(parts.values()), fused)
+
+
+@pytest.mark.parametrize("fusion_cls", [ConcatFusion, SumFusion])
+def test_batch_feature_norm_standardises_each_modality_once_per_step(fusion_cls):
+    """Features of very different scales reach the head standardised; the per-modality logits of the same batch read
+    the batch's statistics without counting it a second time in the running ones."""
+    fusion = fusion_cls(in_dims=DIMS, num_classes=3, feature_norm="batch")
+    feats = features(batch=64)  # the text features at a unit-norm sentence embedding's scale
+    feats = {"image": feats["image"] * 100 + 7, "text": feats["text"] * 0.05}
+    for name, normalized in fusion.normalized(feats).items():
+        torch.testing.assert_close(normalized.mean(0), torch.zeros(DIMS[name]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(normalized.var(0, unbiased=False), torch.ones(DIMS[name]), atol=1e-2, rtol=0)
+    fusion(feats)
+    running = {name: norm.running_mean.clone() for name, norm in fusion.norms.items()}
+    fusion.modality_logits(feats)
+    for name, norm in fusion.norms.items():
+        assert torch.equal(norm.running_mean, running[name]) and norm.num_batches_tracked == 2
+    fusion.eval()  # running statistics in eval: the output no longer depends on the rest of the batch
+    torch.testing.assert_close(fusion({k: v[:1] for k, v in feats.items()}), fusion(feats)[:1])
 
 
 def test_concat_split_is_weight_slice_plus_shared_bias():
@@ -78,6 +100,7 @@ def test_build_later_then_forward():
         (lambda: ConcatFusion(in_dims={"image": 0}, num_classes=2), ValueError, "positive integers"),
         (lambda: GatedFusion(neutral="median"), ValueError, "neutral='median'"),
         (lambda: GatedFusion(hidden_dim=0), ValueError, "hidden_dim=0"),
+        (lambda: SumFusion(feature_norm="layer"), ValueError, "feature_norm='layer'.*'none' or 'batch'"),
         (lambda: ConcatFusion()(features()), RuntimeError, "not built"),
         (lambda: ConcatFusion(in_dims=DIMS, num_classes=2)({"image": torch.zeros(1, 5)}), KeyError, "built for"),
         (lambda: ConcatFusion(in_dims=DIMS, num_classes=2).build(DIMS, 2), RuntimeError, "already built"),

@@ -149,8 +149,12 @@ def dropout_layer(dropout: nn.Module | float) -> nn.Module:
     return nn.Dropout(check_rate(dropout, "dropout"))
 
 
+FeatureNorm = Literal["none", "batch"]
+
+
 class _LinearLateFusion(Fusion):
-    """Shared constructor of the linear late fusions: sizes (optional) and a dropout on the features."""
+    """Shared constructor of the linear late fusions: sizes (optional), an optional standardisation of each modality's
+    features, and a dropout on the features."""
 
     exact_split = True
 
@@ -160,10 +164,43 @@ class _LinearLateFusion(Fusion):
         num_classes: int | None = None,
         *,
         dropout: nn.Module | float = 0.0,
+        feature_norm: FeatureNorm = "none",
     ) -> None:
         super().__init__()
+        if feature_norm not in ("none", "batch"):
+            raise ValueError(f"feature_norm={feature_norm!r} is not supported; expected 'none' or 'batch'")
+        self.feature_norm = feature_norm
         self.dropout = dropout_layer(dropout)
         self._build_if_given(in_dims, num_classes)
+
+    def build(self, in_dims: Mapping[str, int], num_classes: int) -> None:
+        super().build(in_dims, num_classes)
+        if self.feature_norm == "batch":
+            # Per-feature standardisation without a learned scale (as in MAE's linear probe): the head sees features
+            # of unit spread whatever the encoder's scale (a sentence-transformer's unit-norm embeddings are ~0.05).
+            self.norms = nn.ModuleDict({name: nn.BatchNorm1d(dim, affine=False) for name, dim in self.in_dims.items()})
+
+    def normalized(self, features: Mapping[str, Tensor], *, update: bool = True) -> dict[str, Tensor]:
+        """Each modality's features standardised (``feature_norm="batch"``: batch statistics in training, running
+        ones in eval), or as given. ``update=False`` reads the same statistics without moving the running ones (for
+        the per-modality logits of a batch whose fused forward already counted it)."""
+        if self.feature_norm == "none":
+            return dict(features)
+        if update:
+            return {name: self.norms[name](features[name]) for name in self.in_dims}
+        out = {}
+        for name in self.in_dims:
+            # Through the module (a SyncBatchNorm that replaced it under DDP gathers the same global statistics),
+            # with momentum 0 so the running statistics stay, and the batch count put back.
+            norm = self.norms[name]
+            momentum, count = norm.momentum, norm.num_batches_tracked.clone()
+            norm.momentum = 0.0
+            try:
+                out[name] = norm(features[name])
+            finally:
+                norm.momentum = momentum
+                norm.num_batches_tracked.copy_(count)
+        return out
 
 
 class ConcatFusion(_LinearLateFusion):
@@ -177,6 +214,8 @@ class ConcatFusion(_LinearLateFusion):
         num_classes: number of classes (optional; see :class:`Fusion`).
         dropout: dropout on the concatenated features: a rate (``nn.Dropout``) or a module, e.g.
             ``GaussianDropout(0.1)``.
+        feature_norm: ``"batch"`` standardises each modality's features before the head (``BatchNorm1d`` without a
+            learned scale and shift; running statistics in eval); ``"none"`` (default) feeds them as they are.
 
     Example:
         >>> fusion = ConcatFusion(in_dims={"image": 4, "text": 6}, num_classes=3)
@@ -190,11 +229,13 @@ class ConcatFusion(_LinearLateFusion):
         self.head = nn.Linear(sum(self.in_dims.values()), self.num_classes)
 
     def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        features = self.normalized(features)
         return self.head(self.dropout(torch.cat([features[name] for name in self.in_dims], dim=-1)))
 
     def modality_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Exact head split: ``W_m f_m + b / M`` per modality."""
+        """Exact head split: ``W_m f_m + b / M`` per modality (``f_m`` standardised with ``feature_norm``)."""
         self._check_features(features)
+        features = self.normalized(features, update=False)
         weights = torch.split(self.head.weight, list(self.in_dims.values()), dim=1)
         share = self.head.bias / len(self.in_dims)
         return {name: features[name] @ w.T + share for name, w in zip(self.in_dims, weights)}
@@ -209,6 +250,7 @@ class SumFusion(_LinearLateFusion):
         in_dims: feature size per modality (optional; see :class:`Fusion`).
         num_classes: number of classes (optional; see :class:`Fusion`).
         dropout: dropout on each modality's features: a rate (``nn.Dropout``) or a module.
+        feature_norm: ``"batch"`` standardises each modality's features before its head (see :class:`ConcatFusion`).
 
     Example:
         >>> fusion = SumFusion(in_dims={"image": 4, "text": 6}, num_classes=3)
@@ -221,11 +263,13 @@ class SumFusion(_LinearLateFusion):
         self.heads = nn.ModuleDict({name: nn.Linear(dim, self.num_classes) for name, dim in self.in_dims.items()})
 
     def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        features = self.normalized(features)
         return torch.stack([self.heads[name](self.dropout(features[name])) for name in self.in_dims]).sum(0)
 
     def modality_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each modality's own head, exactly."""
         self._check_features(features)
+        features = self.normalized(features, update=False)
         return {name: self.heads[name](features[name]) for name in self.in_dims}
 
 
