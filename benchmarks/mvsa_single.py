@@ -10,6 +10,8 @@ Rows (``--rows``):
 * ``frozen``: ``ml-optim-plugins baselines``' core (k-NN and elastic-net logistic regression, hyperparameters chosen on
   validation macro-F1) on the frozen pretrained features of each modality and of both; the features of all posts are
   extracted once (evaluation transform) and cached under ``--work``.
+* ``--probe ROW``: each modality's linear probe after training (elastic net on the features of ``ROW``'s selected
+  checkpoint; an encoder the run kept frozen reuses the frozen features): does balancing lift the weak modality?
 * trained rows (:data:`TRAINED`): ``recipes/mvsa_single.yaml`` with the changes each row names, run by the CLI in a
   child process (``fit``, then the checkpoint selected on validation macro-F1 is tested). A row records test accuracy,
   macro-F1 and weighted-F1 of the fused model and of each modality's own prediction, the epoch selected, wall time per
@@ -210,28 +212,96 @@ def run_trained(
     }
 
 
-def frozen_features(root: str, work: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Features of every clean post from the recipe's frozen pretrained encoders, cached as ``work/frozen.npz``."""
-    cache = work / "frozen.npz"
-    if cache.is_file():
-        saved = np.load(cache, allow_pickle=False)
-        return {k.removeprefix("f_"): saved[k] for k in saved.files if k.startswith("f_")}, saved["labels"], list(saved["ids"])
+def all_post_features(
+    root: str, model: Any, modalities: Sequence[str] | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Features of every clean post from ``model``'s encoders (evaluation transform), with labels and post IDs;
+    only the encoders of ``modalities`` (default: all) run."""
     from torch.utils.data import DataLoader
 
     from ml_optim_plugins import MVSADataModule, extract_features
 
     config = yaml.safe_load(RECIPE.read_text())
     config["data"]["init_args"].update(root=root, val_fraction=0.0, test_fraction=0.0, augment=False)
-    model = run_config_model(config)
     data = MVSADataModule(**{k: v for k, v in config["data"]["init_args"].items()})
     data.setup("fit")
     loader = DataLoader(data.datasets["train"], batch_size=data.batch_size, collate_fn=data.collate,
                         num_workers=data.num_workers)
-    features, labels = extract_features(model, loader)
-    ids = [row.image.stem for row in data.splits["train"]]
+    if modalities is not None:
+        keep = set(modalities)
+        loader = ({k: v for k, v in batch.items() if k not in model.encoders or k in keep} for batch in loader)
+        encoders, model.encoders = model.encoders, type(model.encoders)({k: e for k, e in model.encoders.items() if k in keep})
+    try:
+        features, labels = extract_features(model, loader)
+    finally:
+        if modalities is not None:
+            model.encoders = encoders
+    return features, labels, [row.image.stem for row in data.splits["train"]]
+
+
+def frozen_features(root: str, work: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Features of every clean post from the recipe's frozen pretrained encoders, cached as ``work/frozen.npz``."""
+    cache = work / "frozen.npz"
+    if cache.is_file():
+        saved = np.load(cache, allow_pickle=False)
+        return {k.removeprefix("f_"): saved[k] for k in saved.files if k.startswith("f_")}, saved["labels"], list(saved["ids"])
+    features, labels, ids = all_post_features(root, run_config_model(yaml.safe_load(RECIPE.read_text())))
     work.mkdir(parents=True, exist_ok=True)
     np.savez(cache, labels=labels, ids=np.array(ids), **{f"f_{k}": v for k, v in features.items()})
     return features, labels, ids
+
+
+def _split_parts(
+    features: dict[str, np.ndarray], labels: np.ndarray, ids: list[str], root: str, seed: int, split_dir: str | None
+) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
+    """``{split: (features, labels)}`` of one split seed (or fold), from the features of every clean post."""
+    position = {sample: i for i, sample in enumerate(ids)}
+    splits = {split: np.array([position[s] for s in members]) for split, members in split_ids(root, seed, split_dir).items()}
+    return {split: ({k: v[index] for k, v in features.items()}, labels[index]) for split, index in splits.items()}
+
+
+def probe_rows(
+    root: str, row: str, seed: int, work: Path, results: Path, split_dir: str | None = None
+) -> list[dict[str, Any]]:
+    """Each modality's linear probe after training: the elastic net of :func:`frozen_rows` on the features of the
+    encoders in ``row``'s selected checkpoint (split seed ``seed``). An encoder whose weights the run left as
+    pretrained (frozen throughout) gives exactly the frozen features, which are reused from the cache."""
+    import torch
+
+    from ml_optim_plugins import MultimodalClassifier
+    from ml_optim_plugins.baselines import fit_baselines
+
+    tag = f"seed{seed}" if split_dir is None else f"fold{seed}"
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    record = next(r for r in records if r["row"] == row and r["seed"] == seed)
+    versions = sorted((work / "runs" / f"{row}-{tag}").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    checkpoint = next(v / "checkpoints" / record["selected_checkpoint"] for v in reversed(versions)
+                      if (v / "checkpoints" / record["selected_checkpoint"]).is_file())
+    trained = MultimodalClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    pretrained = run_config_model(yaml.safe_load(RECIPE.read_text()))
+    frozen, labels, ids = frozen_features(root, work)
+    changed = [
+        name for name, encoder in trained.encoders.items()
+        if name not in pretrained.encoders
+        or any(not torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), pretrained.encoders[name].state_dict().values()))
+    ]
+    start = time.perf_counter()
+    features = {name: frozen[name] for name in trained.encoders if name not in changed}
+    if changed:
+        computed, computed_labels, computed_ids = all_post_features(root, trained, changed)
+        assert computed_ids == ids and np.array_equal(computed_labels, labels)
+        features.update(computed)
+    part = _split_parts(features, labels, ids, root, seed, split_dir)
+    fitted = fit_baselines(part["train"], part["val"], part["test"], l1_ratios=EN_L1_RATIOS, c_values=EN_C_VALUES)
+    seconds = time.perf_counter() - start
+    return [
+        {"row": f"probe after {row} {result.features}", "what": f"elastic net on the features of {row}'s selected "
+         f"checkpoint ({'trained' if set(result.features.split('+')) & set(changed) else 'frozen throughout'})",
+         "seed": seed, "test": result.test, "val": result.val, "params": result.params,
+         "checkpoint": checkpoint.name, "trained_encoders": changed, "seconds": round(seconds, 1)}
+        for result in fitted
+        if result.method == "elastic-net"
+    ]
 
 
 def run_config_model(config: dict) -> Any:
@@ -262,10 +332,7 @@ def frozen_rows(
     """Majority class, and (with ``baselines``) k-NN / elastic net on frozen features, for one split seed."""
     from ml_optim_plugins.baselines import fit_baselines
 
-    features, labels, ids = frozen_features(root, work)
-    position = {sample: i for i, sample in enumerate(ids)}
-    splits = {split: np.array([position[s] for s in members]) for split, members in split_ids(root, seed, split_dir).items()}
-    part = {split: ({k: v[index] for k, v in features.items()}, labels[index]) for split, index in splits.items()}
+    part = _split_parts(*frozen_features(root, work), root, seed, split_dir)
     majority = Counter(part["train"][1].tolist()).most_common(1)[0][0]
     rows = [{"row": "majority", "what": "most frequent training class", "seed": seed,
              "test": _scores(part["test"][1], np.full_like(part["test"][1], majority))}]
@@ -343,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split-dir", help="the published folds of Cheema et al. (valid_pairlist.txt, splits/): "
                         "--seeds are then fold numbers (1-10)")
     parser.add_argument("--summarize", nargs="+", type=Path)
+    parser.add_argument("--probe", nargs="+", metavar="ROW", help="each modality's linear probe after training, for "
+                        "these trained rows' finished runs of --seeds (rows 'probe after ROW FEATURES')")
     parser.add_argument("--child", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="after --: CLI overrides for every trained row")
     args = parser.parse_args(argv)
@@ -354,6 +423,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child:
         row = run_trained(args.child[0], args.root, int(args.child[1]), args.work, args.extra, args.split_dir)
         _append(args.results, [row])
+        return
+    if args.probe:
+        for row in args.probe:
+            for seed in args.seeds:
+                if (f"probe after {row} text", seed) in _done(args.results):
+                    continue
+                if (row, seed) not in _done(args.results):
+                    print(f"probe after {row} seed {seed}: no finished run in {args.results}, skipped", flush=True)
+                    continue
+                _append(args.results, probe_rows(args.root, row, seed, args.work, args.results, args.split_dir))
+                print(f"probe after {row} seed {seed}: rows written to {args.results}", flush=True)
         return
     unknown = sorted(set(args.rows) - {"majority", "frozen", *TRAINED})
     if unknown:
