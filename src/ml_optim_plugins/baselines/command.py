@@ -54,7 +54,7 @@ def run_baselines(args: Sequence[str], console: Console | None = None) -> Baseli
         >>> [(r.features, r.method) for r in report.results][-1]  # doctest: +SKIP
         ('image+text', 'trained model')
     """
-    from ml_optim_plugins.cli import MultimodalCLI  # cli dispatches to this module
+    from ml_optim_plugins.recipe_cli import MultimodalCLI  # jsonargparse and the CLI load when the command runs
 
     parser = argparse.ArgumentParser(prog="ml-optim-plugins baselines", add_help=False, allow_abbrev=False)
     parser.add_argument("--ckpt_path", type=Path)
