@@ -242,7 +242,7 @@ def test_docs_example_prints_the_table_shown(capsys):
 def test_training_features_come_without_augmentation(tmp_path):
     """Random crops and flips of the training transform would give the baselines one random view per image."""
     from ml_optim_plugins import MVSADataModule
-    from ml_optim_plugins.baselines import _in_order
+    from ml_optim_plugins.baselines.command import _in_order
     from tests.data.mvsa_fixture import write_mvsa
 
     data = MVSADataModule(str(write_mvsa(tmp_path, n=20)), image_size=16, augment=True, batch_size=8, max_length=16)
@@ -269,7 +269,7 @@ def test_the_warm_started_regularisation_path_chooses_as_cold_fits_do():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from ml_optim_plugins.baselines import _ELASTIC_NET, _select
+    from ml_optim_plugins.baselines.core import _ELASTIC_NET, _select
 
     rng = np.random.default_rng(1)
 

@@ -25,7 +25,8 @@ DEBUG_VARIABLE = "JSONARGPARSE_DEBUG"
 # and keep their traceback.
 MESSAGE_ERRORS = (ValueError, TypeError, KeyError, OSError, RuntimeError, ArithmeticError, MisconfigurationException)
 _PACKAGE = Path(__file__).resolve().parent
-_ENTRY_FILES = {_PACKAGE / "cli.py", Path(__file__).resolve()}
+# The console entry and the recipe CLI it runs: their frames are the way in, not where an error comes from.
+_ENTRY_FILES = {_PACKAGE / "cli.py", _PACKAGE / "recipe_cli.py", Path(__file__).resolve()}
 
 
 def _frames(traceback: TracebackType | None) -> list[tuple[Path, str]]:

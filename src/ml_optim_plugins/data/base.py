@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ml_optim_plugins.data.collate import MultimodalCollate, load_tokenizer
+from ml_optim_plugins.data.predict_inputs import check_predict_inputs, read_predict_inputs
 from ml_optim_plugins.data.preprocessing import describe_preprocessing
 from ml_optim_plugins.data.rows import ManifestDataset, ManifestError
 from ml_optim_plugins.data.transforms import image_transform
@@ -164,9 +165,6 @@ class MultimodalDataModule(pl.LightningDataModule):
                 "--data.init_args.predict PATH): a CSV / TSV / JSONL manifest of image path and text (optionally id), "
                 "an MVSA root, or a folder of <id>.jpg + <id>.txt"
             )
-        # Imported here: the reader handles the MVSA layout, and the MVSA module imports this one.
-        from ml_optim_plugins.data.predict_inputs import check_predict_inputs, read_predict_inputs
-
         image_column, text_column = self.input_columns
         rows, problems = check_predict_inputs(read_predict_inputs(self.predict_inputs, image_column, text_column))
         self.skipped_predict_rows = self.handle_bad_rows(problems, "skipped_predict_rows")

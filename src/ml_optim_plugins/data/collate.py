@@ -13,7 +13,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     """Load the Hugging Face tokenizer of a text model offline (packaged MiniLM names resolve to their local copy)."""
     from transformers import AutoTokenizer
 
-    from ml_optim_plugins.multimodal.encoders import resolve_text_model
+    from ml_optim_plugins.text_models import resolve_text_model
 
     try:
         return AutoTokenizer.from_pretrained(resolve_text_model(name_or_path))

@@ -19,9 +19,9 @@ from typing import Any, Literal
 from lightning.pytorch.utilities import rank_zero_info
 
 from ml_optim_plugins.data.manifest import ManifestDataModule, ManifestRow
+from ml_optim_plugins.data.mvsa_files import LABEL_FILE, read_tweet
 
 MVSA_LABELS = ("negative", "neutral", "positive")
-LABEL_FILE = "labelResultAll.txt"
 CONFLICT = "conflict"
 NO_MAJORITY = "no_majority"
 _ANNOTATORS = {"single": 1, "multiple": 3}
@@ -111,16 +111,6 @@ def _label_pairs(cells: Sequence[str]) -> list[tuple[str, str]]:
                 raise ValueError(f"unknown label {label!r}; known labels are {list(MVSA_LABELS)}")
         pairs.append((labels[0], labels[1]))
     return pairs
-
-
-def read_tweet(path: Path) -> str:
-    """The stripped text of a tweet file: UTF-8, or Latin-1 where it is not UTF-8 (MVSA's files mix both)."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    return text.strip()
 
 
 def read_mvsa(

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ml_optim_plugins.data.checks import check_images, default_check_cache
-from ml_optim_plugins.data.mvsa import LABEL_FILE, read_tweet
+from ml_optim_plugins.data.mvsa_files import LABEL_FILE, read_tweet
 from ml_optim_plugins.data.rows import ManifestRow, partition_rows, read_manifest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

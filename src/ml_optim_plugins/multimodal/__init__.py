@@ -2,13 +2,9 @@
 
 from ml_optim_plugins.multimodal.classifier import MultimodalClassifier
 from ml_optim_plugins.multimodal.contract import ModalityAware, ModalityAwareMixin, require_modality_aware
-from ml_optim_plugins.multimodal.encoders import (
-    SentenceTransformerTextEncoder,
-    TimmImageEncoder,
-    packaged_minilm_path,
-    resolve_text_model,
-)
+from ml_optim_plugins.multimodal.encoders import SentenceTransformerTextEncoder, TimmImageEncoder
 from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion, GatedFusion, SumFusion
+from ml_optim_plugins.text_models import packaged_minilm_path, resolve_text_model
 
 __all__ = [
     "ConcatFusion",
