@@ -1,13 +1,22 @@
-"""The one place that reaches into Lightning's private attributes, each where Lightning has no public way yet.
+"""The one place that reaches into Lightning's and torch's private attributes, each where they have no public way yet.
 
-Every function names the attribute it uses, why, and the Lightning versions it was checked on (2.6.6). When an
-attribute disappears the function degrades to doing nothing, and the test that covers it fails loudly.
+Every function names the attribute it uses, why, and the versions it was checked on (Lightning 2.6.6, torch 2.14).
+When an attribute disappears the function degrades to what Lightning does without it (and says so by its return
+value), and its test in ``tests/test_lightning_internals.py`` fails loudly. No other module of the package may use a
+private name of Lightning or torch: ``tests/test_lightning_internals.py`` scans the source for them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import lightning.pytorch as pl
-from lightning.fabric.utilities.data import _set_sampler_epoch
+
+try:
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+except ImportError:  # gone from Lightning: the pending-state workaround leaves the samplers' epoch to Lightning
+    _set_sampler_epoch = None
 
 
 def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
@@ -39,8 +48,9 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     if fetcher is not None:
         # Lightning sets the samplers' epoch only later (FitLoop.on_advance_start), and the new iterator prefetches a
         # batch now: an epoch-seeded sampler (EpochShuffle, DistributedSampler) must know its epoch first.
-        for loader in fit_loop._combined_loader.flattened:
-            _set_sampler_epoch(loader, trainer.current_epoch)
+        if _set_sampler_epoch is not None:
+            for loader in fit_loop._combined_loader.flattened:
+                _set_sampler_epoch(loader, trainer.current_epoch)
         iter(fetcher)  # a new iterator, which starts where the loaded state says (the old one had prefetched a batch)
     return True
 
@@ -49,6 +59,69 @@ def logging_step(trainer: pl.Trainer) -> int:
     """The ``step`` that loggers receive for the next training batch: the count of batches that stepped an optimizer.
 
     Lightning logs with ``FitLoop.epoch_loop._batches_that_stepped`` (not ``global_step``, which counts the steps of
-    every optimizer); after a restore it already accounts for where the checkpoint was saved. Lightning 2.6.6.
+    every optimizer, several per batch under manual optimization), and so do its own ``LearningRateMonitor`` and
+    ``DeviceStatsMonitor``; after a restore it accounts for where the checkpoint was saved from the first training
+    batch on. Falls back to ``trainer.global_step`` (equal with one optimizer under automatic optimization) if the
+    attribute is gone. Lightning 2.6.6.
     """
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+def logger_version_unset(logger: Any) -> bool:
+    """Whether a file logger (``CSVLogger``, ``TensorBoardLogger``) was built without a ``version`` and has not picked
+    its ``version_N`` yet (it picks the next free one the first time ``logger.version`` is read).
+
+    Reading the public ``logger.version`` would pick it. Uses ``_version`` of ``lightning.fabric``'s ``CSVLogger``
+    and ``TensorBoardLogger`` (which ``lightning.pytorch``'s loggers extend), None until picked (Lightning 2.6.6).
+    False for a logger without that attribute.
+    """
+    return hasattr(logger, "_version") and logger._version is None
+
+
+def set_logger_version(logger: Any, version: int | str) -> bool:
+    """Make a file logger (``CSVLogger``, ``TensorBoardLogger``) that is already built write under ``version``
+    (``version_N`` for an int), as if it had been built with ``version=version``.
+
+    Lightning's loggers take a version only as a constructor argument; LightningCLI builds them from the config before
+    the library knows the run directory (resuming from a checkpoint in it) or the version another logger picked. Call
+    it before the logger writes anything. Uses ``_version`` (see :func:`logger_version_unset`; Lightning 2.6.6).
+
+    Returns:
+        Whether the version was set (False: the logger has no ``_version``, and keeps its own).
+    """
+    if not hasattr(logger, "_version"):
+        return False
+    logger._version = version
+    return True
+
+
+def prepend_csv_rows(logger: Any, rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Put ``rows`` (column -> value, ``step`` included) before the rows a ``CSVLogger`` has received and not yet
+    written, so they come first in its ``metrics.csv``.
+
+    The CSV writer (``logger.experiment``) keeps the rows that ``log_metrics`` hands it in a list and writes them at
+    ``save()``; its only public way in is ``log_metrics``, which appends, after rows other callbacks may have logged
+    in the same hook. Uses ``metrics``, the pending rows of ``lightning.fabric.loggers.csv_logs._ExperimentWriter``
+    (Lightning 2.6.6).
+
+    Returns:
+        Whether the rows were put in (False: the writer keeps no such list; they are dropped, as Lightning drops the
+        old ``metrics.csv``).
+    """
+    writer = logger.experiment
+    pending = getattr(writer, "metrics", None)
+    if not isinstance(pending, list):
+        return False
+    writer.metrics = [dict(row) for row in rows] + pending
+    return True
+
+
+def optimizer_unscales_in_step(optimizer: Any) -> bool:
+    """Whether ``optimizer`` unscales AMP's loss scale inside its own ``step`` (fused Adam / AdamW / SGD).
+
+    For such an optimizer neither torch's ``GradScaler.step`` nor Lightning's ``MixedPrecision`` plugin calls
+    ``scaler.unscale_`` first, so under ``16-mixed`` the gradients that ``on_before_optimizer_step`` sees still carry
+    the loss scale. Uses the optimizer's ``_step_supports_amp_scaling`` (torch 2.14), which torch's ``GradScaler`` and
+    Lightning's ``_optimizer_handles_unscaling`` (Lightning 2.6.6) read the same way. False when absent.
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
