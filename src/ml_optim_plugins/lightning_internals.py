@@ -95,20 +95,18 @@ def set_logger_version(logger: Any, version: int | str) -> bool:
     return True
 
 
-def prepend_csv_rows(logger: Any, rows: Sequence[Mapping[str, Any]]) -> bool:
-    """Put ``rows`` (column -> value, ``step`` included) before the rows a ``CSVLogger`` has received and not yet
-    written, so they come first in its ``metrics.csv``.
+def prepend_csv_rows(writer: Any, rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Put ``rows`` (column -> value, ``step`` included) before the rows a ``CSVLogger``'s writer (its
+    ``experiment``) has received and not yet written, so they come first in its ``metrics.csv``.
 
-    The CSV writer (``logger.experiment``) keeps the rows that ``log_metrics`` hands it in a list and writes them at
-    ``save()``; its only public way in is ``log_metrics``, which appends, after rows other callbacks may have logged
-    in the same hook. Uses ``metrics``, the pending rows of ``lightning.fabric.loggers.csv_logs._ExperimentWriter``
-    (Lightning 2.6.6).
+    The writer keeps the rows that ``log_metrics`` hands it in a list and writes them at ``save()``; its only public
+    way in is ``log_metrics``, which appends, after rows other callbacks may have logged in the same hook. Uses
+    ``metrics``, the pending rows of ``lightning.fabric.loggers.csv_logs._ExperimentWriter`` (Lightning 2.6.6).
 
     Returns:
         Whether the rows were put in (False: the writer keeps no such list; they are dropped, as Lightning drops the
         old ``metrics.csv``).
     """
-    writer = logger.experiment
     pending = getattr(writer, "metrics", None)
     if not isinstance(pending, list):
         return False

@@ -21,7 +21,12 @@ from rich.table import Table
 from ml_optim_plugins.checkpoints import IGNORED_DATA_KEYS, check_checkpoint_config
 from ml_optim_plugins.data.base import MultimodalDataModule
 from ml_optim_plugins.encoder_overrides import merge_encoder_overrides
-from ml_optim_plugins.lightning_internals import logging_step
+from ml_optim_plugins.lightning_internals import (
+    logger_version_unset,
+    logging_step,
+    prepend_csv_rows,
+    set_logger_version,
+)
 from ml_optim_plugins.multimodal.classifier import MultimodalClassifier
 from ml_optim_plugins.prediction.command import prepare_predict, print_predict_command
 
@@ -268,8 +273,7 @@ def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
     for logger in trainer.loggers:
         save_dir = getattr(logger, "save_dir", None)
         same_place = save_dir is not None and Path(save_dir, logger.name).resolve() == version_dir.parent
-        if same_place and hasattr(logger, "_version"):
-            logger._version = int(suffix)
+        if same_place and set_logger_version(logger, int(suffix)):
             if isinstance(logger, CSVLogger) and getattr(rank_zero_only, "rank", 0) == 0:
                 trainer.callbacks.append(ResumedMetricRows(logger))
 
@@ -297,7 +301,7 @@ class ResumedMetricRows(Callback):
             return
         resume_step = logging_step(trainer)  # the first batch's step, once Lightning has placed the resumed loop
         kept = [row for row in self.rows if not row.get("step") or int(float(row["step"])) < resume_step]
-        self.writer.metrics = kept + self.writer.metrics
+        prepend_csv_rows(self.writer, kept)  # before the rows other callbacks logged at this batch's start
         self.rows = None
 
 
@@ -312,8 +316,8 @@ def align_logger_versions(trainer: Trainer) -> None:
     first = trainer.loggers[0]
     for logger in trainer.loggers[1:]:
         same_place = (logger.save_dir, logger.name) == (first.save_dir, first.name)
-        if same_place and getattr(logger, "_version", 0) is None:
-            logger._version = first.version
+        if same_place and logger_version_unset(logger):
+            set_logger_version(logger, first.version)
 
 
 def run(args: list[str] | None = None) -> MultimodalCLI:
