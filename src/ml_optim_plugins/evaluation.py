@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+
+from ml_optim_plugins.lightning_internals import logging_step
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -72,8 +75,6 @@ def require_loss_fn_under_manual_optimization(module: Any, loss_fn: LossFn | Non
 
 def detached_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A deep copy of ``module`` (without its Trainer), optionally cast to ``dtype``; the original is not touched."""
-    trainer = getattr(module, "_trainer", None)
-    fabric = getattr(module, "_fabric", None)
     # Callables kept on the modules (an optimizer factory, a tokenizer) are shared, not copied: LightningCLI's
     # factories reach the CLI, its Trainer, the data and, under DDP, the DDP wrapper, which cannot be deep-copied.
     shared = {
@@ -83,11 +84,10 @@ def detached_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
         if callable(value) and not isinstance(value, (nn.Module, Tensor, type)) and not hasattr(value, "__self__")
     }
     clone = copy.deepcopy(module, memo=shared)  # bound methods (Lightning's redirected `forward`) follow the copy
-    if trainer is not None or fabric is not None:
-        # LightningModule drops its trainer when pickled; make sure the copy also has no Fabric or strategy hook.
-        for attribute in ("_trainer", "_fabric"):
-            if hasattr(clone, attribute):
-                setattr(clone, attribute, None)
+    if isinstance(clone, LightningModule):
+        # LightningModule drops its trainer when pickled; make sure the copy (and its submodules) has no Fabric either.
+        clone.trainer = None
+        clone.fabric = None
     if dtype is not None:
         clone = clone.to(dtype)
     return clone
@@ -183,6 +183,6 @@ def log_to_loggers(trainer: Any, metrics: dict[str, float | Tensor]) -> None:
     would repeat the last value in every later row until the next one.
     """
     values = {key: float(value) for key, value in metrics.items()}
-    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    step = logging_step(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)

@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
@@ -18,6 +17,7 @@ from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weigh
 from ml_optim_plugins.balancing.ogm_ge import modulate_with_noise, ogm_ge_coefficients, true_class_scores
 from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
 from ml_optim_plugins.hyperparameters import check_integer, check_number, check_optional_number
+from ml_optim_plugins.lightning_internals import optimizer_unscales_in_step
 from ml_optim_plugins.multimodal.contract import (
     MODALITY_SCORINGS,
     recorded_modality_outputs,
@@ -356,7 +356,7 @@ class ModalityBalancer(Callback):
         # DDP averaged the total gradients; average the unimodal parts the same way.
         unimodal = mean_over_ranks(trainer.strategy, unimodal)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled() and _optimizer_handles_unscaling(optimizer):
+        if scaler is not None and scaler.is_enabled() and optimizer_unscales_in_step(optimizer):
             # Fused optimizers unscale inside their step: the gradients here still carry AMP's loss scale.
             scale = scaler.get_scale()
             unimodal = [g * scale for g in unimodal]
