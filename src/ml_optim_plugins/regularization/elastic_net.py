@@ -12,7 +12,20 @@ from ml_optim_plugins.hyperparameters import check_number
 from ml_optim_plugins.names import name_matches
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
+    # torch.nn's batch and instance norms (every public subclass of its private _NormBase, torch 2.14).
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
     nn.LayerNorm,
     nn.GroupNorm,
     nn.LocalResponseNorm,

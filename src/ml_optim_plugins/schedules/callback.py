@@ -104,7 +104,8 @@ class WarmupDecay(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(optimizers=self.optimizer_indices)
+        # The format of Lightning's Callback._generate_state_key, so checkpoints keep their keys.
+        return f"{type(self).__qualname__}{dict(optimizers=self.optimizer_indices)!r}"
 
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
