@@ -163,3 +163,22 @@ def test_the_float64_copy_shares_factories_and_rebinds_methods():
     assert vars(model)["forward"].__self__ is model and model.layer.weight.dtype == torch.float32
     batch = torch.randn(2, 32)
     assert torch.allclose(clone(batch.double()).float(), model(batch), atol=1e-6)
+
+
+def test_the_copy_of_a_module_in_a_trainer_has_no_trainer():
+    """detached_copy clears the copy's Trainer and Fabric through LightningModule's public setters, for the copy and
+    the LightningModules inside it; the original keeps its Trainer."""
+    import lightning.pytorch as pl
+
+    from ml_optim_plugins.evaluation import detached_copy
+
+    model = BoringModel()
+    model.inner = BoringModel()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    model.trainer = trainer
+    clone = detached_copy(model)
+    for module in (clone, clone.inner):
+        with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):
+            module.trainer
+        assert module.fabric is None
+    assert model.trainer is trainer and model.inner.trainer is trainer

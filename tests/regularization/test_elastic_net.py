@@ -108,3 +108,17 @@ def test_modules_built_in_configure_model_are_penalised(make_penalty_trainer):
     callback = ElasticNetPenalty(l2=0.1, modules=["extra"])
     make_penalty_trainer(callbacks=[callback], max_steps=1).fit(Late())
     assert len(callback._params) == 1
+
+
+def test_norm_types_hold_every_batch_and_instance_norm_of_torch():
+    """NORM_TYPES lists torch.nn's norm classes by their public names: every public class built on torch's private
+    ``_NormBase`` (torch 2.14: 13) must be among them, so a norm torch adds is not penalised unnoticed."""
+    import inspect
+
+    from torch import nn
+
+    from ml_optim_plugins.regularization.elastic_net import NORM_TYPES
+
+    norm_base = nn.modules.batchnorm._NormBase
+    public = {cls for cls in vars(nn).values() if inspect.isclass(cls) and issubclass(cls, norm_base)}
+    assert len(public) >= 13 and public <= set(NORM_TYPES), sorted(cls.__name__ for cls in public - set(NORM_TYPES))

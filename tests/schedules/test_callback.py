@@ -175,6 +175,17 @@ def test_bad_setup_fails_before_the_first_step(make_trainer, callback, model, er
     assert recorder.lrs == {} and trainer.global_step == 0
 
 
+@pytest.mark.parametrize("optimizers", [None, [0, 1]])
+def test_state_key_has_the_format_of_lightnings_callbacks(optimizers):
+    """The key under which checkpoints hold the callback's state: written out with the format of Lightning's private
+    ``Callback._generate_state_key`` (Lightning 2.6.6), so checkpoints saved through it still load."""
+    from lightning.pytorch.callbacks import Callback
+
+    callback = WarmupDecay(optimizers=optimizers)
+    assert callback.state_key == Callback._generate_state_key(callback, optimizers=callback.optimizer_indices)
+    assert callback.state_key == f"WarmupDecay{{'optimizers': {optimizers}}}"
+
+
 def test_schedule_object_or_keywords_not_both():
     with pytest.raises(TypeError, match="not both"):
         WarmupDecay(WarmupDecaySchedule(), warmup_steps=3)
