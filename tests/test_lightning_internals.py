@@ -188,7 +188,8 @@ def test_rows_put_before_the_pending_ones_come_first_in_metrics_csv(tmp_path):
     )
     logger.save()
     rows = list(csv.DictReader(Path(logger.log_dir, "metrics.csv").open()))
-    assert [(row["step"], row["loss"], row["epoch"]) for row in rows] == [("2", "0.25", "0"), ("5", "0.5", "")], changed(
+    written = [(row["step"], row["loss"], row["epoch"]) for row in rows]
+    assert written == [("2", "0.25", "0"), ("5", "0.5", "")], changed(
         f"rows put in _ExperimentWriter.metrics were written as {rows}"
     )
 
@@ -239,7 +240,8 @@ def test_an_optimizer_that_unscales_in_its_step_leaves_scaled_gradients_to_the_h
     assert (plain.unscales_in_step, fused.unscales_in_step) == (False, True), changed(
         "torch's fused Adam no longer sets `_step_supports_amp_scaling`"
     )
-    for optimizer in (torch.optim.SGD([nn.Parameter(torch.ones(1))]), torch.optim.Adam([nn.Parameter(torch.ones(1))], fused=True)):
+    weight = nn.Parameter(torch.ones(1))
+    for optimizer in (torch.optim.SGD([weight]), torch.optim.Adam([weight], fused=True)):
         assert optimizer_unscales_in_step(optimizer) == _optimizer_handles_unscaling(optimizer), changed(
             f"Lightning's _optimizer_handles_unscaling decides otherwise for {type(optimizer).__name__}"
         )
@@ -365,7 +367,8 @@ class Schedule:
 '''
     found = sorted((name, code) for _, name, code in private_uses(source, package_names))
     assert found == sorted([
-        ("_optimizer_handles_unscaling", "from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling"),
+        ("_optimizer_handles_unscaling",
+         "from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling"),
         ("_dynamo", "import torch._dynamo"),
         ("_version", "logger._version"),
         ("_trainer", "self._trainer"),
