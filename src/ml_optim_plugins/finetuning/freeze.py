@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+# torch's public batch norms (its private _BatchNorm base adds only the quantized ones, which do not train); timm's
+# BatchNormAct2d and the like subclass these.
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+               nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
 
 
 def freeze(params: Iterable[nn.Parameter]) -> None:
@@ -48,7 +52,7 @@ def batchnorm_parameters(module: nn.Module) -> set[int]:
         >>> batchnorm_parameters(model) == {id(model[1].weight), id(model[1].bias)}
         True
     """
-    return {id(p) for m in module.modules() if isinstance(m, _BatchNorm) for p in m.parameters()}
+    return {id(p) for m in module.modules() if isinstance(m, BATCH_NORMS) for p in m.parameters()}
 
 
 def frozen_modules(module: nn.Module, frozen: Collection[int]) -> list[nn.Module]:
