@@ -56,9 +56,6 @@ THIRD_PARTY_PRIVATE = ("lightning", "torch")
 # another part of issue 18's refactor than the layers; an entry that no longer occurs fails
 # test_known_violations_still_occur, so the list only shrinks.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # Issue 18 item 2, the finetuning refactor: encoder_blocks() recognises the library's encoders by class to reach
-    # their inner timm / transformers model; to ask through the modality contract (or a method of the encoders).
-    ("ml_optim_plugins.finetuning.blocks", "ml_optim_plugins.multimodal.encoders"): "methods reach into the model",
     # Issue 18 item 3, the private-API refactor: ModalityBalancer asks Lightning's AMP plugin whether the optimizer
     # unscales its own gradients; to move to lightning_internals.py (or a public way).
     ("ml_optim_plugins.balancing.callback", "lightning.fabric.plugins.precision.amp"): "private Lightning API",

@@ -91,6 +91,29 @@ def modality_module_names(module: Any) -> dict[str, str]:
 
 
 @runtime_checkable
+class ModelWrapper(Protocol):
+    """Protocol of an encoder that wraps a model of another library (timm, sentence-transformers, transformers), whose
+    block structure is the encoder's: :func:`~ml_optim_plugins.encoder_blocks` (what ``"text[-2:]"`` selects) reads the
+    wrapped model. :class:`~ml_optim_plugins.TimmImageEncoder` and
+    :class:`~ml_optim_plugins.SentenceTransformerTextEncoder` implement it.
+
+    Example:
+        >>> class Wrapper(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        ...     def wrapped_model(self):
+        ...         return self.net
+        >>> isinstance(Wrapper(), ModelWrapper), isinstance(torch.nn.Linear(2, 2), ModelWrapper)
+        (True, False)
+    """
+
+    def wrapped_model(self) -> nn.Module:
+        """Return the wrapped model, a sub-module of this one."""
+        ...
+
+
+@runtime_checkable
 class FeatureCacheAware(Protocol):
     """Protocol of a module that encodes through a feature cache, which a callback may set (staged finetuning sets a
     :class:`~ml_optim_plugins.FeatureCache` while an encoder is frozen). :class:`ModalityAwareMixin` implements it.
