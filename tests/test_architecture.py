@@ -56,17 +56,6 @@ THIRD_PARTY_PRIVATE = ("lightning", "torch")
 # another part of issue 18's refactor than the layers; an entry that no longer occurs fails
 # test_known_violations_still_occur, so the list only shrinks.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # Issue 18 item 2, the finetuning refactor: encoder_blocks() recognises the library's encoders by class to reach
-    # their inner timm / transformers model; to ask through the modality contract (or a method of the encoders).
-    ("ml_optim_plugins.finetuning.blocks", "ml_optim_plugins.multimodal.encoders"): "methods reach into the model",
-    # Issue 18 item 2, the finetuning refactor: StagedFinetuning splits and labels param groups with helpers that
-    # schedules/ does not export (module_label, name_group, parameter_names, split_groups); to become the small
-    # protocol that schedules/ declares in its __all__.
-    ("ml_optim_plugins.finetuning.callback", "ml_optim_plugins.schedules.param_groups"): "undeclared seam",
-    # The finetuning refactor: StagedFinetuning keeps batch norms in eval by isinstance(m, torch's private _BatchNorm)
-    # (as Lightning's BaseFinetuning does); the public classes are nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm and the lazy
-    # ones, or the private use moves to lightning_internals.py.
-    ("ml_optim_plugins.finetuning.callback", "torch.nn.modules.batchnorm"): "private torch API",
 }
 
 

@@ -259,11 +259,7 @@ THIRD_PARTY = {"lightning", "lightning_fabric", "lightning_utilities", "pytorch_
 # finetuning/ is being split into a plan, freezing helpers and a shell (issue 18); these private names move into
 # lightning_internals.py with it. Temporary: empty this once that refactor has merged.
 ALLOWED_IN_FINETUNING = {
-    "_orig_mod",  # torch.compile's OptimizedModule: the compiled module
-    "_BatchNorm",  # torch.nn.modules.batchnorm, imported
-    "_data_source",  # Lightning's validation loop: its data
-    "_should_accumulate",  # Lightning's training epoch loop
-    "_ddp_kwargs",  # Lightning's DDPStrategy: find_unused_parameters
+    "_orig_mod",  # torch.compile's OptimizedModule: the compiled module (finetuning/blocks.py)
 }
 
 

@@ -123,3 +123,18 @@ def optimizer_unscales_in_step(optimizer: Any) -> bool:
     Lightning's ``_optimizer_handles_unscaling`` (Lightning 2.6.6) read the same way. False when absent.
     """
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def val_dataloader_defined(trainer: pl.Trainer) -> bool:
+    """Whether this fit has a validation dataloader to draw from, asked at ``on_fit_start``, before Lightning loads it.
+
+    Until the validation loop sets up its data (after ``on_fit_start``; ``trainer.val_dataloaders`` is ``None`` until
+    then, and stays so in a first epoch that does not validate), the only record of ``fit(val_dataloaders=...)`` or
+    of a ``val_dataloader()`` method is the loop's data source. A callback that needs validation (a stage that starts
+    on a validation metric) asks here, so a run without validation data fails before its first step.
+
+    Uses ``_EvaluationLoop._data_source`` (a ``_DataLoaderSource``) and its ``is_defined()`` (Lightning 2.6.6). If the
+    attribute is missing, returns ``True`` (assume validation runs).
+    """
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    return source is None or bool(source.is_defined())

@@ -4,7 +4,8 @@ callback synchronised itself, and the stage boundaries.
 
 MODE: ``sync`` (unfreeze at epoch 1), ``nosync`` (the same without the callback's synchronisation: the control,
 ranks diverge), ``plateau`` (unfreeze when a validation metric that each rank logs on its own, without sync_dist,
-stops improving: rank 1's stalls, rank 0's does not)."""
+stops improving: rank 1's stalls, rank 0's does not), ``accumulate`` (as ``sync`` with 2 micro-batches per optimizer
+step; the callback's synchronisations are counted)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,15 @@ if __name__ == "__main__":
                             cache_features=True)
     if mode == "nosync":
         plan._sync_gradients = lambda trainer, params: None
+    sync_calls = []
+    if mode == "accumulate":
+        sync = plan._sync_gradients
+        plan._sync_gradients = lambda trainer, params: (sync_calls.append(trainer.global_step), sync(trainer, params))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=3 if mode == "plateau" else 2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[plan, WarmupDecay(warmup_steps=2, decay="constant"), RankMetric()],
+        accumulate_grad_batches=2 if mode == "accumulate" else 1,
     )
     model = tiny_staged_model()
     model.encoders["image"].unused = torch.nn.Linear(2, 2)  # unfrozen with the encoder, never gets a gradient
@@ -44,6 +50,6 @@ if __name__ == "__main__":
     after = {n: p.detach().flatten().tolist() for n, p in model.named_parameters()}
     unsynced = sorted(n for n, p in model.named_parameters() if any(p is q for q in plan._unsynced))
     result = {"before": before, "after": after, "unsynced": unsynced, "stage": plan.stage_index,
-              "boundaries": plan.boundaries, "hits": plan.cache.stats()}
+              "boundaries": plan.boundaries, "hits": plan.cache.stats(), "sync_calls": sync_calls}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     destroy_default_process_group()  # before exit: gloo threads at interpreter shutdown abort the process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from ml_optim_plugins import TimmImageEncoder, encoder_blocks, select_parameters
@@ -99,3 +100,24 @@ def test_parse_selector():
     assert parse_selector("image[3]") == ("image", 3)
     with pytest.raises(ValueError, match="empty block index"):
         parse_selector("image[]")
+
+
+class Wrapper(torch.nn.Module):
+    """An encoder of one's own around a layered model, declaring it through the contract's ModelWrapper."""
+
+    def __init__(self, inner=None):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.backbone = TinyLayers()
+        self._returned = [inner]  # in a list: not registered as a sub-module
+
+    def wrapped_model(self):
+        return self.backbone if self._returned[0] is None else self._returned[0]
+
+
+def test_an_encoder_declaring_its_wrapped_model_gets_that_models_blocks():
+    blocks = encoder_blocks(Wrapper())
+    inner = [[f"backbone.{name}" for name in block] for block in encoder_blocks(TinyLayers())]
+    assert blocks == inner[:-1] + [inner[-1] + ["proj.weight", "proj.bias"]]  # its own parameters join the top block
+    with pytest.raises(ValueError, match="wrapped_model\\(\\) returned Linear, which is not one of its sub-modules"):
+        encoder_blocks(Wrapper(inner=torch.nn.Linear(2, 2)))

@@ -39,3 +39,13 @@ def test_a_plateau_on_one_rank_moves_both_ranks(run_python_subprocess, tmp_path)
     assert rank0["boundaries"] == rank1["boundaries"]
     assert [(b["stage"], b["epoch"]) for b in rank0["boundaries"]] == [(0, 0), (1, 2)]
     assert rank0["after"] == rank1["after"]
+
+
+def test_with_gradient_accumulation_the_gradients_are_averaged_once_per_optimizer_step(run_python_subprocess, tmp_path):
+    run_python_subprocess(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "accumulate")
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # 6 batches of 4 per rank and epoch, 2 per optimizer step: 3 steps per epoch, each synchronised once, after the
+    # last micro-batch's backward (DDP's own no_sync() window), never after the first.
+    assert rank0["sync_calls"] == rank1["sync_calls"] == [0, 1, 2, 3, 4, 5]
+    assert rank0["after"]["encoders.image.stem.0.weight"] != rank0["before"]["encoders.image.stem.0.weight"]
+    assert rank0["after"] == rank1["after"]

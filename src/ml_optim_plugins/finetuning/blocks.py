@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from ml_optim_plugins.multimodal.contract import ModelWrapper
 from ml_optim_plugins.names import name_matches
 
 _SELECTOR = re.compile(r"^(?P<target>[^\[\]]+?)\s*(?:\[(?P<index>\s*-?\d*\s*(?::\s*-?\d*\s*)?)\])?$")
@@ -63,7 +64,9 @@ def encoder_blocks(module: nn.Module) -> list[list[str]]:
 
     Staged finetuning names "the top 2 blocks" of an encoder with this. The structure comes from the model itself:
 
-    * the library's :class:`~ml_optim_plugins.TimmImageEncoder` and timm models: timm's coarse ``group_matcher``
+    * an encoder that wraps another library's model (:class:`~ml_optim_plugins.multimodal.contract.ModelWrapper`,
+      as the library's encoders do): the blocks of the wrapped model, as below (its own parameters join the last);
+    * :class:`~ml_optim_plugins.TimmImageEncoder` and timm models: timm's coarse ``group_matcher``
       (the grouping its layer-wise LR decay uses), e.g. resnet: stem, ``layer1`` .. ``layer4``; ViT: embeddings,
       each transformer block (with the final norm);
     * :class:`~ml_optim_plugins.SentenceTransformerTextEncoder`, sentence-transformers and Hugging Face transformers:
@@ -79,13 +82,17 @@ def encoder_blocks(module: nn.Module) -> list[list[str]]:
         >>> len(blocks), blocks[0][0], blocks[-1][0]
         (5, 'model.conv1.0.weight', 'model.layer4.0.conv1.weight')
     """
-    from ml_optim_plugins.multimodal.encoders import SentenceTransformerTextEncoder, TimmImageEncoder
-
-    if isinstance(module, (TimmImageEncoder, SentenceTransformerTextEncoder)):
-        return _prefixed("model.", encoder_blocks(module.model))
-    if isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+    if isinstance(module, ModelWrapper):
+        inner = module.wrapped_model()
+        name = next((name for name, sub in module.named_modules() if sub is inner and name), None)
+        if name is None:
+            raise ValueError(f"{type(module).__name__}.wrapped_model() returned {type(inner).__name__}, which is not "
+                             "one of its sub-modules; return the wrapped model itself (e.g. self.model)")
+        blocks = _prefixed(f"{name}.", encoder_blocks(inner))
+    elif isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
         return _prefixed("_orig_mod.", encoder_blocks(module._orig_mod))
-    blocks = _timm_blocks(module) or _layer_list_blocks(module)
+    else:
+        blocks = _timm_blocks(module) or _layer_list_blocks(module)
     if blocks is None:
         own = [name for name, _ in module.named_parameters(recurse=False)]
         blocks = [own] if own else []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,16 @@ class FeatureCache:
             index = self._index()
             index.pop(modality, None)
             self._write_index(index)
+
+    def follow_frozen(self, encoders: Mapping[str, nn.Module], trainable: Collection[int]) -> None:
+        """Serve each modality whose encoder has no parameter in ``trainable`` (``id()`` s) and invalidate the others;
+        call it whenever the frozen set changes."""
+        for modality, encoder in encoders.items():
+            ids = {id(p) for p in encoder.parameters()}
+            if ids and not ids & set(trainable):
+                self.activate(modality, encoder)
+            elif self.is_active(modality):
+                self.invalidate(modality)
 
     def is_active(self, modality: str) -> bool:
         """Whether ``modality`` is served from the cache."""

@@ -1,8 +1,11 @@
-"""Stage: one phase of a freeze-then-finetune plan, as plain data (YAML-friendly for LightningCLI)."""
+"""Stage: one phase of a freeze-then-finetune plan, as plain data (YAML-friendly for LightningCLI), and its triggers."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ml_optim_plugins.hyperparameters import check_integer, check_number, check_numbers
 
@@ -70,3 +73,44 @@ class Stage:
     def has_trigger(self) -> bool:
         """Whether the stage says when it starts."""
         return self.start_epoch is not None or self.start_step is not None or self.monitor is not None
+
+    def is_due(self, epoch: int, step: int, *, at_epoch_start: bool, plateau_pending: bool = False) -> bool:
+        """Whether a trigger fires at ``epoch`` and optimizer ``step``: ``start_epoch`` (at that epoch's start, or at
+        any step of a later epoch), ``start_step``, or ``monitor`` with a pending plateau (:func:`update_plateau`).
+
+        Example:
+            >>> [Stage(start_epoch=2).is_due(epoch, 0, at_epoch_start=True) for epoch in (1, 2)]
+            [False, True]
+        """
+        return (
+            (self.start_epoch is not None and epoch >= self.start_epoch
+             and (at_epoch_start or epoch > self.start_epoch))
+            or (self.start_step is not None and step >= self.start_step)
+            or (self.monitor is not None and plateau_pending)
+        )
+
+
+def fresh_plateau() -> dict[str, Any]:
+    """The plateau counters at the start of a stage: no best value, no wait, no pending start."""
+    return {"best": None, "wait": 0, "pending": False}
+
+
+def update_plateau(plateau: Mapping[str, Any], stage: Stage, value: float) -> dict[str, Any]:
+    """The plateau counters (:func:`fresh_plateau`) after a validation run that measured ``value`` of
+    ``stage.monitor``; ``pending``: the stage is due (this process's view; under DDP the callback all-reduces it).
+
+    Example:
+        >>> stage, state = Stage(monitor="val/loss", patience=2), fresh_plateau()
+        >>> for loss in (1.0, 0.9, 0.95, 0.92):
+        ...     state = update_plateau(state, stage, loss)
+        >>> state
+        {'best': 0.9, 'wait': 2, 'pending': True}
+    """
+    best, state, delta = plateau["best"], dict(plateau), stage.min_delta
+    improved = best is None or (value < best - delta if stage.mode == "min" else value > best + delta)
+    if improved and math.isfinite(value):
+        state.update(best=value, wait=0)
+    else:
+        state["wait"] += 1
+    state["pending"] = state["wait"] >= stage.patience
+    return state

@@ -69,6 +69,76 @@ def parameter_modalities(module: Any) -> dict[int, str]:
     return {id(p): name for name, encoder in encoders().items() for p in encoder.parameters()}
 
 
+def modality_module_names(module: Any) -> dict[str, str]:
+    """``{modality: qualified name of its encoder in module}`` (``""`` for the module itself); empty for a module
+    without the contract. Encoders that are not sub-modules of ``module`` are left out.
+
+    Example:
+        >>> class Two(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.towers = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2)})
+        ...     def modality_encoders(self):
+        ...         return {"a": self.towers["a"]}
+        >>> modality_module_names(Two()), modality_module_names(torch.nn.Linear(2, 2))
+        ({'a': 'towers.a'}, {})
+    """
+    encoders = getattr(module, "modality_encoders", None)
+    if not callable(encoders):
+        return {}
+    names = {id(m): name for name, m in module.named_modules()}
+    return {modality: names[id(encoder)] for modality, encoder in encoders().items() if id(encoder) in names}
+
+
+@runtime_checkable
+class ModelWrapper(Protocol):
+    """Protocol of an encoder that wraps a model of another library (timm, sentence-transformers, transformers), whose
+    block structure is the encoder's: :func:`~ml_optim_plugins.encoder_blocks` (what ``"text[-2:]"`` selects) reads the
+    wrapped model. :class:`~ml_optim_plugins.TimmImageEncoder` and
+    :class:`~ml_optim_plugins.SentenceTransformerTextEncoder` implement it.
+
+    Example:
+        >>> class Wrapper(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        ...     def wrapped_model(self):
+        ...         return self.net
+        >>> isinstance(Wrapper(), ModelWrapper), isinstance(torch.nn.Linear(2, 2), ModelWrapper)
+        (True, False)
+    """
+
+    def wrapped_model(self) -> nn.Module:
+        """Return the wrapped model, a sub-module of this one."""
+        ...
+
+
+@runtime_checkable
+class FeatureCacheAware(Protocol):
+    """Protocol of a module that encodes through a feature cache, which a callback may set (staged finetuning sets a
+    :class:`~ml_optim_plugins.FeatureCache` while an encoder is frozen). :class:`ModalityAwareMixin` implements it.
+
+    Attributes:
+        feature_cache: the cache to encode through, or ``None``.
+    """
+
+    feature_cache: Any
+
+    def encode_modality(self, name: str, inputs: Any, sample_ids: Tensor | None = None) -> Tensor:
+        """Return the features of one modality's batch, through ``feature_cache`` where it serves ``name``."""
+        ...
+
+
+def supports_feature_cache(module: Any) -> bool:
+    """Whether ``module`` implements :class:`FeatureCacheAware` (``encode_modality`` callable, ``feature_cache`` set).
+
+    Example:
+        >>> supports_feature_cache(torch.nn.Linear(2, 2))
+        False
+    """
+    return isinstance(module, FeatureCacheAware) and callable(module.encode_modality)
+
+
 def require_modality_aware(module: Any, user: str) -> ModalityAware:
     """Return ``module`` if it implements :class:`ModalityAware`, else raise a ``TypeError`` saying what to add.
 

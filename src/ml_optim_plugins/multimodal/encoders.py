@@ -93,6 +93,10 @@ class TimmImageEncoder(nn.Module):
         """Size of the pooled feature vector."""
         return int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
+    def wrapped_model(self) -> nn.Module:
+        """The timm model (:class:`~ml_optim_plugins.multimodal.contract.ModelWrapper`: staged finetuning takes its blocks from it)."""
+        return self.model
+
     @property
     def data_config(self) -> dict[str, Any]:
         """timm's preprocessing for this model (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``)."""
@@ -199,6 +203,11 @@ class SentenceTransformerTextEncoder(nn.Module):
         """Size of the sentence embedding."""
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         return int(get_dim())
+
+    def wrapped_model(self) -> nn.Module:
+        """The sentence-transformers model (:class:`~ml_optim_plugins.multimodal.contract.ModelWrapper`: staged finetuning takes its blocks
+        from it)."""
+        return self.model
 
     @property
     def max_seq_length(self) -> int:

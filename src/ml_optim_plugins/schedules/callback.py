@@ -46,7 +46,9 @@ class WarmupDecay(Callback):
 
     A param group that appears in the optimizer during training (an unfrozen encoder) is detected before the next
     step and gets its own warmup from that step (``late_warmup_steps``); :meth:`restart_warmup` does the same for a
-    group that was present but gated. Under ``fast_dev_run`` the schedule is not applied. Everything is in
+    group that was present but gated; with :meth:`set_base_lr`, :meth:`check_base_lr` and :meth:`drives` it makes
+    the :class:`~ml_optim_plugins.schedules.LRDriver` protocol that staged finetuning asks. Under ``fast_dev_run`` the
+    schedule is not applied. Everything is in
     :meth:`state_dict`, so a run resumed from any checkpoint follows the same LR trajectory as one that never stopped.
 
     Args:
