@@ -200,9 +200,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
                 for head in (FUSED, *self.encoders)
             }
         )
-        for name, module in [*self.train_losses.items(), *self.metrics.items()]:
-            if name.startswith("train"):
-                module.persistent(True)
+        for module in self._training_epoch_states():
+            module.persistent(True)
 
     def build_metrics(self) -> Mapping[str, Metric]:
         """The metrics of every head (fused and per modality) and split, by name: ``{split}/{name}`` and
@@ -346,9 +345,12 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         the epoch-end logging, but a checkpoint saved at an epoch's end holds them unreset: a run resumed from it
         would otherwise count the previous epoch into the next one."""
         if batch_idx == 0:
-            for name, module in [*self.train_losses.items(), *self.metrics.items()]:
-                if name.startswith("train"):
-                    module.reset()
+            for module in self._training_epoch_states():
+                module.reset()
+
+    def _training_epoch_states(self) -> list[nn.Module]:
+        """The training epoch's running losses and metric collections (kept in checkpoints, reset per epoch)."""
+        return [m for name, m in [*self.train_losses.items(), *self.metrics.items()] if name.startswith("train")]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         return self.step(batch, "train")
