@@ -13,8 +13,8 @@ from ml_optim_plugins import ogm_ge_coefficients, true_class_scores
 from tests.balancing.tiny import imbalanced_samples, tiny_classifier
 
 
-def test_ranks_agree_and_match_the_global_batch(run_python_subprocess, tmp_path):
-    run_python_subprocess(str(Path(__file__).with_name("ddp_balance.py")), str(tmp_path))
+def test_ranks_agree_and_match_the_global_batch(run_ddp_ranks, tmp_path):
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_balance.py")), str(tmp_path))
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["params"] == rank1["params"]
     assert rank0["first"] == rank1["first"]

@@ -99,8 +99,8 @@ def test_gradient_accumulation_equals_one_large_batch():
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_mmpareto_ranks_agree_and_match_one_process(run_python_subprocess, tmp_path):
-    run_python_subprocess(str(Path(__file__).with_name("ddp_balance.py")), str(tmp_path), "mmpareto", "1")
+def test_mmpareto_ranks_agree_and_match_one_process(run_ddp_ranks, tmp_path):
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_balance.py")), str(tmp_path), "mmpareto", "1")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["params"] == rank1["params"]
     everything = imbalanced_samples()
