@@ -32,7 +32,14 @@ from ml_optim_plugins import (
     SyntheticSentimentDataModule,
     TimmImageEncoder,
 )
-from tests.launcher import REPO, lightning_environment, run_ranks, subprocess_environment
+from tests.launcher import (
+    REPO,
+    PreloadedPython,
+    lightning_environment,
+    run_ranks,
+    start_fresh,
+    subprocess_environment,
+)
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
@@ -164,17 +171,29 @@ def run_cli_subprocess(run_python_subprocess):
     return run
 
 
+@pytest.fixture(scope="session")
+def preloaded_python():
+    """An interpreter that imported the library once, for the session: ``run_ddp_ranks`` forks its processes from it
+    (tests/preloaded_python.py says what a forked process does not share with a fresh one)."""
+    python = PreloadedPython()
+    yield python
+    python.close()
+
+
 @pytest.fixture
-def run_ddp_ranks(tmp_path: Path):
+def run_ddp_ranks(tmp_path: Path, request: pytest.FixtureRequest):
     """Run ``python ARGS`` in ``tmp_path`` as the ``processes`` (2) processes of a DDP run on this machine, started
     together with the variables Lightning's launcher would give them (:func:`run_ranks`: failing, unless
     ``check=False``, when one fails, hangs or dies by a signal, with every process's output); their results by rank.
 
-    The script's ``Trainer(devices=processes, strategy="ddp")`` finds ``LOCAL_RANK`` set and starts nothing: both
-    processes import at once, where Lightning's launcher starts the second only when the first reaches ``fit``."""
+    The script's ``Trainer(devices=processes, strategy="ddp")`` finds ``LOCAL_RANK`` set and starts nothing. The
+    processes are forked from ``preloaded_python``, so they import nothing (a fresh interpreter spends ~12 s of CPU
+    importing torch, Lightning and torchmetrics); ``ML_OPTIM_PLUGINS_TESTS_FRESH=1`` starts fresh interpreters instead."""
+    fresh = os.environ.get("ML_OPTIM_PLUGINS_TESTS_FRESH") == "1"
+    start = start_fresh if fresh else request.getfixturevalue("preloaded_python").start
 
     def run(*args: str, processes: int = 2, timeout: float = 300.0, check: bool = True) -> list:
-        return run_ranks(args, tmp_path, lightning_environment(processes), processes, timeout, check)
+        return run_ranks(args, tmp_path, lightning_environment(processes), processes, timeout, check, start)
 
     return run
 
