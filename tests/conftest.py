@@ -35,6 +35,7 @@ from ml_optim_plugins import (
 from tests.launcher import (
     REPO,
     PreloadedPython,
+    Start,
     lightning_environment,
     run_ranks,
     start_fresh,
@@ -181,19 +182,25 @@ def preloaded_python():
 
 
 @pytest.fixture
-def run_ddp_ranks(tmp_path: Path, request: pytest.FixtureRequest):
-    """Run ``python ARGS`` in ``tmp_path`` as the ``processes`` (2) processes of a DDP run on this machine, started
-    together with the variables Lightning's launcher would give them (:func:`run_ranks`: failing, unless
-    ``check=False``, when one fails, hangs or dies by a signal, with every process's output); their results by rank.
+def start_ddp_process(request: pytest.FixtureRequest) -> Start:
+    """How the DDP tests start a process: forked from ``preloaded_python``, so it imports nothing (a fresh interpreter
+    spends ~12 s of CPU importing torch, Lightning and torchmetrics); with ``ML_OPTIM_PLUGINS_TESTS_FRESH=1`` in the
+    environment, a fresh interpreter."""
+    if os.environ.get("ML_OPTIM_PLUGINS_TESTS_FRESH") == "1":
+        return start_fresh
+    return request.getfixturevalue("preloaded_python").start
 
-    The script's ``Trainer(devices=processes, strategy="ddp")`` finds ``LOCAL_RANK`` set and starts nothing. The
-    processes are forked from ``preloaded_python``, so they import nothing (a fresh interpreter spends ~12 s of CPU
-    importing torch, Lightning and torchmetrics); ``ML_OPTIM_PLUGINS_TESTS_FRESH=1`` starts fresh interpreters instead."""
-    fresh = os.environ.get("ML_OPTIM_PLUGINS_TESTS_FRESH") == "1"
-    start = start_fresh if fresh else request.getfixturevalue("preloaded_python").start
+
+@pytest.fixture
+def run_ddp_ranks(tmp_path: Path, start_ddp_process: Start):
+    """Run ``python ARGS`` in ``tmp_path`` as the ``processes`` (2) processes of a DDP run on this machine, started
+    together (``start_ddp_process``) with the variables Lightning's launcher would give them (:func:`run_ranks`:
+    failing, unless ``check=False``, when one fails, hangs or dies by a signal, with every process's output); their
+    results by rank. The script's ``Trainer(devices=processes, strategy="ddp")`` finds ``LOCAL_RANK`` set and starts
+    nothing."""
 
     def run(*args: str, processes: int = 2, timeout: float = 300.0, check: bool = True) -> list:
-        return run_ranks(args, tmp_path, lightning_environment(processes), processes, timeout, check, start)
+        return run_ranks(args, tmp_path, lightning_environment(processes), processes, timeout, check, start_ddp_process)
 
     return run
 

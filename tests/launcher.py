@@ -41,7 +41,7 @@ def subprocess_environment() -> dict[str, str]:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for the main process of a process group (Lightning's launcher does the same)."""
+    """A TCP port free on 127.0.0.1 now, for the main process of a process group (as Lightning's launcher picks one)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

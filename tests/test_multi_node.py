@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher import run_ranks
+from tests.launcher import run_ranks, start_fresh
 
 SCRIPT = str(Path(__file__).parent / "multimodal" / "ddp_evaluation.py")
 
@@ -34,8 +34,11 @@ def launcher_environment(launcher: str, node: int, port: int) -> dict[str, str]:
     ("launcher", "environment"),
     [("lightning", "LightningEnvironment"), ("torchrun", "TorchElasticEnvironment"), ("slurm", "SLURMEnvironment")],
 )
-def test_two_nodes_of_one_process_agree(tmp_path, launcher, environment):
-    run_ranks([SCRIPT, str(tmp_path), "metrics", "1", "2"], tmp_path, partial(launcher_environment, launcher))
+def test_two_nodes_of_one_process_agree(tmp_path, launcher, environment, start_ddp_process):
+    # torchrun's case in fresh interpreters, as a launcher starts them; the others as run_ddp_ranks starts its own.
+    start = start_fresh if launcher == "torchrun" else start_ddp_process
+    run_ranks([SCRIPT, str(tmp_path), "metrics", "1", "2"], tmp_path, partial(launcher_environment, launcher),
+              start=start)
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     for rank, result in enumerate((rank0, rank1)):
         assert result["environment"] == environment
