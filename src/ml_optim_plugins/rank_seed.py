@@ -11,6 +11,19 @@ import torch
 SEED_ENV = "PL_GLOBAL_SEED"  # set by Lightning's seed_everything in every process it starts
 
 
+def run_seed() -> int:
+    """The run's seed, the same in every process: the one ``seed_everything`` set (``PL_GLOBAL_SEED``), else torch's
+    initial seed (the same in every process that never seeded). Unlike ``torch.initial_seed()``, unchanged by
+    :func:`seed_per_rank`.
+
+    Example:
+        >>> _ = torch.manual_seed(3)
+        >>> run_seed() == int(os.environ.get("PL_GLOBAL_SEED", 3))
+        True
+    """
+    return int(os.environ.get(SEED_ENV, torch.initial_seed()))
+
+
 def seed_per_rank(global_rank: int, seed: int | None = None) -> int:
     """Seed torch's, numpy's and Python's global RNGs with ``seed + global_rank`` and return that seed.
 
@@ -44,7 +57,7 @@ def seed_per_rank(global_rank: int, seed: int | None = None) -> int:
     if global_rank < 0:
         raise ValueError(f"global_rank={global_rank} must be >= 0 (trainer.global_rank)")
     if seed is None:
-        seed = int(os.environ.get(SEED_ENV, torch.initial_seed()))
+        seed = run_seed()
     rank_seed = (int(seed) + global_rank) % 2**32
     torch.manual_seed(rank_seed)  # every device's generator too
     np.random.seed(rank_seed)

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ml_optim_plugins.hyperparameters import check_number
 from ml_optim_plugins.multimodal.contract import ModalityAwareMixin
+from ml_optim_plugins.multimodal.epoch_states import load_rank_states, save_rank_states
 from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
 from ml_optim_plugins.nonfinite import nonfinite_policy
 from ml_optim_plugins.rank_seed import seed_per_rank
@@ -347,6 +348,15 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         if batch_idx == 0:
             for module in self._training_epoch_states():
                 module.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under DDP, every process's running training states go into the checkpoint, so each rank of a run resumed
+        mid-epoch continues its own. Call ``super().on_save_checkpoint(checkpoint)`` when overriding."""
+        save_rank_states(self, self._training_epoch_states(), checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Each process takes back its own running training states. Call ``super()`` when overriding."""
+        load_rank_states(self, checkpoint)
 
     def _training_epoch_states(self) -> list[nn.Module]:
         """The training epoch's running losses and metric collections (kept in checkpoints, reset per epoch)."""
