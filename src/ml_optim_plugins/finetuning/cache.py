@@ -78,21 +78,15 @@ class _Store:
 class FeatureCache:
     """Features of frozen encoders by sample, computed on first sight and reused until the encoder is unfrozen.
 
-    While an encoder is frozen (``eval()``, no trainable parameter) and its inputs are deterministic (no random
-    augmentation), its output for a sample never changes, so a frozen-stage epoch after the first only needs the
-    trainable part of the model. :class:`~ml_optim_plugins.StagedFinetuning` (``cache_features=True``) creates the
-    cache, activates it per modality while that encoder is frozen and invalidates it when the encoder is unfrozen;
-    modules inheriting :class:`~ml_optim_plugins.ModalityAwareMixin` encode through it
-    (:meth:`~ml_optim_plugins.ModalityAwareMixin.encode_modality`) given each batch's sample ids.
-
-    Features are kept per split (``train``, ``val``, ...) and modality, as float32 rows indexed by sample id: in
-    memory, or in memory-mapped ``.npy`` files under ``directory`` for data sets larger than RAM (each process of a
-    DDP run needs its own directory). A directory's features are reused by a later run only if the encoder's
-    fingerprint (a hash of its weights and buffers) is the same; rows are keyed by sample id, so give each data set
-    its own directory (verification catches a mismatch on the first cached batch).
+    While an encoder is frozen and its inputs are deterministic, its output for a sample never changes.
+    :class:`~ml_optim_plugins.StagedFinetuning` (``cache_features=True``) creates the cache, activates it per modality
+    while that encoder is frozen and invalidates it when the encoder is unfrozen; modules encode through it with
+    :meth:`~ml_optim_plugins.ModalityAwareMixin.encode_modality`. Features are float32 rows by split, modality and
+    sample id, in memory or in memory-mapped files reused only for the same encoder weights (docs/finetuning.md).
 
     Args:
-        directory: where to keep the features on disk; ``None``: in memory.
+        directory: where to keep the features on disk (one per data set, and per process under DDP); ``None``: in
+            memory.
         verify: on the first batch served (entirely or partly) from the cache, per split and modality, recompute the
             cached features and raise if they differ: it catches random augmentation, an encoder that is not really
             frozen, and files in ``directory`` left by a run on other data.
