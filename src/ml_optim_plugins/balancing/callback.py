@@ -15,15 +15,16 @@ from torch.optim import Optimizer
 from ml_optim_plugins.balancing.agm import agm_coefficients, agm_ratios, mono_modal_losses, update_running
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
 from ml_optim_plugins.balancing.ogm_ge import modulate_with_noise, ogm_ge_coefficients, true_class_scores
-from ml_optim_plugins.evaluation import log_to_loggers, mean_over_ranks
 from ml_optim_plugins.hyperparameters import check_integer, check_number, check_optional_number
 from ml_optim_plugins.lightning_internals import optimizer_unscales_in_step
+from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.multimodal.contract import (
     MODALITY_SCORINGS,
     recorded_modality_outputs,
     require_modality_aware,
 )
 from ml_optim_plugins.nonfinite import nonfinite_policy, scaler_skips_nonfinite
+from ml_optim_plugins.rank_mean import mean_over_ranks
 
 METHODS = ("ogm_ge", "ogm", "agm", "mmpareto")
 PARAMETER_KINDS = ("all", "weights", "conv")
