@@ -32,6 +32,7 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"balancing", "diagnostics", "finetuning", "gradcheck", "regularization", "schedules"}),
         frozenset({"base", "multimodal.contract"}),
     ),
+    "functional": (frozenset({"functional"}), frozenset({"methods"})),
     "prediction": (frozenset({"prediction"}), frozenset({"base", "model", "data"})),
     "command-line support": (frozenset({"checkpoints", "cli_errors", "encoder_overrides"}), frozenset({"base"})),
     "recipe CLI": (
@@ -39,7 +40,10 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"base", "model", "data", "prediction", "command-line support"}),
     ),
     "baselines": (frozenset({"baselines"}), frozenset({"base", "model", "data", "recipe CLI"})),
-    "public API": (frozenset({ROOT}), frozenset({"base", "model", "data", "methods", "prediction", "baselines"})),
+    "public API": (
+        frozenset({ROOT}),
+        frozenset({"base", "model", "data", "methods", "functional", "prediction", "baselines"}),
+    ),
     "console entry": (
         frozenset({"cli"}),
         frozenset({"base", "model", "data", "methods", "prediction", "command-line support", "recipe CLI", "baselines",

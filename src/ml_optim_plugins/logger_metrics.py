@@ -14,6 +14,18 @@ def log_to_loggers(trainer: Any, metrics: dict[str, float | Tensor]) -> None:
 
     For values a callback produces every N steps: logged with ``LightningModule.log`` from a callback hook, Lightning
     would repeat the last value in every later row until the next one.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning.pytorch.loggers import Logger
+        >>> class Printer(Logger):
+        ...     name, version = "printer", 0
+        ...     def log_metrics(self, metrics, step=None):
+        ...         print(step, metrics)
+        ...     def log_hyperparams(self, params):
+        ...         pass
+        >>> log_to_loggers(Trainer(logger=Printer(), enable_progress_bar=False), {"balance/image": Tensor([0.5])})
+        0 {'balance/image': 0.5}
     """
     values = {key: float(value) for key, value in metrics.items()}
     step = logging_step(trainer)

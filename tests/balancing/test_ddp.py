@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_optim_plugins import ogm_ge_coefficients, true_class_scores
+from ml_optim_plugins.functional import ogm_ge_coefficients, true_class_scores
 from tests.balancing.tiny import imbalanced_samples, tiny_classifier
 
 
