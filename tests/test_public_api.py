@@ -155,3 +155,30 @@ def test_functional_names_are_the_objects_of_their_home_modules(name):
 def test_doctests_of_the_new_modules_run(module):
     results = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0 and results.failed == 0, results
+
+
+def page_table_names(page: Path, header: str) -> set[str]:
+    """The backquoted names in the second column of the table of ``page`` whose header row is ``header``."""
+    lines = page.read_text().splitlines()
+    rows = []
+    for line in lines[lines.index(header) + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.strip("|").split("|")[1])
+    return {name for row in rows for name in re.findall(r"`([^`]+)`", row)}
+
+
+def test_the_index_page_lists_the_public_api():
+    page = REPO / "docs" / "index.md"
+    assert page_table_names(page, "| group | names |") == set(ml_optim_plugins.__all__) - {"__version__", "functional"}
+    assert page_table_names(page, "| functional | names |") == set(functional.__all__)
+
+
+def test_the_index_page_functional_example_prints_what_it_says(capsys):
+    page = (REPO / "docs" / "index.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "ml_optim_plugins.functional" in b]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        exec(compile(block, "docs/index.md", "exec"), {})
+    (shown,) = re.findall(r"# (\{.*\})", block)
+    assert capsys.readouterr().out.strip() == shown
