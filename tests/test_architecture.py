@@ -22,8 +22,8 @@ ROOT = "__init__"  # the unit of ml_optim_plugins/__init__.py, the public API
 # subpackage of ml_optim_plugins; "may import" names layers, or one module of a unit ("multimodal.contract").
 LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "base": (
-        frozenset({"evaluation", "hyperparameters", "lightning_internals", "names", "nonfinite", "process_group",
-                   "rank_seed", "resume", "text_models"}),
+        frozenset({"batch_slicing", "hyperparameters", "lightning_internals", "logger_metrics", "module_copy", "names",
+                   "nonfinite", "process_group", "rank_mean", "rank_seed", "resume", "step_loss", "text_models"}),
         frozenset({"base"}),
     ),
     "model": (frozenset({"multimodal"}), frozenset({"base"})),
@@ -32,6 +32,7 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"balancing", "diagnostics", "finetuning", "gradcheck", "regularization", "schedules"}),
         frozenset({"base", "multimodal.contract"}),
     ),
+    "functional": (frozenset({"functional"}), frozenset({"methods"})),
     "prediction": (frozenset({"prediction"}), frozenset({"base", "model", "data"})),
     "command-line support": (frozenset({"checkpoints", "cli_errors", "encoder_overrides"}), frozenset({"base"})),
     "recipe CLI": (
@@ -39,7 +40,10 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"base", "model", "data", "prediction", "command-line support"}),
     ),
     "baselines": (frozenset({"baselines"}), frozenset({"base", "model", "data", "recipe CLI"})),
-    "public API": (frozenset({ROOT}), frozenset({"base", "model", "data", "methods", "prediction", "baselines"})),
+    "public API": (
+        frozenset({ROOT}),
+        frozenset({"base", "model", "data", "methods", "functional", "prediction", "baselines"}),
+    ),
     "console entry": (
         frozenset({"cli"}),
         frozenset({"base", "model", "data", "methods", "prediction", "command-line support", "recipe CLI", "baselines",
@@ -293,9 +297,9 @@ CASES = {
         "balancing (methods) may not import cli (console entry)",
     ),
     "a sibling's private module": (
-        {"gradcheck/core.py": "from ml_optim_plugins.evaluation._batches import first\n"},
-        ("ml_optim_plugins.gradcheck.core", "ml_optim_plugins.evaluation._batches"),
-        "imports the private _batches of evaluation",
+        {"gradcheck/core.py": "from ml_optim_plugins.batch_slicing._sizes import first\n"},
+        ("ml_optim_plugins.gradcheck.core", "ml_optim_plugins.batch_slicing._sizes"),
+        "imports the private _sizes of batch_slicing",
     ),
     "a name a method does not export": (
         {"finetuning/callback.py": "from ml_optim_plugins.schedules.param_groups import split_groups\n"},

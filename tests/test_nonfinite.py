@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from ml_optim_plugins import GradientMonitor, ModalityBalancer, nonfinite_policy
+from ml_optim_plugins import GradientMonitor, ModalityBalancer
+from ml_optim_plugins.nonfinite import nonfinite_policy
 from tests.balancing.tiny import loader, tiny_classifier
 from tests.conftest import WeightWatch
 

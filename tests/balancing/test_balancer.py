@@ -9,8 +9,10 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from ml_optim_plugins import (
-    ConcatFusion, MetricHistory, ModalityBalancer, MultimodalClassifier, ogm_ge_coefficients, true_class_scores,
+    ConcatFusion, ModalityBalancer, MultimodalClassifier,
 )
+from ml_optim_plugins.diagnostics import MetricHistory
+from ml_optim_plugins.functional import ogm_ge_coefficients, true_class_scores
 from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
 
 

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from ml_optim_plugins import (
     GatedFusion,
     ModalityBalancer,
-    mmpareto_combine,
-    mmpareto_weights,
-    mmpareto_weights_from_dots,
 )
+from ml_optim_plugins.balancing import mmpareto_weights_from_dots
+from ml_optim_plugins.functional import mmpareto_combine, mmpareto_weights
 from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
 
 

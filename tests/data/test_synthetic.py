@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ml_optim_plugins import SyntheticSentimentDataModule, SyntheticSentimentDataset
+from ml_optim_plugins import SyntheticSentimentDataModule
+from ml_optim_plugins.data import SyntheticSentimentDataset
 from ml_optim_plugins.data.synthetic import _NEGATIVE, _NEUTRAL, _POSITIVE, make_text
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ml_optim_plugins import FeatureCache, LinearProbeFinetune
+from ml_optim_plugins import LinearProbeFinetune
+from ml_optim_plugins.finetuning import FeatureCache
 from tests.finetuning.tiny import loader, samples, tiny_staged_model, trainer
 
 
@@ -129,7 +130,7 @@ def test_disk_rows_from_other_data_are_caught_by_verification(encoder, tmp_path)
 
 
 def test_fingerprints_cover_batchnorm_buffers():
-    from ml_optim_plugins import module_fingerprint
+    from ml_optim_plugins.finetuning import module_fingerprint
     from tests.finetuning.tiny import TinyCNN
 
     torch.manual_seed(0)

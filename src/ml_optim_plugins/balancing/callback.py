@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from ml_optim_plugins.balancing.method import BalancingMethod, Stats
 from ml_optim_plugins.balancing.mmpareto_method import MMPareto
 from ml_optim_plugins.balancing.modulation import AGM, OGM, OGMGE
-from ml_optim_plugins.evaluation import log_to_loggers
+from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.hyperparameters import check_integer, check_number, check_optional_number
 from ml_optim_plugins.multimodal.contract import MODALITY_SCORINGS, require_modality_aware
 

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from ml_optim_plugins.balancing.method import BalancingMethod, Stats, refuse_nonfinite_step
 from ml_optim_plugins.balancing.mmpareto import mmpareto_combine, mmpareto_weights_from_dots
-from ml_optim_plugins.evaluation import mean_over_ranks
+from ml_optim_plugins.rank_mean import mean_over_ranks
 from ml_optim_plugins.lightning_internals import optimizer_unscales_in_step
 
 

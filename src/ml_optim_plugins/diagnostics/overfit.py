@@ -14,8 +14,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from ml_optim_plugins.evaluation import detached_copy, fixed_randomness, training_step_loss
 from ml_optim_plugins.hyperparameters import check_number, check_optional_number
+from ml_optim_plugins.module_copy import detached_copy
+from ml_optim_plugins.step_loss import fixed_randomness, training_step_loss
 
 
 def _first_optimizer(configured: Any) -> Optimizer:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ml_optim_plugins.evaluation import select_samples
+from ml_optim_plugins.batch_slicing import select_samples
 
 
 def module_fingerprint(module: nn.Module) -> str:

@@ -14,7 +14,6 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ml_optim_plugins.evaluation import log_to_loggers
 from ml_optim_plugins.finetuning.cache import FeatureCache
 from ml_optim_plugins.finetuning.ddp import accumulating, average_gradients, check_strategy, ddp_model
 from ml_optim_plugins.finetuning.freeze import freeze, frozen_modules, keep_in_eval, make_trainable
@@ -22,6 +21,7 @@ from ml_optim_plugins.finetuning.lr_gating import GatedParamGroups
 from ml_optim_plugins.finetuning.plan import FinetuningPlan, check_stages, managed_selectors
 from ml_optim_plugins.finetuning.stage import Stage, fresh_plateau, update_plateau
 from ml_optim_plugins.lightning_internals import val_dataloader_defined
+from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.multimodal.contract import modality_module_names, supports_feature_cache
 from ml_optim_plugins.schedules import lr_driver, place_before_lr_drivers
 

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ml_optim_plugins.evaluation import mean_over_ranks
+from ml_optim_plugins.rank_mean import mean_over_ranks
 
 # Strategies that shard parameters across processes (staging needs whole parameters on every rank).
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)

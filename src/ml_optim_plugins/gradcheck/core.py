@@ -11,18 +11,13 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from ml_optim_plugins.evaluation import (
-    LossFn,
-    detached_copy,
-    fixed_randomness,
-    module_device,
-    slice_batch,
-    training_step_loss,
-)
+from ml_optim_plugins.batch_slicing import slice_batch
 from ml_optim_plugins.gradcheck.report import FAILED, NONDIFFERENTIABLE, PASSED, GradCheckReport, TensorCheck
 from ml_optim_plugins.hyperparameters import check_number
+from ml_optim_plugins.module_copy import detached_copy, module_device
 from ml_optim_plugins.multimodal.contract import parameter_modalities
 from ml_optim_plugins.names import name_matches
+from ml_optim_plugins.step_loss import LossFn, fixed_randomness, training_step_loss
 
 _ROUNDING = 10 * torch.finfo(torch.float64).eps  # relative rounding error of one float64 loss evaluation, with margin
 

@@ -12,8 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ml_optim_plugins.evaluation import log_to_loggers
 from ml_optim_plugins.hyperparameters import check_integer, check_number
+from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.multimodal.contract import parameter_modalities
 from ml_optim_plugins.nonfinite import ON_NONFINITE, scaler_skips_nonfinite
 
