@@ -49,7 +49,7 @@ class ExactResume(Callback):
     The run seed is ``torch.initial_seed()`` at fit start; seeding each batch from its own coordinates makes its
     random draws (dropout and Gaussian-dropout noise, anything from the global torch / NumPy / Python generators)
     independent of what ran before the checkpoint. With a resumable loader (the data modules'
-    ``StatefulDataLoader`` over :class:`~ml_optim_plugins.EpochShuffle`) a run resumed from any checkpoint, mid-epoch
+    ``StatefulDataLoader`` over :class:`~ml_optim_plugins.data.EpochShuffle`) a run resumed from any checkpoint, mid-epoch
     included, repeats the uninterrupted one; random augmentation inside a dataset does not. docs/recipes.md (Resume)
     says what is exact and why.
 

@@ -79,7 +79,7 @@ class ModalityBalancer(Callback):
         scores: how per-modality predictions are obtained (``"auto"``, ``"head_split"``, ``"masking"``,
             ``"aux_heads"``; see :meth:`~ml_optim_plugins.ModalityAwareMixin.set_modality_scoring`); ``None`` leaves
             the module's choice.
-        max_gap: AGM: the cap on ``t_u - r_u`` before ``alpha`` (see :func:`~ml_optim_plugins.agm_coefficients`);
+        max_gap: AGM: the cap on ``t_u - r_u`` before ``alpha`` (see :func:`~ml_optim_plugins.functional.agm_coefficients`);
             ``None``: no cap.
 
     Raises:
@@ -90,7 +90,7 @@ class ModalityBalancer(Callback):
         RuntimeError: at the first training step that recorded no per-modality predictions (or, for ``"mmpareto"``,
             no unimodal losses).
         FloatingPointError: at a step with non-finite scores or gradients, unless the run's policy skips it
-            (``GradientMonitor(on_nonfinite="skip_step")``, see :func:`~ml_optim_plugins.nonfinite_policy`) or
+            (``GradientMonitor(on_nonfinite="skip_step")``, see :func:`~ml_optim_plugins.nonfinite.nonfinite_policy`) or
             float16 AMP's scaler does; such a step is never rescaled.
 
     Example::

@@ -102,7 +102,7 @@ def refuse_nonfinite_step(trainer: pl.Trainer, what: str) -> None:
     """Leave a step with non-finite ``what`` unbalanced, and stop the run unless its policy skips such steps.
 
     Returns when float16 AMP's scaler skips the step itself or the run's policy
-    (:func:`~ml_optim_plugins.nonfinite_policy`) is ``"skip_step"`` or ``"warn"``.
+    (:func:`~ml_optim_plugins.nonfinite.nonfinite_policy`) is ``"skip_step"`` or ``"warn"``.
 
     Raises:
         FloatingPointError: under the default policy ``"raise"``, naming ``what`` and the step.

@@ -19,7 +19,8 @@ from ml_optim_plugins.lightning_internals import optimizer_unscales_in_step
 class MMPareto(BalancingMethod):
     """MMPareto: before each backward pass, each encoder's gradient of its own unimodal loss; at the optimizer step,
     the multimodal part is the rest of the encoder's gradient, and the two are combined per encoder
-    (:func:`~ml_optim_plugins.mmpareto_weights_from_dots`) and per tensor (:func:`~ml_optim_plugins.mmpareto_combine`).
+    (:func:`~ml_optim_plugins.balancing.mmpareto_weights_from_dots`) and per tensor
+    (:func:`~ml_optim_plugins.functional.mmpareto_combine`).
 
     Needs a module with ``aux_loss_weight > 0`` that records ``modality_losses = {modality: loss}`` in its training
     step (``MultimodalClassifier(aux_loss_weight=1.0)``). Heads and fusion keep their plain gradients.

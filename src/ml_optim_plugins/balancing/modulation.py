@@ -135,8 +135,8 @@ class ScoreModulation(BalancingMethod):
 
 
 class OGM(ScoreModulation):
-    """On-the-fly gradient modulation: :func:`~ml_optim_plugins.ogm_ge_coefficients` of the summed true-class
-    probabilities (:func:`~ml_optim_plugins.true_class_scores`); the weakest modality keeps 1.
+    """On-the-fly gradient modulation: :func:`~ml_optim_plugins.functional.ogm_ge_coefficients` of the summed true-class
+    probabilities (:func:`~ml_optim_plugins.functional.true_class_scores`); the weakest modality keeps 1.
 
     Args:
         alpha: modulation strength.
@@ -180,8 +180,8 @@ class OGMGE(OGM):
 
 
 class AGM(ScoreModulation):
-    """Adaptive gradient modulation: :func:`~ml_optim_plugins.agm_coefficients` of each modality's mean cross-entropy
-    (:func:`~ml_optim_plugins.mono_modal_losses`) against the running means of those losses, which advance once per
+    """Adaptive gradient modulation: :func:`~ml_optim_plugins.functional.agm_coefficients` of each modality's mean cross-entropy
+    (:func:`~ml_optim_plugins.functional.mono_modal_losses`) against the running means of those losses, which advance once per
     batch and are saved in :meth:`state_dict`.
 
     Args:

@@ -78,7 +78,7 @@ class MultimodalDataModule(pl.LightningDataModule):
     ``predict`` names new, unlabelled inputs (:func:`~ml_optim_plugins.data.predict_inputs.read_predict_inputs`: a
     CSV / TSV / JSONL manifest of image path, text and optionally id; an MVSA root; or a folder of ``<id>.jpg`` +
     ``<id>.txt``). ``setup("predict")`` reads and checks them as training rows are checked (a bad row raises
-    :class:`~ml_optim_plugins.ManifestError` with file and line, or is skipped and counted with
+    :class:`~ml_optim_plugins.data.ManifestError` with file and line, or is skipped and counted with
     ``on_bad_rows="skip"``), and ``predict_dataloader`` serves them in input order, prepared like the evaluation
     splits (:attr:`image_config`).
 
@@ -151,7 +151,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         return image_transform(self.image_config, train=False)
 
     def handle_bad_rows(self, problems: Sequence[tuple[str, int, str]], attribute: str) -> list[tuple[str, int, str]]:
-        """Raise :class:`~ml_optim_plugins.ManifestError` listing ``problems`` (``on_bad_rows="raise"``), or warn with
+        """Raise :class:`~ml_optim_plugins.data.ManifestError` listing ``problems`` (``on_bad_rows="raise"``), or warn with
         their count and the first and return them, to be kept in ``attribute`` (``"skip"``)."""
         problems = list(problems)
         if problems and self.on_bad_rows == "raise":

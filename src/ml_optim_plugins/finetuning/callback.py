@@ -43,7 +43,7 @@ class StagedFinetuning(Callback):
         modules: selectors of the managed modules (modality names, module names or globs, with optional block
             selection); default: the contract's encoders.
         cache_features: while an encoder is entirely frozen, compute its features once per sample
-            (:class:`~ml_optim_plugins.FeatureCache`); needs ``encode_modality``
+            (:class:`~ml_optim_plugins.finetuning.FeatureCache`); needs ``encode_modality``
             (:class:`~ml_optim_plugins.ModalityAwareMixin`), batches with sample ids and deterministic inputs.
         cache_dir: keep the cache in memory-mapped files under this directory (one subdirectory per process).
         verify_cache: recompute the first fully cached batch of each split and modality and raise if it differs.

@@ -47,7 +47,7 @@ def gradual_unfreezing_stages(
     train_bn: bool = True,
 ) -> list[Stage]:
     """The stages of gradual unfreezing: ``probe``, then ``top1``, ``top2``, ...: in stage ``k`` the top ``k`` blocks
-    (:func:`~ml_optim_plugins.encoder_blocks`) of each of ``encoders`` train, block ``d`` below the top at LR
+    (:func:`~ml_optim_plugins.finetuning.encoder_blocks`) of each of ``encoders`` train, block ``d`` below the top at LR
     multiplier ``factor ** -d``.
 
     Args:

@@ -51,7 +51,7 @@ class GradientMonitor(Callback):
     In ``on_before_optimizer_step`` (the gradients the optimizer will use: after accumulation, DDP averaging and AMP
     unscaling) it checks every step that the loss and the gradients are finite and, on NaN/Inf, names the modules and
     raises ``FloatingPointError``, skips the step (weights unchanged, counted in ``grad_health/skipped_steps``) or
-    warns; its ``on_nonfinite`` is the run's :func:`~ml_optim_plugins.nonfinite_policy`, and DDP ranks agree on the
+    warns; its ``on_nonfinite`` is the run's :func:`~ml_optim_plugins.nonfinite.nonfinite_policy`, and DDP ranks agree on the
     verdict. Every ``log_every_n_steps`` it logs ``grad_norm/{module}``, ``grad_norm/modality/{name}`` (plus
     ``shared``), ``grad_norm/total`` and ``update_ratio/{module}``, and warns once per module whose norm is below
     ``vanishing`` or above ``exploding``. docs/gradcheck.md has the details.

@@ -100,7 +100,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         ValueError: an argument that does not fit the encoders, the classes or the fusion (the message names it); at
             ``configure_optimizers``, learning rates that are not finite and >= 0, or all 0.
         TypeError: ``fusion`` is not a :class:`Fusion`.
-        FloatingPointError: a non-finite loss, unless the run's :func:`~ml_optim_plugins.nonfinite_policy` skips or
+        FloatingPointError: a non-finite loss, unless the run's :func:`~ml_optim_plugins.nonfinite.nonfinite_policy` skips or
             warns about a training step (docs/gradcheck.md).
 
     Example:
@@ -273,7 +273,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     def _loggable(self, objective: Tensor, split: str) -> bool:
         """Whether the step's values are logged: ``False`` on every DDP rank at once (the training loss is logged with
         ``sync_dist``, a collective) for a non-finite training objective that the run's
-        :func:`~ml_optim_plugins.nonfinite_policy` skips or warns about; any other non-finite objective raises."""
+        :func:`~ml_optim_plugins.nonfinite.nonfinite_policy` skips or warns about; any other non-finite objective raises."""
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer
@@ -324,7 +324,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         self.log_dict(collection, on_step=False, on_epoch=True, prog_bar=head == FUSED and split != "train")
 
     def setup(self, stage: str) -> None:
-        """Under DDP, before ``fit``: :func:`~ml_optim_plugins.seed_per_rank`, so each rank draws its own dropout
+        """Under DDP, before ``fit``: :func:`~ml_optim_plugins.rank_seed.seed_per_rank`, so each rank draws its own dropout
         noise (docs/compatibility.md). Call ``super().setup(stage)`` when overriding."""
         if stage == "fit" and self.trainer.world_size > 1:
             seed_per_rank(self.trainer.global_rank)

@@ -93,7 +93,7 @@ def modality_module_names(module: Any) -> dict[str, str]:
 @runtime_checkable
 class ModelWrapper(Protocol):
     """Protocol of an encoder that wraps a model of another library (timm, sentence-transformers, transformers), whose
-    block structure is the encoder's: :func:`~ml_optim_plugins.encoder_blocks` (what ``"text[-2:]"`` selects) reads the
+    block structure is the encoder's: :func:`~ml_optim_plugins.finetuning.encoder_blocks` (what ``"text[-2:]"`` selects) reads the
     wrapped model. :class:`~ml_optim_plugins.TimmImageEncoder` and
     :class:`~ml_optim_plugins.SentenceTransformerTextEncoder` implement it.
 
@@ -116,7 +116,7 @@ class ModelWrapper(Protocol):
 @runtime_checkable
 class FeatureCacheAware(Protocol):
     """Protocol of a module that encodes through a feature cache, which a callback may set (staged finetuning sets a
-    :class:`~ml_optim_plugins.FeatureCache` while an encoder is frozen). :class:`ModalityAwareMixin` implements it.
+    :class:`~ml_optim_plugins.finetuning.FeatureCache` while an encoder is frozen). :class:`ModalityAwareMixin` implements it.
 
     Attributes:
         feature_cache: the cache to encode through, or ``None``.
@@ -259,7 +259,7 @@ class ModalityAwareMixin:
         super().__init__(*args, **kwargs)
         self.modality_logits: dict[str, Tensor] = {}
         self.modality_targets: Tensor | None = None
-        #: A :class:`~ml_optim_plugins.FeatureCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or ``None``.
+        #: A :class:`~ml_optim_plugins.finetuning.FeatureCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or ``None``.
         self.feature_cache: Any = None
         #: Unimodal losses of the last training step, with their graphs (for MMPareto), if the module has them.
         self.modality_losses: dict[str, Tensor] = {}
