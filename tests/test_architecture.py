@@ -52,9 +52,7 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 # docs/architecture.md, the seams table: (method, the method it drives through that one's __all__).
 SEAMS = frozenset({("finetuning", "schedules")})
-# The one module that may import private names or modules of Lightning and torch.
-PRIVATE_API_ADAPTER = f"{PACKAGE}.lightning_internals"
-THIRD_PARTY_PRIVATE = ("lightning", "torch")
+# Private Lightning / torch names (imported or accessed) outside lightning_internals.py: tests/test_lightning_internals.py.
 
 # Imports that break the rules today: (importing module, imported module) -> why, and what removes it. Each is in
 # another part of issue 18's refactor than the layers; an entry that no longer occurs fails
@@ -142,14 +140,7 @@ def is_private(name: str) -> bool:
 
 def problems_of(edge: Import, modules: Mapping[str, Path]) -> list[str]:
     """What ``edge`` breaks of docs/architecture.md's rules (nothing for an import inside one unit)."""
-    target_root = edge.target.split(".")[0]
-    if target_root in THIRD_PARTY_PRIVATE:
-        private = [part for part in edge.target.split(".") if is_private(part)]
-        private += [name for name in edge.names if is_private(name)]
-        if private and edge.source != PRIVATE_API_ADAPTER:
-            return [f"imports the private {', '.join(private)} of {edge.target}; only {PRIVATE_API_ADAPTER} may"]
-        return []
-    if target_root != PACKAGE:
+    if edge.target.split(".")[0] != PACKAGE:
         return []
     source, target = unit_of(edge.source), unit_of(edge.target)
     if source == target:
@@ -305,11 +296,6 @@ CASES = {
         {"finetuning/callback.py": "from ml_optim_plugins.schedules.param_groups import split_groups\n"},
         ("ml_optim_plugins.finetuning.callback", "ml_optim_plugins.schedules.param_groups"),
         "takes split_groups from ml_optim_plugins.schedules.param_groups, which schedules does not export",
-    ),
-    "private torch outside the adapter": (
-        {"regularization/replace.py": "from torch.nn.modules.dropout import _DropoutNd\n"},
-        ("ml_optim_plugins.regularization.replace", "torch.nn.modules.dropout"),
-        "imports the private _DropoutNd of torch.nn.modules.dropout",
     ),
 }
 
