@@ -47,6 +47,7 @@ from ml_optim_plugins.diagnostics import (
     hessian_top_eigenvalue,
 )
 from ml_optim_plugins.finetuning import (
+    ActivationCache,
     FeatureCache,
     GradualUnfreezing,
     LinearProbeFinetune,
@@ -72,6 +73,7 @@ from ml_optim_plugins.multimodal import (
     ModalityAwareMixin,
     MultimodalClassifier,
     SentenceTransformerTextEncoder,
+    SplittableEncoder,
     SumFusion,
     TimmImageEncoder,
     packaged_minilm_path,
@@ -127,6 +129,7 @@ __all__ = [
     "mmpareto_combine",
     "mmpareto_weights",
     "mmpareto_weights_from_dots",
+    "ActivationCache",
     "FeatureCache",
     "GradualUnfreezing",
     "LinearProbeFinetune",
@@ -168,6 +171,7 @@ __all__ = [
     "RunReport",
     "PenaltyCallback",
     "SentenceTransformerTextEncoder",
+    "SplittableEncoder",
     "SumFusion",
     "SyntheticSentimentDataModule",
     "SyntheticSentimentDataset",
