@@ -98,6 +98,8 @@ class SampleStore:
     """
 
     _STEMS = ("values", "start", "length", "filled")
+    #: Written into a cache directory's index with each fingerprint: files of another layout are never reopened.
+    FORMAT = "rows-v2"
 
     def __init__(self, dim: int, path: Path | None = None, capacity: int = 1, rows: int = 1) -> None:
         self.path = path
@@ -196,6 +198,7 @@ class SampleCache:
     def _serve(self, modality: str, fingerprint: str | None) -> None:
         """Serve ``modality``; with a directory, delete the files left by a run whose fingerprint differs."""
         if self.directory is not None and fingerprint is not None:
+            fingerprint = f"{SampleStore.FORMAT}/{fingerprint}"
             index = self._index()
             if index.get(modality) != fingerprint:
                 self._remove_files(modality)
