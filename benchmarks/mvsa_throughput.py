@@ -121,7 +121,8 @@ def main() -> None:
         "text encoder forward, no gradient (frozen)": forward(text, batch["text"]),
         "text encoder forward + backward, all layers": train(text, batch["text"], None),
         "text encoder forward + backward, top 2 layers": train(text, batch["text"], "[-2:]"),
-        "image encoder forward + backward, top 2 blocks, lower ones cached": train_cached(image, batch["image"], "[-2:]"),
+        "image encoder forward + backward, top 2 blocks, lower ones cached":
+            train_cached(image, batch["image"], "[-2:]"),
         "text encoder forward + backward, top 2 layers, lower ones cached": train_cached(text, batch["text"], "[-2:]"),
         "fusion head forward + backward on cached features": fusion_step,
     }

@@ -35,13 +35,7 @@ def split_point(encoder: nn.Module, trainable: Collection[int]) -> int:
         >>> block, type(encoder.split_blocks()[block]).__name__
         (7, 'BasicBlock')
     """
-    if not isinstance(encoder, SplittableEncoder):
-        raise TypeError(
-            f"{type(encoder).__name__} cannot be split into frozen lower and trainable upper blocks: implement "
-            "split_blocks(), forward_lower(inputs, block) and forward_upper(hidden, block) "
-            "(ml_optim_plugins.multimodal.contract.SplittableEncoder), or turn cache_activations off"
-        )
-    blocks = list(encoder.split_blocks())
+    blocks = list(_splittable(encoder).split_blocks())
     covered = {id(p) for block in blocks for p in block.parameters()}
     left_out = [name for name, p in encoder.named_parameters() if id(p) not in covered]
     if left_out:
@@ -50,6 +44,16 @@ def split_point(encoder: nn.Module, trainable: Collection[int]) -> int:
     trainable = set(trainable)
     return next((i for i, block in enumerate(blocks) if any(id(p) in trainable for p in block.parameters())),
                 len(blocks))
+
+
+def _splittable(encoder: nn.Module) -> SplittableEncoder:
+    if not isinstance(encoder, SplittableEncoder):
+        raise TypeError(
+            f"{type(encoder).__name__} cannot be split into frozen lower and trainable upper blocks: implement "
+            "split_blocks(), forward_lower(inputs, block) and forward_upper(hidden, block) "
+            "(ml_optim_plugins.multimodal.contract.SplittableEncoder), or turn cache_activations off"
+        )
+    return encoder
 
 
 def activation_splits(encoders: Mapping[str, nn.Module], trainable: Collection[int]) -> dict[str, int]:
@@ -197,10 +201,7 @@ class ActivationCache(SampleCache):
         """
         if self._blocks.get(modality) == block:
             return
-        blocks = list(encoder.split_blocks()) if isinstance(encoder, SplittableEncoder) else None
-        if blocks is None:
-            split_point(encoder, ())  # raises the error that says what to implement
-            return
+        blocks = list(_splittable(encoder).split_blocks())
         if not 0 < block < len(blocks):
             raise ValueError(f"ActivationCache: block {block} of the {modality!r} encoder; expected 1 to "
                              f"{len(blocks) - 1} (it has {len(blocks)} blocks: the cache serves the blocks below it)")
@@ -297,8 +298,8 @@ class ActivationCache(SampleCache):
             names = {id(m): name for name, m in encoder.named_modules()}
             found = [f"{names.get(id(m), '?')} ({type(m).__name__})" for m in training[:3]]
             raise RuntimeError(
-                f"ActivationCache: the {modality!r} encoder's frozen blocks below block {block} must be in eval() to be "
-                f"cached, but {found} are in train mode (dropout and BatchNorm would change their output). "
+                f"ActivationCache: the {modality!r} encoder's frozen blocks below block {block} must be in eval() to "
+                f"be cached, but {found} are in train mode (dropout and BatchNorm would change their output). "
                 "StagedFinetuning keeps them in eval(); if you switch modes yourself (model.train() in a step), keep "
                 "these in eval() or turn cache_activations off"
             )
@@ -325,7 +326,9 @@ class ActivationCache(SampleCache):
                 f"{tuple(expected.shape)}); fix its split, or turn cache_activations off"
             )
 
-    def _check_rows(self, modality: str, store: SampleStore, ids: Tensor, encoder: nn.Module, inputs: Any, block: int) -> None:
+    def _check_rows(
+        self, modality: str, store: SampleStore, ids: Tensor, encoder: nn.Module, inputs: Any, block: int
+    ) -> None:
         with torch.no_grad():
             fresh, _ = self._layouts[modality].to_rows(encoder.forward_lower(inputs, block))
         cached, _ = store.get(ids)

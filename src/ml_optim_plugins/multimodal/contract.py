@@ -337,7 +337,8 @@ class ModalityAwareMixin:
         self.modality_targets: Tensor | None = None
         #: A :class:`~ml_optim_plugins.FeatureCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or ``None``.
         self.feature_cache: Any = None
-        #: An :class:`~ml_optim_plugins.ActivationCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or ``None``.
+        #: An :class:`~ml_optim_plugins.ActivationCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or
+        #: ``None``.
         self.activation_cache: Any = None
         #: Unimodal losses of the last training step, with their graphs (for MMPareto), if the module has them.
         self.modality_losses: dict[str, Tensor] = {}
