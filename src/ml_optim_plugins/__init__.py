@@ -38,6 +38,7 @@ from ml_optim_plugins.multimodal import (
     ModalityAwareMixin,
     MultimodalClassifier,
     SentenceTransformerTextEncoder,
+    SplittableEncoder,
     SumFusion,
     TimmImageEncoder,
     require_modality_aware,

@@ -103,8 +103,8 @@ class LinearProbeFinetune(StagedFinetuning):
         lr_multipliers: LR multipliers of the finetune stage (e.g. ``{"text": 0.1, "image": 0.3}``).
         warmup_steps: warmup of the unfrozen groups (needs :class:`~ml_optim_plugins.WarmupDecay`).
         train_bn: whether BatchNorm trains in the finetune stage.
-        **kwargs: ``modules``, ``cache_features``, ``cache_dir``, ``verify_cache``, ``reset_early_stopping`` of
-            :class:`~ml_optim_plugins.StagedFinetuning`.
+        **kwargs: ``modules``, ``cache_features``, ``cache_activations``, ``cache_dir``, ``verify_cache``,
+            ``reset_early_stopping`` of :class:`~ml_optim_plugins.StagedFinetuning`.
 
     Example:
         >>> plan = LinearProbeFinetune(probe_epochs=2, unfreeze=["image", "text[-2:]"], lr_multipliers={"text": 0.1})

@@ -129,6 +129,82 @@ class FeatureCacheAware(Protocol):
         ...
 
 
+@runtime_checkable
+class SplittableEncoder(Protocol):
+    """Protocol of an encoder that runs in two parts at a block boundary: ``forward_upper(forward_lower(x, k), k)`` is
+    ``forward(x)``. When only its top blocks train, :class:`~ml_optim_plugins.finetuning.ActivationCache` keeps each sample's
+    ``forward_lower`` output (the input of the first trainable block) and computes only ``forward_upper``.
+    :class:`~ml_optim_plugins.TimmImageEncoder` (EfficientNet and ResNet families) and
+    :class:`~ml_optim_plugins.SentenceTransformerTextEncoder` (BERT-family transformers) implement it.
+
+    ``forward_lower`` returns a ``(batch, ...)`` tensor, or a token batch: a mapping with an ``"attention_mask"``
+    ``(batch, tokens)`` whose other tensors are ``(batch, tokens, ...)``; the cache keeps each sample's unmasked tokens
+    and pads them again on the right.
+
+    Example:
+        >>> class TwoLayers(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layers = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)])
+        ...     def forward(self, x):
+        ...         return self.forward_upper(x, 0)
+        ...     def split_blocks(self):
+        ...         return list(self.layers)
+        ...     def forward_lower(self, x, block):
+        ...         for layer in self.layers[:block]:
+        ...             x = layer(x)
+        ...         return x
+        ...     def forward_upper(self, h, block):
+        ...         for layer in self.layers[block:]:
+        ...             h = layer(h)
+        ...         return h
+        >>> enc, x = TwoLayers(), torch.randn(4, 3)
+        >>> isinstance(enc, SplittableEncoder), torch.allclose(enc.forward_upper(enc.forward_lower(x, 1), 1), enc(x))
+        (True, True)
+    """
+
+    def split_blocks(self) -> Sequence[nn.Module]:
+        """Return the blocks, input first, that the split points lie between; every parameter is in one of them."""
+        ...
+
+    def forward_lower(self, inputs: Any, block: int) -> Any:
+        """Return the input of block ``block``: the output of blocks ``[:block]`` (``0 < block < len(blocks)``)."""
+        ...
+
+    def forward_upper(self, hidden: Any, block: int) -> Tensor:
+        """Return the encoder's output from ``hidden``, the input of block ``block``: blocks ``[block:]`` and what
+        follows them (pooling, heads)."""
+        ...
+
+
+@runtime_checkable
+class ActivationCacheAware(Protocol):
+    """Protocol of a module that encodes through an activation cache, which a callback may set (staged finetuning
+    sets a :class:`~ml_optim_plugins.finetuning.ActivationCache` while an encoder's lower blocks are frozen).
+    :class:`ModalityAwareMixin` implements it.
+
+    Attributes:
+        activation_cache: the cache to encode through, or ``None``.
+    """
+
+    activation_cache: Any
+
+    def encode_modality(self, name: str, inputs: Any, sample_ids: Tensor | None = None) -> Tensor:
+        """Return the features of one modality's batch, through ``activation_cache`` where it serves ``name``."""
+        ...
+
+
+def supports_activation_cache(module: Any) -> bool:
+    """Whether ``module`` implements :class:`ActivationCacheAware` (``encode_modality`` callable,
+    ``activation_cache`` set).
+
+    Example:
+        >>> supports_activation_cache(torch.nn.Linear(2, 2))
+        False
+    """
+    return isinstance(module, ActivationCacheAware) and callable(module.encode_modality)
+
+
 def supports_feature_cache(module: Any) -> bool:
     """Whether ``module`` implements :class:`FeatureCacheAware` (``encode_modality`` callable, ``feature_cache`` set).
 
@@ -261,6 +337,9 @@ class ModalityAwareMixin:
         self.modality_targets: Tensor | None = None
         #: A :class:`~ml_optim_plugins.finetuning.FeatureCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or ``None``.
         self.feature_cache: Any = None
+        #: An :class:`~ml_optim_plugins.finetuning.ActivationCache` set by :class:`~ml_optim_plugins.StagedFinetuning`, or
+        #: ``None``.
+        self.activation_cache: Any = None
         #: Unimodal losses of the last training step, with their graphs (for MMPareto), if the module has them.
         self.modality_losses: dict[str, Tensor] = {}
 
@@ -294,21 +373,24 @@ class ModalityAwareMixin:
 
     def encode_modality(self, name: str, inputs: Any, sample_ids: Tensor | None = None) -> Tensor:
         """Features of one modality's batch: from ``self.feature_cache`` while it serves this modality (a frozen
-        encoder) and the batch has sample ids, else from the encoder.
+        encoder), from ``self.activation_cache`` while it serves it (frozen lower blocks: only the top ones run),
+        else from the encoder.
 
         Raises:
-            KeyError: when the cache serves ``name`` but the batch has no sample ids (``sample_id_key``).
+            KeyError: when a cache serves ``name`` but the batch has no sample ids (``sample_id_key``).
         """
         encoder = self.encoders[name]
-        cache = self.feature_cache
-        if cache is None or not cache.is_active(name):
-            return encoder(inputs)
-        if sample_ids is None:
-            raise KeyError(
-                f"the feature cache serves modality {name!r}, but the batch has no sample ids under "
-                f"{self.sample_id_key!r}; the library's data modules add them, your own must too (the dataset index)"
-            )
-        return cache.encode(name, encoder, inputs, sample_ids)
+        for label, cache in (("feature", self.feature_cache), ("activation", getattr(self, "activation_cache", None))):
+            if cache is None or not cache.is_active(name):
+                continue
+            if sample_ids is None:
+                raise KeyError(
+                    f"the {label} cache serves modality {name!r}, but the batch has no sample ids under "
+                    f"{self.sample_id_key!r}; the library's data modules add them, your own must too (the dataset "
+                    "index)"
+                )
+            return cache.encode(name, encoder, inputs, sample_ids)
+        return encoder(inputs)
 
     def modality_encoders(self) -> Mapping[str, nn.Module]:
         """Return ``self.encoders`` as a plain ``{modality: encoder}`` mapping."""
