@@ -1,4 +1,5 @@
-"""Shared fixtures: offline settings, tiny data and models, a CLI runner (in-process and as DDP subprocesses)."""
+"""Shared fixtures: offline settings, tiny data and models, a CLI runner (in-process and as a subprocess), DDP runs
+whose processes start together (tests/launcher.py)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,9 @@ from ml_optim_plugins import (
     SyntheticSentimentDataModule,
     TimmImageEncoder,
 )
+from tests.launcher import REPO, lightning_environment, run_ranks, subprocess_environment
 
-REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-# For test subprocesses: this checkout's src/ first (an editable install may point at another checkout, a git
-# worktree's main one), then the repository root for ``tests.*`` helpers.
-SUBPROCESS_PYTHONPATH = os.pathsep.join([str(REPO / "src"), str(REPO)])
 
 torch.set_num_threads(2)
 
@@ -148,10 +146,8 @@ def run_python_subprocess(tmp_path: Path):
     """Run ``python ARGS`` in a fresh process in ``tmp_path`` (needed for DDP), failing with its output."""
 
     def run(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": SUBPROCESS_PYTHONPATH}
-        result = subprocess.run(
-            [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-        )
+        result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=subprocess_environment(),
+                                capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr[-5000:]}"
         return result
 
@@ -164,6 +160,32 @@ def run_cli_subprocess(run_python_subprocess):
 
     def run(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         return run_python_subprocess("-m", "ml_optim_plugins.cli", *args, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def run_ddp_ranks(tmp_path: Path):
+    """Run ``python ARGS`` in ``tmp_path`` as the ``processes`` (2) processes of a DDP run on this machine, started
+    together with the variables Lightning's launcher would give them (:func:`run_ranks`: failing, unless
+    ``check=False``, when one fails, hangs or dies by a signal, with every process's output); their results by rank.
+
+    The script's ``Trainer(devices=processes, strategy="ddp")`` finds ``LOCAL_RANK`` set and starts nothing: both
+    processes import at once, where Lightning's launcher starts the second only when the first reaches ``fit``."""
+
+    def run(*args: str, processes: int = 2, timeout: float = 300.0, check: bool = True) -> list:
+        return run_ranks(args, tmp_path, lightning_environment(processes), processes, timeout, check)
+
+    return run
+
+
+@pytest.fixture
+def run_ddp_cli(run_ddp_ranks):
+    """Run ``python -m ml_optim_plugins.cli ARGS`` as the 2 processes of a DDP run (``run_ddp_ranks``); the command
+    line must ask for them (``--trainer.devices 2 --trainer.strategy ddp``)."""
+
+    def run(*args: str, timeout: float = 300.0) -> list:
+        return run_ddp_ranks("-m", "ml_optim_plugins.cli", *args, timeout=timeout)
 
     return run
 

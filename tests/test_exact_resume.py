@@ -139,7 +139,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(interrupted_run, checkpoint,
             assert same_tensor(value, other, bitwise), (key, name, float((value - other).norm() / value.norm()))
 
 
-def test_a_two_process_ddp_run_resumed_mid_epoch_equals_the_uninterrupted_one(tmp_path, run_cli_subprocess):
+def test_a_two_process_ddp_run_resumed_mid_epoch_equals_the_uninterrupted_one(tmp_path, run_ddp_cli):
     """Under 2-process DDP each rank's place in its share of the epoch travels in the checkpoint (EpochShuffle is a
     DistributedSampler, so Lightning keeps the resumable loader), and so does each rank's noise seed: resumed at step
     5 (epoch 2 of 4, inside the finetune stage), the run logs the same rows and ends with the same weights."""
@@ -148,12 +148,12 @@ def test_a_two_process_ddp_run_resumed_mid_epoch_equals_the_uninterrupted_one(tm
     config["trainer"]["callbacks"].append({"class_path": f"{__name__}.AtSteps", "init_args": {"steps": [5, 8]}})
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
-    run_cli_subprocess("fit", "-c", str(path), "--test_after_fit", "false")
+    run_ddp_cli("fit", "-c", str(path), "--test_after_fit", "false")
     run_dir = tmp_path / "runs" / "quickstart" / "version_0"
     uninterrupted = run_dir.with_name("uninterrupted")
     shutil.copytree(run_dir, uninterrupted)
     (run_dir / "checkpoints" / "step=8.ckpt").unlink()
-    run_cli_subprocess(
+    run_ddp_cli(
         "fit", "-c", str(path), "--test_after_fit", "false", "--ckpt_path", str(run_dir / "checkpoints" / "step=5.ckpt")
     )
     rows, expected = (list(csv.DictReader((d / "metrics.csv").open())) for d in (run_dir, uninterrupted))

@@ -6,23 +6,14 @@ same weights and log the same (global) metrics."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SUBPROCESS_PYTHONPATH
+from tests.launcher import run_ranks
 
 SCRIPT = str(Path(__file__).parent / "multimodal" / "ddp_evaluation.py")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launcher_environment(launcher: str, node: int, port: int) -> dict[str, str]:
@@ -39,34 +30,12 @@ def launcher_environment(launcher: str, node: int, port: int) -> dict[str, str]:
             "SLURM_NODELIST": "127.0.0.1"}
 
 
-CLUSTER_VARIABLES = ("MASTER_", "NODE_RANK", "LOCAL_", "WORLD_SIZE", "RANK", "GROUP_", "TORCHELASTIC_", "SLURM_")
-
-
 @pytest.mark.parametrize(
     ("launcher", "environment"),
     [("lightning", "LightningEnvironment"), ("torchrun", "TorchElasticEnvironment"), ("slurm", "SLURMEnvironment")],
 )
 def test_two_nodes_of_one_process_agree(tmp_path, launcher, environment):
-    port = free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARIABLES)}
-    base.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=SUBPROCESS_PYTHONPATH)
-    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, SCRIPT, str(tmp_path), "metrics", "1", "2"], cwd=tmp_path,
-            env={**base, **launcher_environment(launcher, node, port)},
-            stdout=log.open("w"), stderr=subprocess.STDOUT,
-        )
-        for node, log in zip((0, 1), logs)
-    ]
-    try:
-        codes = [process.wait(timeout=300) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    outputs = "\n".join(f"node {n} exit {code}:\n{log.read_text()[-4000:]}" for n, code, log in zip((0, 1), codes, logs))
-    assert codes == [0, 0], outputs
+    run_ranks([SCRIPT, str(tmp_path), "metrics", "1", "2"], tmp_path, partial(launcher_environment, launcher))
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     for rank, result in enumerate((rank0, rank1)):
         assert result["environment"] == environment

@@ -113,13 +113,13 @@ def test_the_balancer_never_rescales_nonfinite_gradients(make_diag_trainer):
 
 
 @pytest.mark.parametrize("model", ["custom", "classifier"])
-def test_ddp_ranks_skip_the_same_step_when_one_ranks_loss_is_nan(run_python_subprocess, tmp_path, model):
+def test_ddp_ranks_skip_the_same_step_when_one_ranks_loss_is_nan(run_ddp_ranks, tmp_path, model):
     """A loss is each rank's own: GradientMonitor agrees the verdict across ranks, so both skip step 1 and the weights
     stay identical (a rank-local verdict would step rank 0 only); the classifier skips its logging (a collective under
     sync_dist) on both ranks together, so neither waits for the other."""
     from pathlib import Path
 
-    run_python_subprocess(str(Path(__file__).with_name("ddp_nonfinite.py")), str(tmp_path), model, timeout=240)
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_nonfinite.py")), str(tmp_path), model, timeout=240)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["skipped"] == rank1["skipped"] == 1
     assert rank0["changed"] == rank1["changed"] == [True, False, True]

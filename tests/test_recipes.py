@@ -86,6 +86,7 @@ def shrink(name: str, tmp_path: Path) -> Path:
 
 def test_the_image_pretraining_recipe_trains_with_two_process_ddp(tmp_path, run_cli_subprocess):
     config = shrink("pretrain_image", tmp_path)
+    # One process started, as a user does: Lightning's launcher starts the second (tests/test_cli.py too).
     result = run_cli_subprocess(
         "fit", "-c", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
     )
@@ -98,9 +99,9 @@ def test_the_image_pretraining_recipe_trains_with_two_process_ddp(tmp_path, run_
 # The quick start's: tests/test_cli.py. MVSA-Multiple's recipe is MVSA-Single's data module and model on another label
 # file (trained in one process in tests above): under DDP it adds nothing but a minute of CI.
 @pytest.mark.parametrize("name", ["mvsa_single", "manifest"])
-def test_recipe_trains_with_two_process_ddp(name, tmp_path, run_cli_subprocess):
+def test_recipe_trains_with_two_process_ddp(name, tmp_path, run_ddp_cli):
     config = shrink(name, tmp_path)
-    result = run_cli_subprocess(
+    result, _ = run_ddp_cli(  # both processes started together; rank 0 prints the summary and the stages
         "fit", "-c", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
         timeout=600,
     )

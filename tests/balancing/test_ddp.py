@@ -15,8 +15,8 @@ from tests.balancing.tiny import imbalanced_samples, tiny_classifier
 
 
 @pytest.mark.parametrize("method", ["ogm_ge", "mmpareto"])
-def test_ranks_agree_and_match_one_process_on_the_global_batch(run_python_subprocess, tmp_path, method):
-    run_python_subprocess(str(Path(__file__).with_name("ddp_balance.py")), str(tmp_path), method, "1")
+def test_ranks_agree_and_match_one_process_on_the_global_batch(run_ddp_ranks, tmp_path, method):
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_balance.py")), str(tmp_path), method, "1")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["params"] == rank1["params"]
     assert rank0["first"] == rank1["first"]

@@ -11,8 +11,8 @@ import pytest
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["synchronised", "control-without-sync"])
-def test_unfrozen_encoders_train_identically_on_both_ranks(run_python_subprocess, tmp_path, sync):
-    run_python_subprocess(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "sync" if sync else "nosync")
+def test_unfrozen_encoders_train_identically_on_both_ranks(run_ddp_ranks, tmp_path, sync):
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "sync" if sync else "nosync")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["stage"] == rank1["stage"] == 1
     assert rank0["unsynced"] == rank1["unsynced"]
@@ -32,8 +32,8 @@ def test_unfrozen_encoders_train_identically_on_both_ranks(run_python_subprocess
     assert all(rank["after"][n] == rank["before"][n] for rank in (rank0, rank1) for n in unused)  # no decay
 
 
-def test_a_plateau_on_one_rank_moves_both_ranks(run_python_subprocess, tmp_path):
-    run_python_subprocess(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "plateau")
+def test_a_plateau_on_one_rank_moves_both_ranks(run_ddp_ranks, tmp_path):
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "plateau")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # Rank 1's metric stalls after epoch 0's validation; patience 1: stage 1 from epoch 2 on both ranks.
     assert rank0["boundaries"] == rank1["boundaries"]
@@ -41,8 +41,8 @@ def test_a_plateau_on_one_rank_moves_both_ranks(run_python_subprocess, tmp_path)
     assert rank0["after"] == rank1["after"]
 
 
-def test_with_gradient_accumulation_the_gradients_are_averaged_once_per_optimizer_step(run_python_subprocess, tmp_path):
-    run_python_subprocess(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "accumulate")
+def test_with_gradient_accumulation_the_gradients_are_averaged_once_per_optimizer_step(run_ddp_ranks, tmp_path):
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_staged.py")), str(tmp_path), "accumulate")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # 6 batches of 4 per rank and epoch, 2 per optimizer step: 3 steps per epoch, each synchronised once, after the
     # last micro-batch's backward (DDP's own no_sync() window), never after the first.

@@ -14,15 +14,15 @@ import torch
 SCRIPT = str(Path(__file__).with_name("ddp_evaluation.py"))
 
 
-def run(run_python_subprocess, out: Path, mode: str, processes: int) -> list[dict]:
+def run(run_ddp_ranks, out: Path, mode: str, processes: int) -> list[dict]:
     out.mkdir()
-    run_python_subprocess(SCRIPT, str(out), mode, str(processes))
+    run_ddp_ranks(SCRIPT, str(out), mode, str(processes), processes=processes)
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)]
 
 
-def test_two_processes_log_the_metrics_and_reach_the_weights_of_one(run_python_subprocess, tmp_path):
-    (one,) = run(run_python_subprocess, tmp_path / "one", "metrics", 1)
-    rank0, rank1 = run(run_python_subprocess, tmp_path / "two", "metrics", 2)
+def test_two_processes_log_the_metrics_and_reach_the_weights_of_one(run_ddp_ranks, tmp_path):
+    (one,) = run(run_ddp_ranks, tmp_path / "one", "metrics", 1)
+    rank0, rank1 = run(run_ddp_ranks, tmp_path / "two", "metrics", 2)
     for key in ("validations", "after_fit", "test", "weights"):
         assert rank0[key] == rank1[key], key  # synchronised: every rank holds the same values
     assert len(one["validations"]) == len(rank0["validations"]) == 2
@@ -39,9 +39,9 @@ def test_two_processes_log_the_metrics_and_reach_the_weights_of_one(run_python_s
         torch.testing.assert_close(torch.tensor(rank0["weights"][name]), torch.tensor(values), rtol=1e-5, atol=1e-6)
 
 
-def test_each_rank_draws_its_own_noise_and_a_rerun_draws_the_same(run_python_subprocess, tmp_path):
-    first = run(run_python_subprocess, tmp_path / "first", "noise", 2)
-    again = run(run_python_subprocess, tmp_path / "again", "noise", 2)
+def test_each_rank_draws_its_own_noise_and_a_rerun_draws_the_same(run_ddp_ranks, tmp_path):
+    first = run(run_ddp_ranks, tmp_path / "first", "noise", 2)
+    again = run(run_ddp_ranks, tmp_path / "again", "noise", 2)
     assert [rank["noise"] for rank in first] == [rank["noise"] for rank in again]
     rank0, rank1 = (rank["noise"] for rank in first)
     assert set(rank0) == {"gaussian", "modality", "text"}

@@ -174,14 +174,14 @@ def test_writer_refuses_more_processes_than_inputs(posts, predictor, tmp_path):
 
 
 def test_two_process_ddp_predict_writes_each_sample_once_in_order(
-    tiny_run, posts, predictor, run_cli_subprocess, tmp_path
+    tiny_run, posts, predictor, run_ddp_cli, tmp_path
 ):
     config = yaml.safe_load(tiny_run.config.read_text())
     for logger in config["trainer"]["logger"]:
         logger["init_args"]["save_dir"] = str(tmp_path / "runs")
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
     # batch 2 of 7 samples: rank 0 gets 0, 2, 4, 6, rank 1 gets 1, 3, 5 (Lightning's sampler without repeats)
-    run_cli_subprocess(
+    run_ddp_cli(
         "predict", "-c", str(tmp_path / "ddp.yaml"), "--ckpt_path", str(tiny_run.checkpoint),
         "--data.init_args.predict", str(posts / "posts.csv"), "--data.init_args.batch_size", "2",
         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",

@@ -80,8 +80,8 @@ def test_unknown_module_fails_at_setup(make_penalty_trainer):
     assert trainer.global_step == 0
 
 
-def test_two_process_ddp_ranks_stay_identical(run_python_subprocess, tmp_path):
-    run_python_subprocess(str(Path(__file__).with_name("ddp_penalty.py")), str(tmp_path))
+def test_two_process_ddp_ranks_stay_identical(run_ddp_ranks, tmp_path):
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_penalty.py")), str(tmp_path))
     rank0, rank1 = (json.loads((tmp_path / f"params-rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1 and rank0["steps"] == 4
 

@@ -12,8 +12,8 @@ from ml_optim_plugins import WarmupDecaySchedule
 SCRIPT = Path(__file__).with_name("ddp_lrs.py")
 
 
-def test_every_rank_uses_the_same_learning_rates(run_python_subprocess, tmp_path):
-    run_python_subprocess(str(SCRIPT), str(tmp_path))
+def test_every_rank_uses_the_same_learning_rates(run_ddp_ranks, tmp_path):
+    run_ddp_ranks(str(SCRIPT), str(tmp_path))
     rank0, rank1 = (json.loads((tmp_path / f"lrs-rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1
     # 6 batches per rank per epoch (the sampler splits the data, the batch limit applies per rank) / 2 accumulated
