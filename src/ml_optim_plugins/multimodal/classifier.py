@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ml_optim_plugins.hyperparameters import check_number
-from ml_optim_plugins.multimodal.contract import ModalityAwareMixin
+from ml_optim_plugins.multimodal.mixin import ModalityAwareMixin
 from ml_optim_plugins.multimodal.epoch_states import load_rank_states, save_rank_states
 from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
 from ml_optim_plugins.nonfinite import nonfinite_policy
