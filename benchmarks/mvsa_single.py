@@ -219,7 +219,8 @@ def all_post_features(
     only the encoders of ``modalities`` (default: all) run."""
     from torch.utils.data import DataLoader
 
-    from ml_optim_plugins import MVSADataModule, extract_features
+    from ml_optim_plugins import MVSADataModule
+    from ml_optim_plugins.baselines import extract_features
 
     config = yaml.safe_load(RECIPE.read_text())
     config["data"]["init_args"].update(root=root, val_fraction=0.0, test_fraction=0.0, augment=False)

@@ -36,11 +36,9 @@ from ml_optim_plugins import (
     VariationalLinear,
     WarmupDecay,
     WarmupDecaySchedule,
-    agm_coefficients,
     check_gradients,
-    elastic_net_penalty,
-    ogm_ge_coefficients,
 )
+from ml_optim_plugins.functional import agm_coefficients, elastic_net_penalty, ogm_ge_coefficients
 from ml_optim_plugins.cli import main
 from ml_optim_plugins.cli_errors import short_error
 

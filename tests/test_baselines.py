@@ -17,12 +17,9 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from ml_optim_plugins import (
-    LabelledFeatures,
     SyntheticSentimentDataModule,
-    extract_features,
-    fit_baselines,
-    run_baselines,
 )
+from ml_optim_plugins.baselines import LabelledFeatures, extract_features, fit_baselines, run_baselines
 from ml_optim_plugins.baselines import C_VALUES, K_VALUES, L1_RATIOS
 from ml_optim_plugins.cli import main, run
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ml_optim_plugins import seed_per_rank
+from ml_optim_plugins.rank_seed import seed_per_rank
 
 
 @pytest.fixture(autouse=True)

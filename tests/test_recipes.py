@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from ml_optim_plugins import read_mvsa
+from ml_optim_plugins.data import read_mvsa
 from tests.data.mvsa_fixture import write_mvsa
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

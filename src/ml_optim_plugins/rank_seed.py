@@ -11,16 +11,27 @@ import torch
 SEED_ENV = "PL_GLOBAL_SEED"  # set by Lightning's seed_everything in every process it starts
 
 
+def run_seed() -> int:
+    """The run's seed, the same in every process: the one ``seed_everything`` set (``PL_GLOBAL_SEED``), else torch's
+    initial seed (the same in every process that never seeded). Unlike ``torch.initial_seed()``, unchanged by
+    :func:`seed_per_rank`.
+
+    Example:
+        >>> _ = torch.manual_seed(3)
+        >>> run_seed() == int(os.environ.get("PL_GLOBAL_SEED", 3))
+        True
+    """
+    return int(os.environ.get(SEED_ENV, torch.initial_seed()))
+
+
 def seed_per_rank(global_rank: int, seed: int | None = None) -> int:
     """Seed torch's, numpy's and Python's global RNGs with ``seed + global_rank`` and return that seed.
 
-    Lightning's ``seed_everything`` gives every DDP process the same seed, so without this each rank draws the same
-    dropout masks, Gaussian-dropout noise and modality-dropout choices for different samples: the noise is correlated
-    across the global batch. Call it once per process after the model is built (DDP broadcasts rank 0's parameters,
-    so initialisation does not need it) and before training draws anything; :class:`MultimodalClassifier` calls it in
-    its ``setup`` hook when the Trainer has several processes. The run stays reproducible: the same seed and rank give
-    the same stream. Lightning's ``PL_GLOBAL_SEED`` (which seeds the distributed sampler's shuffle, the same on every
-    rank) is left unchanged, so every rank still shuffles the data the same way.
+    Lightning's ``seed_everything`` gives every DDP process the same seed, so each rank would draw the same dropout
+    noise for different samples. Call it once per process after the model is built and before training draws
+    anything (:class:`MultimodalClassifier` does, in ``setup``, when the Trainer has several processes); the same seed
+    and rank give the same stream, and ``PL_GLOBAL_SEED`` (the sampler's shuffle) is left unchanged.
+    docs/compatibility.md has the details.
 
     Args:
         global_rank: the process's rank among all processes (``trainer.global_rank``), >= 0.
@@ -44,7 +55,7 @@ def seed_per_rank(global_rank: int, seed: int | None = None) -> int:
     if global_rank < 0:
         raise ValueError(f"global_rank={global_rank} must be >= 0 (trainer.global_rank)")
     if seed is None:
-        seed = int(os.environ.get(SEED_ENV, torch.initial_seed()))
+        seed = run_seed()
     rank_seed = (int(seed) + global_rank) % 2**32
     torch.manual_seed(rank_seed)  # every device's generator too
     np.random.seed(rank_seed)

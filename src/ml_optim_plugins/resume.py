@@ -43,26 +43,15 @@ def seed_global_generators(seed: int) -> None:
 
 
 class ExactResume(Callback):
-    """Seed the global random generators at every training batch from (run seed, epoch, batch index), and keep the
-    run seed of every process in checkpoints, so that a run interrupted at any checkpoint (mid-epoch included) and
-    resumed continues bit for bit as if it had not stopped.
+    """Make a resumed run continue bit for bit: seed the global random generators at every training batch from (run
+    seed, epoch, batch index), and keep each process's run seed in checkpoints.
 
-    A resumed run restores weights, optimizer, schedules and callback states; what it cannot restore by itself is the
-    randomness it draws from: dropout and Gaussian-dropout noise, a text encoder's dropout, anything drawn from the
-    global torch / NumPy / Python generators. Saving those generators' states is not enough, because Lightning and the
-    DataLoader draw from them between a checkpoint and the next batch in ways a resumed run does not repeat exactly
-    (creating the epoch's batch iterator, prefetching). Seeding each batch from its own coordinates makes its draws
-    independent of what ran before. The run seed is ``torch.initial_seed()`` at fit start (the ``seed_everything``
-    seed, per rank where the module seeds ranks apart); each rank's is saved, gathered under DDP.
-
-    The order of the data and the position inside the epoch come from a resumable DataLoader (the library's data
-    modules use torchdata's ``StatefulDataLoader``, whose state Lightning keeps in checkpoints, over
-    :class:`~ml_optim_plugins.EpochShuffle`, whose order depends on the run seed and the epoch alone); ``on_train_start``
-    also loads that state where Lightning skipped it (Lightning #20550, triggered by any read of
-    ``trainer.estimated_stepping_batches`` before the restore).
-
-    Not exact: random draws of the data pipeline itself (random crops and flips in a dataset's ``__getitem__``, in
-    worker processes or one batch ahead); a resumed run sees the same samples in the same order, but other crops.
+    The run seed is ``torch.initial_seed()`` at fit start; seeding each batch from its own coordinates makes its
+    random draws (dropout and Gaussian-dropout noise, anything from the global torch / NumPy / Python generators)
+    independent of what ran before the checkpoint. With a resumable loader (the data modules'
+    ``StatefulDataLoader`` over :class:`~ml_optim_plugins.data.EpochShuffle`) a run resumed from any checkpoint, mid-epoch
+    included, repeats the uninterrupted one; random augmentation inside a dataset does not. docs/recipes.md (Resume)
+    says what is exact and why.
 
     Example::
 

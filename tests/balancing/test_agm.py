@@ -10,7 +10,8 @@ import torch
 
 from torch.utils.data import DataLoader
 
-from ml_optim_plugins import ConcatFusion, ModalityBalancer, MultimodalClassifier, agm_coefficients, mono_modal_losses
+from ml_optim_plugins import ConcatFusion, ModalityBalancer, MultimodalClassifier
+from ml_optim_plugins.functional import agm_coefficients, mono_modal_losses
 from ml_optim_plugins.balancing.agm import agm_ratios, update_running
 from tests.balancing.test_balancer import first_batch, fit
 from tests.balancing.tiny import imbalanced_samples, tiny_classifier

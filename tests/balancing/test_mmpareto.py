@@ -1,11 +1,11 @@
 """MMPareto: the functional core against hand-computed values, the callback against a from-scratch computation on
-the same batch, gradient accumulation, 2-process DDP, and clear errors; explicit per-modality scoring choices."""
+the same batch, and clear errors; explicit per-modality scoring choices. What MMPareto shares with the other methods
+(accumulation, window, several optimizers, DDP, resume) is tested over all of them in test_balancer.py and
+test_ddp.py."""
 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from ml_optim_plugins import (
     GatedFusion,
     ModalityBalancer,
-    mmpareto_combine,
-    mmpareto_weights,
-    mmpareto_weights_from_dots,
 )
+from ml_optim_plugins.balancing import mmpareto_weights_from_dots
+from ml_optim_plugins.functional import mmpareto_combine, mmpareto_weights
 from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
 
 
@@ -84,35 +83,6 @@ def test_the_callback_matches_a_from_scratch_computation():
             assert torch.allclose(recorder.grads[f"encoders.{name}.{pname}"], expected, atol=1e-6), pname
     head = torch.autograd.grad(fused, [reference.fusion.head.weight], retain_graph=True)[0]
     assert torch.allclose(recorder.grads["fusion.head.weight"], head, atol=1e-6)  # heads keep their gradients
-
-
-def test_gradient_accumulation_equals_one_large_batch():
-    def fit(batch_size, accumulate):
-        model = tiny_classifier(aux_loss_weight=1.0)
-        pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=[ModalityBalancer("mmpareto")]).fit(model, loader(batch_size))
-        return model
-
-    whole, accumulated = fit(16, 1), fit(8, 2)
-    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters()):
-        assert torch.allclose(a, b, atol=1e-6), name
-
-
-def test_mmpareto_ranks_agree_and_match_one_process(run_ddp_ranks, tmp_path):
-    run_ddp_ranks(str(Path(__file__).with_name("ddp_balance.py")), str(tmp_path), "mmpareto", "1")
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert rank0["params"] == rank1["params"]
-    everything = imbalanced_samples()
-    index = [next(i for i, s in enumerate(everything) if abs(s["a"][0].item() - v) < 1e-6)
-             for rank in (rank0, rank1) for v in rank["a0"]]
-    model = tiny_classifier(aux_loss_weight=1.0)
-    subset = [everything[i] for i in index]
-    pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[ModalityBalancer("mmpareto", parameters="all")]).fit(
-        model, torch.utils.data.DataLoader(subset, batch_size=16))
-    for p, q in zip(model.parameters(), rank0["params"]):
-        assert torch.allclose(p.detach().flatten(), torch.tensor(q), atol=1e-5)
 
 
 def test_mmpareto_needs_unimodal_losses():

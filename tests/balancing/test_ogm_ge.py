@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ml_optim_plugins import modulate_gradient, ogm_ge_coefficients, true_class_scores
+from ml_optim_plugins.functional import modulate_gradient, ogm_ge_coefficients, true_class_scores
 
 
 def test_scores_are_summed_true_class_probabilities():

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ml_optim_plugins import ManifestDataModule, ManifestError
+from ml_optim_plugins import ManifestDataModule
+from ml_optim_plugins.data import ManifestError
 from ml_optim_plugins.data import checks
 from tests.data.test_manifest import ROWS, image_dir, make_dm, write_manifest  # noqa: F401 - the fixture
 

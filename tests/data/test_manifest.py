@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ml_optim_plugins import ManifestDataModule, ManifestError
+from ml_optim_plugins import ManifestDataModule
+from ml_optim_plugins.data import ManifestError
 
 ROWS = [
     ("img0.png", "a lovely day", "positive"),

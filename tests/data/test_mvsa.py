@@ -12,12 +12,10 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.loggers import CSVLogger
 
 from ml_optim_plugins import (
-    ManifestError,
     MultimodalDataModule,
     MVSADataModule,
-    clean_mvsa_labels,
-    read_mvsa,
 )
+from ml_optim_plugins.data import ManifestError, clean_mvsa_labels, read_mvsa
 from tests.data.mvsa_fixture import write_mvsa, write_mvsa_samples
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ml_optim_plugins import MVSADataModule, read_mvsa
+from ml_optim_plugins import MVSADataModule
+from ml_optim_plugins.data import read_mvsa
 from ml_optim_plugins.data.mvsa_folds import read_mvsa_folds
 from tests.data.mvsa_fixture import write_mvsa
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ml_optim_plugins import ManifestDataModule, ManifestError, MVSADataModule, SyntheticSentimentDataModule
+from ml_optim_plugins import ManifestDataModule, MVSADataModule, SyntheticSentimentDataModule
+from ml_optim_plugins.data import ManifestError
 from ml_optim_plugins.data.predict_inputs import read_predict_inputs
 from tests.data.mvsa_fixture import write_mvsa_samples
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ml_optim_plugins import SyntheticSentimentDataModule, SyntheticSentimentDataset
+from ml_optim_plugins import SyntheticSentimentDataModule
+from ml_optim_plugins.data import SyntheticSentimentDataset
 from ml_optim_plugins.data.synthetic import _NEGATIVE, _NEUTRAL, _POSITIVE, make_text
 
 
@@ -106,3 +107,43 @@ def test_raw_strings_without_tokenizer():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SyntheticSentimentDataModule(**kwargs)
+
+
+def oracle_accuracy(dataset: SyntheticSentimentDataset, modalities: tuple[str, ...], draws: int) -> float:
+    """The Bayes decision on cues drawn by the dataset's own sampler (no images), scored against the labels."""
+    rng = np.random.default_rng(0)
+    noises = {"image": dataset.image_noise, "text": dataset.text_noise}
+    correct = 0
+    for _ in range(draws):
+        label = int(rng.integers(dataset.num_classes))
+        cues = [dataset._cue(rng, label, noises[m])[0] for m in modalities]
+        scores = [
+            np.prod([dataset._cue_probability(c, k, noises[m]) for c, m in zip(cues, modalities)])
+            for k in range(dataset.num_classes)
+        ]
+        correct += int(np.argmax(scores)) == label if max(scores) > min(scores) else 1 / dataset.num_classes
+    return correct / draws
+
+
+@pytest.mark.parametrize("modalities", [("image", "text"), ("image",), ("text",)])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [({}, None), ({"image_noise": 0.0, "text_noise": 0.0}, 1.0), ({"num_classes": 2, "misleading_share": 0.0}, None)],
+)
+def test_bayes_accuracy_is_what_the_best_decision_on_the_cues_scores(modalities, overrides, expected):
+    dataset = SyntheticSentimentDataset(4, **overrides)
+    ceiling = dataset.bayes_accuracy(modalities)
+    if expected is not None:
+        assert ceiling == pytest.approx(expected)
+    draws = 20_000
+    assert oracle_accuracy(dataset, modalities, draws) == pytest.approx(ceiling, abs=4 * (0.25 / draws) ** 0.5)
+
+
+def test_bayes_accuracy_of_the_quick_start_data():
+    data = SyntheticSentimentDataModule(tokenizer=None)  # the quick start's noise: 0.3 per modality, half misleading
+    assert data.bayes_accuracy() == pytest.approx(0.8125)
+    assert data.bayes_accuracy(["image"]) == data.bayes_accuracy(["text"]) == pytest.approx(0.75)
+    only_missing = SyntheticSentimentDataset(4, image_noise=1.0, text_noise=1.0, misleading_share=0.0)
+    assert only_missing.bayes_accuracy() == pytest.approx(1 / 3)  # no cue at all: chance
+    with pytest.raises(ValueError, match=r"modalities=\['audio'\]"):
+        data.bayes_accuracy(["audio"])

@@ -17,8 +17,8 @@ from ml_optim_plugins import (
     RunReport,
     TrainingCurves,
     WarmupDecay,
-    hessian_top_eigenvalue,
 )
+from ml_optim_plugins.functional import hessian_top_eigenvalue
 from tests.gradcheck.planted import CustomLightning, classification_loss
 
 

@@ -10,7 +10,8 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from ml_optim_plugins import LinearProbeFinetune, MetricHistory, ModalityBalancer, RunReport
+from ml_optim_plugins import LinearProbeFinetune, ModalityBalancer, RunReport
+from ml_optim_plugins.diagnostics import MetricHistory
 from tests.finetuning.tiny import loader, tiny_staged_model, trainer
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ml_optim_plugins import TimmImageEncoder, encoder_blocks, select_parameters
+from ml_optim_plugins import TimmImageEncoder
+from ml_optim_plugins.finetuning import encoder_blocks, select_parameters
 from ml_optim_plugins.finetuning.blocks import parse_selector
 from tests.finetuning.tiny import TinyCNN, TinyLayers, tiny_staged_model
 

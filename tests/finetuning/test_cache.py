@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ml_optim_plugins import FeatureCache, LinearProbeFinetune
+from ml_optim_plugins import LinearProbeFinetune
+from ml_optim_plugins.finetuning import FeatureCache
 from tests.finetuning.tiny import loader, samples, tiny_staged_model, trainer
 
 
@@ -129,7 +130,7 @@ def test_disk_rows_from_other_data_are_caught_by_verification(encoder, tmp_path)
 
 
 def test_fingerprints_cover_batchnorm_buffers():
-    from ml_optim_plugins import module_fingerprint
+    from ml_optim_plugins.finetuning import module_fingerprint
     from tests.finetuning.tiny import TinyCNN
 
     torch.manual_seed(0)
@@ -138,3 +139,21 @@ def test_fingerprints_cover_batchnorm_buffers():
     assert module_fingerprint(a) == module_fingerprint(b)
     b.stem[1].running_mean += 1
     assert module_fingerprint(a) != module_fingerprint(b)
+
+
+def test_files_of_an_older_layout_are_deleted_not_reopened(encoder, tmp_path):
+    import json
+
+    import numpy as np
+
+    from ml_optim_plugins import module_fingerprint
+
+    old = tmp_path / "x" / "train"
+    old.mkdir(parents=True)
+    np.save(old / "values-64.npy", np.ones((64, 4), np.float32))  # one row per sample, no start / length files
+    (tmp_path / "index.json").write_text(json.dumps({"x": module_fingerprint(encoder)}))
+    cache = FeatureCache(tmp_path)
+    cache.activate("x", encoder)
+    x, ids = torch.randn(5, 3), torch.arange(5)
+    assert torch.allclose(cache.encode("x", encoder, x, ids), encoder(x))
+    assert cache.stats()["x"] == {"hits": 0, "misses": 5} and not (old / "values-64.npy").exists()

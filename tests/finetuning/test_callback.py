@@ -341,7 +341,7 @@ def test_fast_dev_run_with_a_stage_warmup_runs():
 def test_compiled_encoders_are_resolved_through_the_wrapper():
     import types
 
-    from ml_optim_plugins import encoder_blocks
+    from ml_optim_plugins.finetuning import encoder_blocks
 
     model = tiny_staged_model()
     model.encoders["image"] = torch.compile(model.encoders["image"])

@@ -148,7 +148,7 @@ def test_the_float64_copy_shares_factories_and_rebinds_methods():
     dict. The copy shares the first, binds the second to itself, and the original is left as it was."""
     import functools
 
-    from ml_optim_plugins.evaluation import detached_copy
+    from ml_optim_plugins.module_copy import detached_copy
 
     class NotCopyable:
         def __deepcopy__(self, memo):
@@ -170,7 +170,7 @@ def test_the_copy_of_a_module_in_a_trainer_has_no_trainer():
     the LightningModules inside it; the original keeps its Trainer."""
     import lightning.pytorch as pl
 
-    from ml_optim_plugins.evaluation import detached_copy
+    from ml_optim_plugins.module_copy import detached_copy
 
     model = BoringModel()
     model.inner = BoringModel()

@@ -8,9 +8,8 @@ import torch
 from ml_optim_plugins import (
     SentenceTransformerTextEncoder,
     TimmImageEncoder,
-    packaged_minilm_path,
-    resolve_text_model,
 )
+from ml_optim_plugins.multimodal import packaged_minilm_path, resolve_text_model
 
 
 @pytest.fixture(scope="module")

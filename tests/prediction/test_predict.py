@@ -13,12 +13,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ml_optim_plugins import (
-    Prediction,
     PredictionWriter,
     Predictor,
     SyntheticSentimentDataModule,
-    SyntheticSentimentDataset,
 )
+from ml_optim_plugins.data import SyntheticSentimentDataset
+from ml_optim_plugins.prediction import Prediction
 from ml_optim_plugins.cli import run
 
 N = 7  # odd: under 2-process DDP the ranks get 4 and 3 samples

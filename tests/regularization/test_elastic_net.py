@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_optim_plugins import ElasticNetPenalty, elastic_net_penalty, regularized_parameters
+from ml_optim_plugins import ElasticNetPenalty
+from ml_optim_plugins.functional import elastic_net_penalty
+from ml_optim_plugins.regularization import regularized_parameters
 from tests.regularization.tiny_modules import Regression
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ml_optim_plugins import GaussianDropout, gaussian_dropout
+from ml_optim_plugins import GaussianDropout
+from ml_optim_plugins.functional import gaussian_dropout
 
 N = 2_000_000
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ml_optim_plugins import ModalityDropout, MultimodalClassifier, SumFusion, modality_keep_mask
+from ml_optim_plugins import ModalityDropout, MultimodalClassifier, SumFusion
+from ml_optim_plugins.functional import modality_keep_mask
 from ml_optim_plugins.regularization.modality_dropout import keep_probabilities
 
 

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from ml_optim_plugins import DECAY_SHAPES, WARMUP_SHAPES, WarmupDecaySchedule, warmup_factor
+from ml_optim_plugins import WarmupDecaySchedule
+from ml_optim_plugins.functional import warmup_factor
+from ml_optim_plugins.schedules import DECAY_SHAPES, WARMUP_SHAPES
 
 BASE = 0.2
 T, W = 100, 10

@@ -1,4 +1,4 @@
-"""Modality-balanced gradient scaling: per-modality scores -> per-modality gradient coefficients."""
+"""Modality balancing: the ModalityBalancer callback and the functional cores of its methods (OGM-GE, AGM, MMPareto)."""
 
 from ml_optim_plugins.balancing.agm import agm_coefficients, agm_ratios, mono_modal_losses
 from ml_optim_plugins.balancing.callback import ModalityBalancer

@@ -14,8 +14,16 @@ LOG_FLOOR = 1e-8  # the reference clamps the true-class probability here before 
 
 
 def mono_modal_losses(modality_logits: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
-    """Each modality's summed cross-entropy on the batch, ``sum -log max(p_u(y), 1e-8)`` (divide by the sample count,
-    after summing over DDP ranks, for AGM's mean score).
+    """Each modality's cross-entropy on the batch, summed over the samples: ``sum -log max(p_u(y), 1e-8)``.
+
+    Sums, so that micro-batches and DDP ranks add up; divided by the sample count, they are AGM's mean scores.
+
+    Args:
+        modality_logits: ``{modality: logits}``, each batch x classes.
+        targets: the class index of each sample.
+
+    Returns:
+        ``{modality: summed loss}``, detached 0-d float tensors.
 
     Example:
         >>> out = mono_modal_losses({"a": torch.zeros(2, 2)}, torch.tensor([0, 1]))
@@ -32,10 +40,17 @@ def mono_modal_losses(modality_logits: Mapping[str, Tensor], targets: Tensor) ->
 def agm_ratios(losses: Mapping[str, float]) -> dict[str, float]:
     """AGM's ratio of each modality: ``r_u = exp(N / (N - 1) * (m - s_u))``, ``m`` the mean of the ``N`` losses.
 
-    ``N / (N - 1) * (m - s_u)`` is the mean of ``s_v - s_u`` over the other modalities ``v``, so a modality doing better
-    than the others (a lower loss) has ``r_u > 1``. It is the reference code's scaling in each case it covers: ``2`` for
-    two modalities (``exp(s_other - s_u)``), ``3/2`` for three (its UR-Funny script); more modalities follow the same
-    mean gap.
+    ``N / (N - 1) * (m - s_u)`` is the mean of ``s_v - s_u`` over the other modalities ``v``, so a modality with a
+    lower loss than the others has ``r_u > 1``.
+
+    Args:
+        losses: ``{modality: mean loss}``, at least two.
+
+    Returns:
+        ``{modality: ratio}``.
+
+    Raises:
+        ValueError: fewer than two losses.
 
     Example:
         >>> {k: round(v, 4) for k, v in agm_ratios({"a": 0.2, "b": 1.0}).items()}  # exp(+-0.8)
@@ -55,14 +70,25 @@ def agm_coefficients(
     clamp: Sequence[float] | None = None,
     max_gap: float | None = None,
 ) -> dict[str, float]:
-    """AGM coefficients from the step's mean mono-modal losses and their running means.
+    """AGM's coefficient of each modality, from its mean loss on the step and the running mean of its loss.
 
-    With ``s_u`` the modality's mean cross-entropy on the step, the current ratio ``r_u`` is :func:`agm_ratios` of the
-    step's losses (a modality doing better than the others has ``r_u > 1``); the target ratio ``t_u`` is the same over
-    the running means of the losses; the coefficient is ``k_u = exp(alpha * min(t_u - r_u, max_gap))``: a modality
-    currently ahead of its usual standing is slowed, one behind is sped up (``k > 1``). ``max_gap`` is the reference
-    code's cap (10 in its CREMA-D script, 7 in its UR-Funny one; none in its AV-MNIST, AVE and CMU-MOSEI scripts);
-    ``clamp=(low, high)`` then bounds ``k`` itself (the library's own guard: ``k`` grows exponentially).
+    ``k_u = exp(alpha * min(t_u - r_u, max_gap))``, with ``r_u`` the :func:`agm_ratios` of the step's losses and
+    ``t_u`` those of the running means: a modality further ahead of the others than usual is slowed (``k < 1``), one
+    behind is sped up (``k > 1``). ``clamp`` then bounds ``k`` itself.
+
+    Args:
+        scores: ``{modality: mean loss on the step}`` (see :func:`mono_modal_losses`).
+        running: ``{modality: running mean of its loss}`` (see :func:`update_running`), for every modality of
+            ``scores``.
+        alpha: modulation strength, ``>= 0``.
+        clamp: ``(low, high)`` bounds of ``k``; ``None``: unbounded.
+        max_gap: the cap on ``t_u - r_u`` (from above only); ``None``: no cap.
+
+    Returns:
+        ``{modality: k}``.
+
+    Raises:
+        ValueError: ``alpha`` negative or not finite; fewer than two modalities.
 
     Example:
         >>> k = agm_coefficients({"a": 0.2, "b": 1.0}, {"a": 0.5, "b": 0.7}, alpha=1.0)
@@ -85,7 +111,15 @@ def agm_coefficients(
 
 
 def update_running(running: Mapping[str, float], scores: Mapping[str, float], count: int) -> dict[str, float]:
-    """Cumulative mean over ``count`` steps (``count`` includes this one), as the reference keeps it.
+    """The running means after one more step: the cumulative mean over ``count`` steps (this one included).
+
+    Args:
+        running: ``{modality: mean over the previous count - 1 steps}`` (empty at the first step).
+        scores: ``{modality: this step's value}``.
+        count: the number of steps, this one included.
+
+    Returns:
+        ``{modality: mean over count steps}``.
 
     Example:
         >>> update_running({"a": 1.0}, {"a": 4.0}, count=3)

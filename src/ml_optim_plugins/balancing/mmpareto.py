@@ -9,13 +9,19 @@ from torch import Tensor
 
 
 def mmpareto_weights_from_dots(mm_mm: float, uni_uni: float, mm_uni: float) -> tuple[float, float, float]:
-    """``(k_multimodal, k_unimodal, cosine)`` from the inner products of one encoder's two gradients.
+    """MMPareto's weights of one encoder's multimodal and unimodal gradients, from their inner products.
 
-    When the multimodal gradient ``g_mm`` and the unimodal one ``g_u`` agree (cosine > 0), both get weight 1/2; when
-    they conflict, the weights of the minimum-norm point of their convex hull (the two-task case of the
-    multiple-gradient descent algorithm): ``k_mm = (g_u.g_u - g_mm.g_u) / |g_mm - g_u|^2`` clipped to [0, 1],
-    ``k_u = 1 - k_mm``, a direction that increases neither loss; when one of them is zero, ``(0.999, 0.001)`` or
-    ``(0.001, 0.999)`` as the reference's solver returns.
+    When ``g_mm`` and ``g_u`` agree (cosine > 0), both get 1/2; when they conflict, the weights of the minimum-norm
+    point of their convex hull, ``k_mm = (g_u.g_u - g_mm.g_u) / |g_mm - g_u|^2``, ``k_u = 1 - k_mm``, a direction that
+    increases neither loss; when one of them is (nearly) zero, ``(0.999, 0.001)`` or ``(0.001, 0.999)``.
+
+    Args:
+        mm_mm: ``g_mm . g_mm``.
+        uni_uni: ``g_u . g_u``.
+        mm_uni: ``g_mm . g_u``.
+
+    Returns:
+        ``(k_multimodal, k_unimodal, cosine)``.
 
     Example:
         >>> mmpareto_weights_from_dots(1.0, 2.0, -1.0)  # g_mm = (1, 0), g_u = (-1, 1)
@@ -36,8 +42,15 @@ def mmpareto_weights_from_dots(mm_mm: float, uni_uni: float, mm_uni: float) -> t
 
 
 def mmpareto_weights(g_mm: Tensor, g_u: Tensor) -> tuple[float, float, float]:
-    """:func:`mmpareto_weights_from_dots` of two gradients (any shapes; flattened), e.g. all of one encoder's
-    parameters concatenated, as the reference code decides once per encoder.
+    """:func:`mmpareto_weights_from_dots` of two gradients.
+
+    Args:
+        g_mm: the multimodal gradient, any shape (flattened): e.g. all of one encoder's parameters concatenated, as
+            MMPareto decides once per encoder.
+        g_u: the unimodal gradient, as many elements.
+
+    Returns:
+        ``(k_multimodal, k_unimodal, cosine)``.
 
     Example:
         >>> mmpareto_weights(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))[:2]
@@ -50,10 +63,19 @@ def mmpareto_weights(g_mm: Tensor, g_u: Tensor) -> tuple[float, float, float]:
 def mmpareto_combine(
     total: Tensor, g_mm: Tensor, g_u: Tensor, k_mm: float, k_u: float, gamma: float = 1.5
 ) -> Tensor:
-    """The new gradient of one parameter tensor: ``2 (k_mm g_mm + k_u g_u)``, scaled up to the norm of the plain
-    gradient ``total`` if it is smaller (never down), times ``gamma`` (1.5 in the reference code).
+    """MMPareto's new gradient of one parameter tensor: ``2 (k_mm g_mm + k_u g_u)``, scaled up to the norm of the plain
+    gradient ``total`` if it is smaller (never down), times ``gamma``. On the device, without a host sync.
 
-    Computed on the device without a host sync.
+    Args:
+        total: the plain gradient (``g_mm + g_u``).
+        g_mm: its multimodal part.
+        g_u: its unimodal part.
+        k_mm: the multimodal weight (see :func:`mmpareto_weights`).
+        k_u: the unimodal weight.
+        gamma: the final scale.
+
+    Returns:
+        A new tensor shaped like ``total``.
 
     Example:
         >>> a, b = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])

@@ -12,10 +12,16 @@ from ml_optim_plugins.hyperparameters import check_number
 
 
 def true_class_scores(modality_logits: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
-    """Each modality's score on a batch: the sum over samples of its softmax probability of the true class.
+    """Each modality's score on a batch: the sum over the samples of its softmax probability of the true class.
 
-    This is the reference code's ``score_u = sum_i softmax(out_u)[i][y_i]``: a sum, not a mean, so scores of several
-    DDP ranks add up to the score of the global batch.
+    Sums, not means, so that the scores of micro-batches and DDP ranks add up to the global batch's.
+
+    Args:
+        modality_logits: ``{modality: logits}``, each batch x classes.
+        targets: the class index of each sample.
+
+    Returns:
+        ``{modality: score}``, detached 0-d float tensors.
 
     Example:
         >>> logits = {"image": torch.zeros(2, 3), "text": torch.tensor([[5.0, 0, 0], [0, 5.0, 0]])}
@@ -27,19 +33,23 @@ def true_class_scores(modality_logits: Mapping[str, Tensor], targets: Tensor) ->
 
 
 def ogm_ge_coefficients(scores: Mapping[str, float], alpha: float, smooth: bool = False) -> dict[str, float]:
-    """Gradient coefficients per modality from their scores (OGM, Peng et al. 2022, eq. 10, for N modalities).
+    """OGM's gradient coefficient of each modality, from the modalities' scores (eq. 10 of Peng et al., N modalities).
 
-    Each modality's discrepancy ratio is its score over the weakest modality's score, ``rho_u = s_u / min_v s_v``
-    (for two modalities: the reference code's ``score_v / score_a`` and its inverse). The reference form is
-    ``k_u = 1 - tanh(alpha * rho_u)`` when ``rho_u > 1`` and 1 otherwise: discontinuous at ``rho = 1`` (a modality
-    barely ahead is slowed by ``1 - tanh(alpha)`` at once). ``smooth=True`` uses ``1 - tanh(alpha * (rho_u - 1))``,
-    which starts at 1 and decreases continuously. The weakest modality always keeps ``k = 1``.
+    With ``rho_u = s_u / min_v s_v``, ``k_u = 1 - tanh(alpha * rho_u)`` when ``rho_u > 1``, else 1 (the paper's form,
+    which jumps to ``1 - tanh(alpha)`` as soon as a modality is ahead); ``smooth=True`` gives
+    ``1 - tanh(alpha * (rho_u - 1))``, continuous at ``rho = 1``. The weakest modality keeps 1, and every modality does
+    when the weakest score is not positive.
 
     Args:
-        scores: ``{modality: score}`` (see :func:`true_class_scores`), all > 0.
-        alpha: strength of the modulation (the reference code requires it; the paper tunes it per dataset, e.g.
-            0.1 to 0.8; sweep it).
-        smooth: the continuous variant instead of the reference form.
+        scores: ``{modality: score}`` (see :func:`true_class_scores`).
+        alpha: modulation strength, ``>= 0`` (tuned per dataset: sweep it).
+        smooth: the continuous form.
+
+    Returns:
+        ``{modality: k}``, each in ``(0, 1]``.
+
+    Raises:
+        ValueError: ``alpha`` negative or not finite.
 
     Example:
         >>> {k: round(v, 4) for k, v in ogm_ge_coefficients({"image": 10.0, "text": 20.0}, alpha=0.5).items()}
@@ -63,9 +73,17 @@ def ogm_ge_coefficients(scores: Mapping[str, float], alpha: float, smooth: bool 
 
 
 def modulate_gradient(grad: Tensor, coefficient: float, noise: bool, generator: torch.Generator | None = None) -> Tensor:
-    """``k * g``, plus Gaussian enhancement ``N(0, std(g)^2)`` with the std of the unmodulated gradient if ``noise``.
+    """The modulated gradient ``k * g``, plus, if ``noise``, Gaussian noise with the std of the unmodulated ``g``.
 
-    The noise is drawn from ``generator`` (on its device; seed it identically on every rank to get identical noise).
+    Args:
+        grad: the gradient ``g``.
+        coefficient: ``k``.
+        noise: whether to add the noise (OGM-GE's generalisation enhancement).
+        generator: the noise's generator (its device is used); seed it identically on every DDP rank for identical
+            noise. ``None``: torch's default generator.
+
+    Returns:
+        A new tensor shaped like ``grad``.
 
     Example:
         >>> g = torch.ones(3, 3)

@@ -22,7 +22,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from ml_optim_plugins.evaluation import module_device
+from ml_optim_plugins.module_copy import module_device
 
 #: Scores of every row, named as the classifier logs them: accuracy, macro-F1, weighted-F1.
 METRICS = ("acc", "f1", "f1_weighted")

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ml_optim_plugins.data.collate import MultimodalCollate, load_tokenizer
@@ -17,20 +17,28 @@ from ml_optim_plugins.data.predict_inputs import check_predict_inputs, read_pred
 from ml_optim_plugins.data.preprocessing import describe_preprocessing
 from ml_optim_plugins.data.rows import ManifestDataset, ManifestError
 from ml_optim_plugins.data.transforms import image_transform
+from ml_optim_plugins.rank_seed import run_seed
 from ml_optim_plugins.resume import epoch_seed
 
 
-class EpochShuffle(Sampler[int]):
-    """A random order of ``range(size)`` for each epoch that depends on ``(seed, epoch)`` alone.
+class EpochShuffle(DistributedSampler):
+    """A random order of ``range(size)`` for each epoch that depends on ``(seed, epoch)`` alone; under DDP, each
+    process's share of it.
 
-    Lightning calls ``set_epoch`` before each training epoch (as it does for a ``DistributedSampler``). Because an
-    epoch's order is a pure function of the seed and the epoch, never of a generator's history, a run resumed from
-    any checkpoint (an epoch's end included) shuffles each epoch as the uninterrupted run did, and a resumable loader
-    finds its place in the epoch by replaying its order.
+    Lightning calls ``set_epoch`` before each training epoch. Because an epoch's order is a pure function of the seed
+    and the epoch, never of a generator's history, a run resumed from any checkpoint (an epoch's end included)
+    shuffles each epoch as the uninterrupted run did, and a resumable loader finds its place in the epoch by replaying
+    its order. With ``num_replicas`` processes, the order is padded to a multiple of them with its first samples and
+    process ``rank`` takes every ``num_replicas``-th sample from position ``rank``, as ``DistributedSampler`` does, so
+    one process with batches of ``N * b`` sees the same global batches as ``N`` processes with batches of ``b``. A
+    ``DistributedSampler`` itself, so Lightning leaves it in place under DDP instead of rebuilding the loader.
 
     Args:
         size: the number of samples.
-        seed: the run's seed (the data modules pass ``torch.initial_seed()``, i.e. ``seed_everything``'s).
+        seed: the run's seed, the same in every process (the data modules pass
+            :func:`~ml_optim_plugins.rank_seed.run_seed`, i.e. ``seed_everything``'s).
+        num_replicas: the number of processes sharing the epoch.
+        rank: this process's rank among them.
 
     Example:
         >>> sampler = EpochShuffle(5, seed=0)
@@ -40,23 +48,22 @@ class EpochShuffle(Sampler[int]):
         >>> sampler.set_epoch(1)
         >>> list(sampler) != first, list(EpochShuffle(5, seed=0)) == first
         (True, True)
+        >>> shares = [list(EpochShuffle(5, seed=0, num_replicas=2, rank=rank)) for rank in (0, 1)]
+        >>> shares[0] + shares[1] == first[0::2] + first[1::2] + first[:1]  # padded with the first sample
+        True
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Shuffle for ``epoch`` from now on."""
-        self.epoch = epoch
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.size = size
 
     def __iter__(self) -> Iterator[int]:
         # A generator function: the order is drawn at the first sample, not when the iterator is made. A resumable
         # loader can make its iterator before Lightning's set_epoch (torchdata's, when asked for its state first).
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        yield from torch.randperm(self.size, generator=generator).tolist()
-
-    def __len__(self) -> int:
-        return self.size
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += (order * -(-self.total_size // max(self.size, 1)))[: self.total_size - self.size]
+        yield from order[self.rank : self.total_size : self.num_replicas]
 
 
 class MultimodalDataModule(pl.LightningDataModule):
@@ -71,7 +78,7 @@ class MultimodalDataModule(pl.LightningDataModule):
     ``predict`` names new, unlabelled inputs (:func:`~ml_optim_plugins.data.predict_inputs.read_predict_inputs`: a
     CSV / TSV / JSONL manifest of image path, text and optionally id; an MVSA root; or a folder of ``<id>.jpg`` +
     ``<id>.txt``). ``setup("predict")`` reads and checks them as training rows are checked (a bad row raises
-    :class:`~ml_optim_plugins.ManifestError` with file and line, or is skipped and counted with
+    :class:`~ml_optim_plugins.data.ManifestError` with file and line, or is skipped and counted with
     ``on_bad_rows="skip"``), and ``predict_dataloader`` serves them in input order, prepared like the evaluation
     splits (:attr:`image_config`).
 
@@ -144,7 +151,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         return image_transform(self.image_config, train=False)
 
     def handle_bad_rows(self, problems: Sequence[tuple[str, int, str]], attribute: str) -> list[tuple[str, int, str]]:
-        """Raise :class:`~ml_optim_plugins.ManifestError` listing ``problems`` (``on_bad_rows="raise"``), or warn with
+        """Raise :class:`~ml_optim_plugins.data.ManifestError` listing ``problems`` (``on_bad_rows="raise"``), or warn with
         their count and the first and return them, to be kept in ``attribute`` (``"skip"``)."""
         problems = list(problems)
         if problems and self.on_bad_rows == "raise":
@@ -193,16 +200,15 @@ class MultimodalDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__} has no {split!r} split; was setup() called for this stage?")
-        # Training is resumable: Lightning keeps the loader's state (shuffle generator, batches already served) in
-        # checkpoints, so a run resumed mid-epoch continues with the next batch (see ExactResume for the noise). Not
-        # where Lightning puts in a DistributedSampler (DDP strategies, even with one process): rebuilt around it, a
-        # StatefulDataLoader changed the batches (tests/multimodal/test_ddp.py), so there a run resumed mid-epoch
-        # restarts that epoch's batches (Lightning warns).
-        distributed = self.trainer is not None and bool(self.trainer.distributed_sampler_kwargs)
-        loader = StatefulDataLoader if split == "train" and not distributed else DataLoader
-        if shuffle and not distributed:
-            # Each epoch's order from (run seed, epoch) alone: the same after a resume from any checkpoint.
-            sampler, shuffle = EpochShuffle(len(self.datasets[split]), torch.initial_seed()), False
+        # Training is resumable: Lightning keeps the loader's state (batches already served) in checkpoints, so a run
+        # resumed mid-epoch continues with the next batch (see ExactResume for the noise). Each epoch's order comes
+        # from (run seed, epoch) alone, the same after a resume from any checkpoint; under DDP each process takes its
+        # share of it (an EpochShuffle is a DistributedSampler, so Lightning keeps it and the loader as they are).
+        loader = StatefulDataLoader if split == "train" else DataLoader
+        if shuffle:
+            shares = {} if self.trainer is None else self.trainer.distributed_sampler_kwargs or {}
+            shares = {key: shares[key] for key in ("num_replicas", "rank") if key in shares}
+            sampler, shuffle = EpochShuffle(len(self.datasets[split]), run_seed(), **shares), False
         return loader(
             self.datasets[split],
             batch_size=self.batch_size,

@@ -14,6 +14,8 @@ but incomplete, and a model that fuses both beats either.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -181,6 +183,41 @@ class SyntheticSentimentDataset(Dataset):
             return others[int(rng.integers(len(others)))], "misleading"
         return None, "missing"
 
+    def _cue_probability(self, cue: int | None, label: int, noise: float) -> float:
+        if cue is None:
+            return noise * (1 - self.misleading_share)
+        return 1 - noise if cue == label else noise * self.misleading_share / (self.num_classes - 1)
+
+    def bayes_accuracy(self, modalities: Sequence[str] = ("image", "text")) -> float:
+        """The highest expected accuracy any model can reach on this data from ``modalities``: that of the Bayes
+        decision given each modality's cue read without error (the class it shows, or none), exact from the
+        generating probabilities. A model at this ceiling cannot be beaten by more than sampling noise (a standard
+        error of about ``sqrt(acc * (1 - acc) / n)`` on ``n`` test samples).
+
+        Args:
+            modalities: the cues the model sees, a non-empty subset of ``("image", "text")``.
+
+        Raises:
+            ValueError: an unknown or repeated modality, or none.
+
+        Example:
+            >>> ds = SyntheticSentimentDataset(10)
+            >>> round(ds.bayes_accuracy(), 4), round(ds.bayes_accuracy(["text"]), 4)
+            (0.8125, 0.75)
+        """
+        noises = {"image": self.image_noise, "text": self.text_noise}
+        if not modalities or len(set(modalities)) != len(modalities) or not set(modalities) <= set(noises):
+            raise ValueError(f"modalities={list(modalities)!r}; expected a non-empty subset of {sorted(noises)}")
+        cues = [None, *range(self.num_classes)]
+        total = 0.0
+        for observed in itertools.product(cues, repeat=len(modalities)):
+            joint = [
+                math.prod(self._cue_probability(cue, label, noises[m]) for cue, m in zip(observed, modalities))
+                for label in range(self.num_classes)
+            ]
+            total += max(joint) / self.num_classes  # labels are drawn uniformly
+        return total
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
@@ -291,6 +328,16 @@ class SyntheticSentimentDataModule(MultimodalDataModule):
         }
         # Built eagerly: they are cheap (samples are generated on access) and validate the arguments at once.
         self._all = {split: SyntheticSentimentDataset(size, split=split, **common) for split, size in sizes.items()}
+
+    def bayes_accuracy(self, modalities: Sequence[str] = ("image", "text")) -> float:
+        """The accuracy ceiling of this data from ``modalities``
+        (:meth:`SyntheticSentimentDataset.bayes_accuracy`; every split shares it).
+
+        Example:
+            >>> round(SyntheticSentimentDataModule(tokenizer=None).bayes_accuracy(), 4)
+            0.8125
+        """
+        return self._all["test"].bayes_accuracy(modalities)
 
     @property
     def class_names(self) -> Sequence[str]:

@@ -11,16 +11,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from ml_optim_plugins.evaluation import (
+from ml_optim_plugins.batch_slicing import slice_batch
+from ml_optim_plugins.hyperparameters import check_integer
+from ml_optim_plugins.module_copy import detached_copy
+from ml_optim_plugins.names import name_matches
+from ml_optim_plugins.step_loss import (
     LossFn,
-    detached_copy,
     fixed_randomness,
     require_loss_fn_under_manual_optimization,
-    slice_batch,
     training_step_loss,
 )
-from ml_optim_plugins.hyperparameters import check_integer
-from ml_optim_plugins.names import name_matches
 
 
 @dataclass

@@ -14,8 +14,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from ml_optim_plugins.evaluation import detached_copy, fixed_randomness, training_step_loss
 from ml_optim_plugins.hyperparameters import check_number, check_optional_number
+from ml_optim_plugins.module_copy import detached_copy
+from ml_optim_plugins.step_loss import fixed_randomness, training_step_loss
 
 
 def _first_optimizer(configured: Any) -> Optimizer:
@@ -32,15 +33,12 @@ def _first_optimizer(configured: Any) -> Optimizer:
 class OverfitBatchCheck(Callback):
     """Before training, train a copy of the model on ``num_batches`` fixed batches and check that the loss collapses.
 
-    "First make sure your model can overfit a single batch": a model that cannot drive the loss on one batch close to
-    zero has a bug (labels not matching inputs, a detached path, a frozen encoder, a wrong loss) or a bad setup
-    (learning rate, initialisation, capacity), and hours of training will not fix it. At ``on_train_start`` of a fresh
-    run this callback trains a deep copy (in its own RNG stream: the real model, optimizer, data order and random
-    state are untouched) for ``steps`` steps with the module's own optimizer (``configure_optimizers`` on the copy,
-    first optimizer, no scheduler) or ``optimizer``, and compares the mean loss of the last 3 steps with the first
-    step's loss. It passes when that ratio is at most ``max_loss_ratio``; otherwise it raises (or warns) with advice.
-    The curve is logged as ``overfit_check/loss`` and drawn to ``overfit_check.png`` in the log directory. Under DDP
-    rank 0 runs it and every rank gets the verdict. Skipped when resuming.
+    At ``on_train_start`` of a fresh run (skipped when resuming) it trains a deep copy, in its own RNG stream, for
+    ``steps`` steps with the module's first optimizer (or ``optimizer``), and passes when the mean loss of the last 3
+    steps is at most ``max_loss_ratio`` of the first step's; otherwise it raises (or warns) with a checklist. The real
+    model, optimizer, data order and random state are untouched. The curve is logged as ``overfit_check/loss`` and
+    drawn to ``overfit_check.png``; under DDP rank 0 runs it and every rank gets the verdict. docs/diagnostics.md
+    says why and what the checklist covers.
 
     Args:
         steps: optimizer steps on the fixed batches.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -10,103 +9,37 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ml_optim_plugins.diagnostics.curves import moving_average, param_group_lrs, spans_decades
+from ml_optim_plugins.diagnostics.history import MetricHistory, Series
 from ml_optim_plugins.hyperparameters import check_integer
 
-Series = list[tuple[int, float]]
 HEAD_METRICS = (("acc", "accuracy"), ("f1", "macro-F1"), ("f1_weighted", "weighted-F1"))
 BALANCE_STATS = ("score", "ratio", "coefficient", "cosine", "k_multimodal", "k_unimodal")
-
-
-class MetricHistory(Logger):
-    """A Lightning logger that keeps every scalar it receives in memory (rank 0): what the CSV logger writes, including
-    values that callbacks send straight to the loggers (balancing coefficients, LR monitors, gradient checks).
-
-    :class:`RunReport` adds one to the Trainer's loggers; it can also be used on its own.
-
-    Example:
-        >>> history = MetricHistory()
-        >>> history.log_metrics({"train/loss": 0.5}, step=3)
-        >>> history.series("train/loss")
-        [(3, 0.5)]
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-        self.nonfinite: dict[str, int] = {}  # metric -> how many NaN / Inf values it received (not kept in rows)
-        self.recording = True  # RunReport keeps the history of fit only
-
-    @property
-    def name(self) -> str:
-        return "history"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        if not self.recording:
-            return
-        values = {}
-        for key, value in metrics.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    continue
-                value = value.item()
-            if isinstance(value, (int, float)):
-                if math.isfinite(float(value)):
-                    values[key] = float(value)
-                else:
-                    self.nonfinite[key] = self.nonfinite.get(key, 0) + 1
-        if values:
-            self.rows.append((int(step or 0), values))
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        """Hyperparameters are not kept (the run directory has the config)."""
-
-    def keys(self) -> set[str]:
-        """Every metric name logged so far."""
-        return {key for _, values in self.rows for key in values}
-
-    def series(self, key: str) -> Series:
-        """``[(step, value), ...]`` of one metric, in logging order."""
-        return [(step, values[key]) for step, values in self.rows if key in values]
 
 
 class RunReport(Callback):
     """Make a run explain itself: at the end of fit, rank 0 writes ``report.md`` and PNG plots into the run directory.
 
-    The plots (optimizer step on the x axis, stage boundaries of :class:`~ml_optim_plugins.StagedFinetuning` drawn as
-    dashed lines): ``loss.png`` (training loss per logged step, validation losses per epoch), ``metrics.png``
-    (accuracy and macro-F1 of the fused model and of each modality, training and validation), ``lr.png`` (the LR
-    every param group of every optimizer was stepped with) and, when a :class:`~ml_optim_plugins.ModalityBalancer`
-    logged them, ``balancing.png`` (per-modality scores, ratios and coefficients).
-
     The report lists the run (directory, duration, steps, best checkpoint), the stages, the gradient checks, the
-    balancing coefficients and a final table: accuracy, macro-F1, weighted-F1 (and any other ``{split}/{name}``
-    metric the model logs, losses aside) of the fused model and of each modality on validation (the epoch of the best checkpoint, or the last one without a monitored checkpoint) and on
-    test. Test figures come from a later ``trainer.test(ckpt_path="best")`` with this callback attached (the
-    ``ml-optim-plugins fit`` command runs one when the data has a test split): the report is rewritten with them.
-    A later ``trainer.validate`` likewise replaces the validation column.
-
-    Metrics come from a :class:`MetricHistory` added to the Trainer's loggers, so everything the loggers see is in
-    the report; the history is in ``state_dict``, so a resumed run reports the whole run. Needs at least one logger
-    (its directory is the run directory).
+    balancing coefficients and a final table of the fused model's and each modality's metrics on validation (the
+    epoch of the best checkpoint) and on test (from a later ``trainer.test`` with this callback attached, which
+    rewrites the report). The plots (``loss.png``, ``metrics.png``, ``lr.png``, ``balancing.png``) mark the stage
+    boundaries. Metrics come from a :class:`MetricHistory` added to the Trainer's loggers; the history is in
+    ``state_dict``, so a resumed run reports the whole run. docs/diagnostics.md describes each part.
 
     Args:
         filename: name of the Markdown report in the run directory.
         smoothing: window (in logged points) of the moving average drawn over the training loss.
+
+    Raises:
+        ValueError: ``filename`` does not end in ``.md`` or ``smoothing`` is below 1 (at construction); the Trainer
+            has no logger (at ``setup``).
 
     Example:
         >>> from lightning.pytorch import Trainer

@@ -1,6 +1,7 @@
 """Staged freeze-then-finetune of pretrained encoders: stages, the plan they resolve to, freezing helpers, built-in
-plans, the callback that runs them, and the frozen-feature cache."""
+plans, the callback that runs them, the frozen-feature cache and the frozen-lower-block activation cache."""
 
+from ml_optim_plugins.finetuning.activation_cache import ActivationCache, activation_splits, split_point
 from ml_optim_plugins.finetuning.blocks import encoder_blocks, parse_selector, select_parameters
 from ml_optim_plugins.finetuning.cache import FeatureCache, module_fingerprint
 from ml_optim_plugins.finetuning.callback import StagedFinetuning
@@ -21,6 +22,7 @@ from ml_optim_plugins.finetuning.plans import (
 from ml_optim_plugins.finetuning.stage import Stage
 
 __all__ = [
+    "ActivationCache",
     "FeatureCache",
     "FinetuningPlan",
     "GradualUnfreezing",
@@ -28,6 +30,7 @@ __all__ = [
     "Stage",
     "StagedFinetuning",
     "batchnorm_parameters",
+    "activation_splits",
     "check_stages",
     "encoder_blocks",
     "freeze",
@@ -39,4 +42,5 @@ __all__ = [
     "module_fingerprint",
     "parse_selector",
     "select_parameters",
+    "split_point",
 ]

@@ -185,7 +185,7 @@ def select_parameters(
     if isinstance(index, int):
         if not -len(blocks) <= index < len(blocks):
             raise ValueError(f"selector {selector!r}: block {index} out of range; {target or 'the model'} has "
-                             f"{len(blocks)} blocks (see ml_optim_plugins.encoder_blocks)")
+                             f"{len(blocks)} blocks (see ml_optim_plugins.finetuning.encoder_blocks)")
         chosen = [blocks[index]]
     else:
         chosen = blocks[index]

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ml_optim_plugins.evaluation import log_to_loggers
+from ml_optim_plugins.finetuning.activation_cache import ActivationCache, activation_splits
 from ml_optim_plugins.finetuning.cache import FeatureCache
 from ml_optim_plugins.finetuning.ddp import accumulating, average_gradients, check_strategy, ddp_model
 from ml_optim_plugins.finetuning.freeze import freeze, frozen_modules, keep_in_eval, make_trainable
@@ -22,7 +22,12 @@ from ml_optim_plugins.finetuning.lr_gating import GatedParamGroups
 from ml_optim_plugins.finetuning.plan import FinetuningPlan, check_stages, managed_selectors
 from ml_optim_plugins.finetuning.stage import Stage, fresh_plateau, update_plateau
 from ml_optim_plugins.lightning_internals import val_dataloader_defined
-from ml_optim_plugins.multimodal.contract import modality_module_names, supports_feature_cache
+from ml_optim_plugins.logger_metrics import log_to_loggers
+from ml_optim_plugins.multimodal.contract import (
+    modality_module_names,
+    supports_activation_cache,
+    supports_feature_cache,
+)
 from ml_optim_plugins.schedules import lr_driver, place_before_lr_drivers
 
 
@@ -43,17 +48,24 @@ class StagedFinetuning(Callback):
         modules: selectors of the managed modules (modality names, module names or globs, with optional block
             selection); default: the contract's encoders.
         cache_features: while an encoder is entirely frozen, compute its features once per sample
-            (:class:`~ml_optim_plugins.FeatureCache`); needs ``encode_modality``
+            (:class:`~ml_optim_plugins.finetuning.FeatureCache`); needs ``encode_modality``
             (:class:`~ml_optim_plugins.ModalityAwareMixin`), batches with sample ids and deterministic inputs.
-        cache_dir: keep the cache in memory-mapped files under this directory (one subdirectory per process).
+        cache_dir: keep the caches in memory-mapped files under this directory (one subdirectory per process).
         verify_cache: recompute the first fully cached batch of each split and modality and raise if it differs.
         reset_early_stopping: reset the wait count of ``EarlyStopping`` callbacks at each stage boundary.
+        cache_activations: while only an encoder's top blocks train, compute the input of its first trainable block
+            once per sample and run only the trainable blocks (:class:`~ml_optim_plugins.finetuning.ActivationCache`); needs
+            encoders that split at a block boundary
+            (:class:`~ml_optim_plugins.multimodal.contract.SplittableEncoder`), ``encode_modality``, batches with
+            sample ids and deterministic inputs (no image augmentation). Entirely frozen encoders are
+            ``cache_features``'s.
 
     Raises:
         ValueError: a bad plan (:func:`~ml_optim_plugins.finetuning.check_stages`), a selector that matches nothing,
             a stage that trains a module outside ``modules`` (at setup).
         MisconfigurationException: missing LR control, a staged parameter in no optimizer, a ``monitor`` stage
-            without validation, a sharding strategy, a re-freeze under DDP without ``find_unused_parameters``.
+            without validation, a sharding strategy, a re-freeze under DDP without ``find_unused_parameters``; with
+            ``cache_activations``, a partly frozen encoder that cannot be split or augmented images (at setup).
 
     Example::
 
@@ -75,6 +87,7 @@ class StagedFinetuning(Callback):
         cache_dir: str | Path | None = None,
         verify_cache: bool = True,
         reset_early_stopping: bool = True,
+        cache_activations: bool = False,
     ) -> None:
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in (stages or [])]
         self.reset_early_stopping = reset_early_stopping
@@ -84,10 +97,12 @@ class StagedFinetuning(Callback):
         self.cache_features = cache_features
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.verify_cache = verify_cache
+        self.cache_activations = cache_activations
         self.stage_index = 0
         self.boundaries: list[dict[str, Any]] = []
         self.plan: FinetuningPlan | None = None  # resolved at setup
         self.cache: FeatureCache | None = None
+        self.activation_cache: ActivationCache | None = None
         self._fitting = True  # False in validate / test runs, which must not take a checkpoint's stage state
         self._plateau = fresh_plateau()
         self._restored_plateau: dict[str, Any] | None = None
@@ -144,6 +159,10 @@ class StagedFinetuning(Callback):
         previous, was_eval = self.plan.trainable[self.stage_index], self._eval_modules
         self.stage_index = index
         self._apply_freeze(pl_module, index)
+        if self.activation_cache is not None:
+            encoders = pl_module.modality_encoders()
+            self.activation_cache.follow_frozen(encoders, self.plan.trainable[index])
+            self._eval_modules += self.activation_cache.frozen_blocks(encoders)  # parameter-free modules too
         for module in was_eval:  # unfrozen modules follow the model's mode again
             module.train(pl_module.training)
         keep_in_eval(self._eval_modules)
@@ -159,7 +178,10 @@ class StagedFinetuning(Callback):
         if not (initial and self.boundaries):  # resumed: the boundary is on record
             epoch, step = trainer.current_epoch, trainer.global_step
             self.boundaries.append({"stage": index, "name": self.stage_name(index), "epoch": epoch, "step": step})
-            rank_zero_info(self.plan.describe(index, epoch, step))
+            splits = {} if self.activation_cache is None else self.activation_cache.splits
+            rank_zero_info(self.plan.describe(index, epoch, step)
+                           + (f"; lower blocks' activations cached (modality: first trainable block) {splits}"
+                              if splits else ""))
             if not initial:
                 log_to_loggers(trainer, {"finetuning/stage": index})
                 for callback in trainer.early_stopping_callbacks if self.reset_early_stopping else []:
@@ -177,8 +199,9 @@ class StagedFinetuning(Callback):
         self._set_split("train")
 
     def _set_split(self, split: str, dataloader_idx: int = 0) -> None:
-        if self.cache is not None:
-            self.cache.split = split if dataloader_idx == 0 else f"{split}{dataloader_idx}"
+        for cache in (self.cache, self.activation_cache):
+            if cache is not None:
+                cache.split = split if dataloader_idx == 0 else f"{split}{dataloader_idx}"
 
     # ------------------------------------------------------------------ hooks: setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -198,15 +221,49 @@ class StagedFinetuning(Callback):
             directory = None if self.cache_dir is None else self.cache_dir / f"rank{trainer.global_rank}"
             self.cache = FeatureCache(directory, verify=self.verify_cache)
             pl_module.feature_cache = self.cache
+        if self.cache_activations:
+            self.activation_cache = self._activation_cache(trainer, pl_module)
         # Before DDP wraps the model: it registers the first stage's trainable parameters, also when resuming (the
         # restored stage is entered at on_fit_start), so fresh and resumed runs synchronise the same way.
         self._apply_freeze(pl_module, 0)
         for warning in self.plan.random_frozen_encoders(pl_module):
             rank_zero_warn(warning)
 
+    def _activation_cache(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ActivationCache:
+        """The activation cache, after checking at setup that every stage's split is possible and safe."""
+        assert self.plan is not None
+        if not supports_activation_cache(pl_module):
+            raise MisconfigurationException(
+                "StagedFinetuning(cache_activations=True) needs a module that encodes through encode_modality() and "
+                f"has an activation_cache attribute (ModalityAwareMixin); {type(pl_module).__name__} has not"
+            )
+        augment = getattr(trainer.datamodule, "hparams", {}).get("augment", False)
+        for index, trainable in enumerate(self.plan.trainable):
+            try:
+                splits = activation_splits(pl_module.modality_encoders(), trainable)
+            except (TypeError, ValueError) as err:
+                raise MisconfigurationException(
+                    f"StagedFinetuning(cache_activations=True): stage {index} ({self.stage_name(index)}) trains only "
+                    f"part of an encoder, whose frozen lower blocks would be cached, but {err}"
+                ) from err
+            if "image" in splits and augment:
+                raise MisconfigurationException(
+                    f"StagedFinetuning(cache_activations=True): stage {index} ({self.stage_name(index)}) would cache "
+                    f"the image encoder's lower blocks, but {type(trainer.datamodule).__name__} augments the training "
+                    "images (augment=True), so they differ in every epoch. Set augment=False in the data module, or "
+                    "cache_activations=False"
+                )
+        directory = None if self.cache_dir is None else self.cache_dir / "activations" / f"rank{trainer.global_rank}"
+        cache = ActivationCache(directory, verify=self.verify_cache)
+        pl_module.activation_cache = cache
+        return cache
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.cache is not None and getattr(pl_module, "feature_cache", None) is self.cache:
             pl_module.feature_cache = None
+        if stage == "fit" and self.activation_cache is not None:
+            if getattr(pl_module, "activation_cache", None) is self.activation_cache:
+                pl_module.activation_cache = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_strategy(trainer.strategy)
@@ -282,12 +339,15 @@ class StagedFinetuning(Callback):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         cache = None if self.cache is None else {"active": self.cache.active, "stats": self.cache.stats()}
+        activations = self.activation_cache
         return {
             "stage": self.stage_index,
             "stage_name": self.stage_name() if self._plan else None,
             "boundaries": [dict(b) for b in self.boundaries],
             "plateau": dict(self._plateau),
             "cache": cache,
+            "activation_cache": None if activations is None else {"splits": activations.splits,
+                                                                  "stats": activations.stats()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,9 +1,9 @@
 """Staged finetuning under data parallelism: the strategies it supports, and the gradients DDP does not synchronise.
 
 DDP registers for gradient synchronisation only the parameters that require a gradient when it wraps the model, so an
-encoder frozen then and unfrozen later would train on each rank's own gradients and drift apart (Lightning issue
-20340). :class:`~ml_optim_plugins.StagedFinetuning` averages their gradients with :func:`average_gradients`, after the
-last backward pass of each optimizer step.
+encoder frozen then and unfrozen later would train on each rank's own gradients and drift apart (docs/finetuning.md).
+:class:`~ml_optim_plugins.StagedFinetuning` averages their gradients with :func:`average_gradients`, after the last
+backward pass of each optimizer step.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ml_optim_plugins.evaluation import mean_over_ranks
+from ml_optim_plugins.rank_mean import mean_over_ranks
 
 # Strategies that shard parameters across processes (staging needs whole parameters on every rank).
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)

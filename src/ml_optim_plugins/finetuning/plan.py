@@ -135,7 +135,7 @@ class FinetuningPlan:
 
         Raises:
             ValueError: as :func:`check_stages`; a selector that matches nothing or a block out of range (see
-                :func:`~ml_optim_plugins.select_parameters`); a stage that makes trainable a module outside
+                :func:`~ml_optim_plugins.finetuning.select_parameters`); a stage that makes trainable a module outside
                 ``managed``.
         """
         stages = tuple(stages)

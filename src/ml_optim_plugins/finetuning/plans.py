@@ -47,7 +47,7 @@ def gradual_unfreezing_stages(
     train_bn: bool = True,
 ) -> list[Stage]:
     """The stages of gradual unfreezing: ``probe``, then ``top1``, ``top2``, ...: in stage ``k`` the top ``k`` blocks
-    (:func:`~ml_optim_plugins.encoder_blocks`) of each of ``encoders`` train, block ``d`` below the top at LR
+    (:func:`~ml_optim_plugins.finetuning.encoder_blocks`) of each of ``encoders`` train, block ``d`` below the top at LR
     multiplier ``factor ** -d``.
 
     Args:
@@ -103,8 +103,8 @@ class LinearProbeFinetune(StagedFinetuning):
         lr_multipliers: LR multipliers of the finetune stage (e.g. ``{"text": 0.1, "image": 0.3}``).
         warmup_steps: warmup of the unfrozen groups (needs :class:`~ml_optim_plugins.WarmupDecay`).
         train_bn: whether BatchNorm trains in the finetune stage.
-        **kwargs: ``modules``, ``cache_features``, ``cache_dir``, ``verify_cache``, ``reset_early_stopping`` of
-            :class:`~ml_optim_plugins.StagedFinetuning`.
+        **kwargs: ``modules``, ``cache_features``, ``cache_activations``, ``cache_dir``, ``verify_cache``,
+            ``reset_early_stopping`` of :class:`~ml_optim_plugins.StagedFinetuning`.
 
     Example:
         >>> plan = LinearProbeFinetune(probe_epochs=2, unfreeze=["image", "text[-2:]"], lr_multipliers={"text": 0.1})

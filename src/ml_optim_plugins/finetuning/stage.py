@@ -23,7 +23,7 @@ class Stage:
         trainable: selectors of the managed modules that train in this stage; every other managed module is frozen
             (``requires_grad=False``, kept in ``eval()``). A selector is a modality name (``"image"``), a module
             name or glob (``"encoders.text"``), optionally with a block index or slice (``"text[-2:]"``: the top two
-            transformer layers; see :func:`~ml_optim_plugins.encoder_blocks`). Empty: a linear probe.
+            transformer layers; see :func:`~ml_optim_plugins.finetuning.encoder_blocks`). Empty: a linear probe.
         start_epoch: start at this epoch (0-based).
         start_step: start before this optimizer step (0-based ``trainer.global_step``).
         monitor: start when this validation metric has stopped improving.

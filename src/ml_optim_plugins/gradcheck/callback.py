@@ -11,10 +11,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ml_optim_plugins.evaluation import log_to_loggers, require_loss_fn_under_manual_optimization
 from ml_optim_plugins.gradcheck.core import check_gradients
 from ml_optim_plugins.gradcheck.report import GradCheckReport
 from ml_optim_plugins.hyperparameters import check_integer
+from ml_optim_plugins.logger_metrics import log_to_loggers
+from ml_optim_plugins.step_loss import require_loss_fn_under_manual_optimization
 
 ON_FAILURE = ("raise", "warn")
 

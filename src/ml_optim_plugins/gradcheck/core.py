@@ -11,18 +11,13 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from ml_optim_plugins.evaluation import (
-    LossFn,
-    detached_copy,
-    fixed_randomness,
-    module_device,
-    slice_batch,
-    training_step_loss,
-)
+from ml_optim_plugins.batch_slicing import slice_batch
 from ml_optim_plugins.gradcheck.report import FAILED, NONDIFFERENTIABLE, PASSED, GradCheckReport, TensorCheck
 from ml_optim_plugins.hyperparameters import check_number
+from ml_optim_plugins.module_copy import detached_copy, module_device
 from ml_optim_plugins.multimodal.contract import parameter_modalities
 from ml_optim_plugins.names import name_matches
+from ml_optim_plugins.step_loss import LossFn, fixed_randomness, training_step_loss
 
 _ROUNDING = 10 * torch.finfo(torch.float64).eps  # relative rounding error of one float64 loss evaluation, with margin
 
@@ -112,19 +107,10 @@ def check_gradients(
 ) -> GradCheckReport:
     """Check a model's analytical gradients against central finite differences, on a float64 copy.
 
-    The module is deep-copied and cast to float64 (the original, its optimizer and the caller's RNG state are never
-    touched), the batch's floating tensors too. Each loss evaluation runs with the same RNG seed, so dropout draws the
-    same masks every time and the loss is a deterministic function of the weights; in ``mode="train"`` BatchNorm uses
-    the batch statistics (their gradient is checked too), in ``mode="eval"`` dropout is off and BatchNorm uses its
-    running statistics.
-
-    Every trainable parameter tensor (or those matching ``params``) is checked: tensors with at most
-    ``max_exact_elements`` elements element by element, larger ones along ``directions`` random unit directions ``v``
-    (finite-difference directional derivative vs ``<grad, v>``), so the cost is ``2 x (elements or directions)`` loss
-    evaluations per tensor, not per parameter: a whole pretrained encoder takes seconds. A mismatch is retried with a
-    10x smaller step; if the one-sided differences disagree (the perturbation crossed a ReLU kink or a max tie) the
-    tensor is reported ``"nondifferentiable"``, not failed. The tolerance is
-    ``atol + rtol * max(|numerical|, |analytical|)`` plus the float64 rounding error of the difference quotient.
+    On a float64 deep copy (the module, its optimizer and the caller's RNG are untouched), with stochastic layers
+    fixed by a seed, every trainable parameter tensor is compared: small tensors element by element, larger ones along
+    random unit directions, at two loss evaluations each. A mismatch is retried with a 10x smaller step; a kink (ReLU,
+    max tie) is reported ``"nondifferentiable"``, not failed. docs/gradcheck.md explains each choice.
 
     Args:
         module: any ``nn.Module``; by default its ``training_step(batch, 0)`` gives the loss (a LightningModule such as
@@ -134,14 +120,14 @@ def check_gradients(
         params: names or globs of the parameters (or modules) to check; default all trainable ones.
         inputs: also check the gradient with respect to the batch's floating tensors (reported as ``input.<path>``).
         eps: finite-difference step (float64: 1e-6 balances truncation and rounding).
-        rtol: relative tolerance.
+        rtol: relative tolerance: ``|numerical - analytical| <= atol + rtol * max(|numerical|, |analytical|)``, plus
+            the float64 rounding error of the difference quotient.
         atol: absolute tolerance.
-        directions: random directions per large tensor. One already catches a scaled, sign-flipped or incomplete
-            gradient with probability ~1 (a random direction is almost never orthogonal to the error); more directions
-            give more confidence at 2 loss evaluations each.
+        directions: random directions per large tensor (one catches a scaled, sign-flipped or incomplete gradient).
         max_exact_elements: tensors up to this size are checked element by element.
         max_samples: check on the first ``max_samples`` samples of the batch only (faster; same code paths).
-        mode: ``"train"`` (stochastic layers fixed by the seed) or ``"eval"``.
+        mode: ``"train"`` (dropout fixed by the seed, BatchNorm on batch statistics) or ``"eval"`` (no dropout,
+            running statistics).
         seed: seed of the masks and of the random directions.
         worst: how many worst comparisons to keep per tensor.
 

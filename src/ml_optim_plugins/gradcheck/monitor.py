@@ -12,8 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ml_optim_plugins.evaluation import log_to_loggers
 from ml_optim_plugins.hyperparameters import check_integer, check_number
+from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.multimodal.contract import parameter_modalities
 from ml_optim_plugins.nonfinite import ON_NONFINITE, scaler_skips_nonfinite
 
@@ -48,24 +48,13 @@ def grouped_grad_norms(
 class GradientMonitor(Callback):
     """Log gradient health grouped by module and by modality, and catch NaN/Inf gradients before they do harm.
 
-    Acts in ``on_before_optimizer_step`` (after backward, accumulation, DDP averaging and AMP unscaling, so it sees
-    the gradients the optimizer will use):
-
-    * every step, checks that the loss (``on_before_backward``) and all gradients are finite; on NaN/Inf it names
-      the modules and, per ``on_nonfinite``, raises ``FloatingPointError``, skips the step (drops the gradients so the
-      optimizer leaves the weights as they are; counted in ``grad_health/skipped_steps``), or warns. Its
-      ``on_nonfinite`` is the run's policy (:func:`~ml_optim_plugins.nonfinite_policy`):
-      :class:`~ml_optim_plugins.MultimodalClassifier` then lets a non-finite training loss reach this check instead
-      of raising, and :class:`~ml_optim_plugins.ModalityBalancer` leaves such a step to it. Under DDP the verdict is
-      agreed by all ranks, so they skip the same steps. Under float16 AMP, non-finite gradients are expected now and
-      then and the GradScaler already skips those steps: they are counted, not raised.
-    * every ``log_every_n_steps`` steps, logs ``grad_norm/{module}`` (parameters grouped by module name cut to
-      ``depth`` components, not per tensor as Lightning's ``grad_norm`` does), ``grad_norm/modality/{name}`` for a
-      module with the modality contract (plus ``shared`` for fusion and head), ``grad_norm/total``, and warns once per
-      module whose norm is below ``vanishing`` or above ``exploding``;
-    * with ``update_ratio=True``, on those steps also logs ``update_ratio/{module}`` = ``||w_after - w_before|| /
-      ||w_before||`` of the step (around 1e-3 is the usual healthy value; it keeps a copy of the weights for that step
-      only).
+    In ``on_before_optimizer_step`` (the gradients the optimizer will use: after accumulation, DDP averaging and AMP
+    unscaling) it checks every step that the loss and the gradients are finite and, on NaN/Inf, names the modules and
+    raises ``FloatingPointError``, skips the step (weights unchanged, counted in ``grad_health/skipped_steps``) or
+    warns; its ``on_nonfinite`` is the run's :func:`~ml_optim_plugins.nonfinite.nonfinite_policy`, and DDP ranks agree on the
+    verdict. Every ``log_every_n_steps`` it logs ``grad_norm/{module}``, ``grad_norm/modality/{name}`` (plus
+    ``shared``), ``grad_norm/total`` and ``update_ratio/{module}``, and warns once per module whose norm is below
+    ``vanishing`` or above ``exploding``. docs/gradcheck.md has the details.
 
     Args:
         log_every_n_steps: logging interval in optimizer steps; ``None``: the Trainer's ``log_every_n_steps``.
@@ -74,7 +63,8 @@ class GradientMonitor(Callback):
         vanishing: a module whose gradient norm is below this is flagged as vanishing.
         exploding: a module whose gradient norm is above this is flagged as exploding.
         on_nonfinite: ``"raise"``, ``"skip_step"`` or ``"warn"``.
-        update_ratio: also log the update-to-weight ratio per module.
+        update_ratio: also log the update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` per module (keeps
+            a copy of the weights on logging steps).
 
     Example::
 

@@ -15,7 +15,8 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ml_optim_plugins.hyperparameters import check_number
-from ml_optim_plugins.multimodal.contract import ModalityAwareMixin
+from ml_optim_plugins.multimodal.mixin import ModalityAwareMixin
+from ml_optim_plugins.multimodal.epoch_states import load_rank_states, save_rank_states
 from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
 from ml_optim_plugins.nonfinite import nonfinite_policy
 from ml_optim_plugins.rank_seed import seed_per_rank
@@ -65,24 +66,11 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
 
     The batch is a mapping with one entry per modality name (the keys of ``encoders``) plus ``label_key``.
     ``training_step`` records the per-modality logits and targets for callbacks (:class:`ModalityAware`). Every split
-    logs, as epoch aggregates: ``{split}/loss``, ``{split}/acc``, ``{split}/f1`` (macro) and ``{split}/f1_weighted``
-    for the fused prediction, and ``{split}/{modality}/loss|acc|f1|f1_weighted`` for each modality's own prediction (the fusion's per-modality logits, or
-    as ``modality_scoring`` says).
-
-    Under DDP every logged value is the global one: losses are reduced over the ranks weighted by their sample counts,
-    the torchmetrics metrics sync their states, and the library's data modules give each rank a share of the val / test
-    splits without the distributed sampler's padded duplicates. In ``setup`` each rank reseeds its noise with
-    :func:`~ml_optim_plugins.seed_per_rank`, so dropout differs between ranks and a rerun draws the same.
-
+    logs epoch aggregates of the fused prediction (``{split}/loss``, ``acc``, ``f1`` (macro), ``f1_weighted``) and of
+    each modality's own prediction (``{split}/{modality}/...``); under DDP every logged value is the global one.
     Subclass it to change the loss (:meth:`compute_loss`, :meth:`compute_modality_loss`), the metrics
-    (:meth:`build_metrics`; extra ones are logged per split and head and reach :class:`~ml_optim_plugins.RunReport`'s
-    table) or the batch layout (:meth:`compute_features`), or bring your own module that implements
-    :class:`ModalityAware`. docs/index.md shows a full subclass run through a recipe.
-
-    A non-finite loss raises ``FloatingPointError`` naming the split and step, except in training when the run's
-    policy (:func:`~ml_optim_plugins.nonfinite_policy`: an attached ``GradientMonitor(on_nonfinite="skip_step")`` or
-    ``"warn"``) takes the step; that step's values are then not logged. The optimizer built by ``configure_optimizers``
-    must have finite learning rates, not all 0.
+    (:meth:`build_metrics`) or the batch layout (:meth:`compute_features`); docs/index.md shows a subclass run through
+    a recipe, docs/compatibility.md what it guarantees under DDP.
 
     Args:
         encoders: ``{modality: encoder}``; each encoder reports ``output_dim`` (or give ``feature_dims``).
@@ -99,17 +87,21 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         modality_dropout: a module applied in training to the features dict before the fusion, e.g.
             :class:`~ml_optim_plugins.ModalityDropout`; the per-modality predictions recorded for callbacks are computed
             from the features before it.
-        aux_loss_weight: weight of unimodal auxiliary losses: with a value > 0, each modality gets its own linear
-            head on its features, and the sum of their cross-entropies times this weight is added to the training
-            objective (the simple balancing baseline: every encoder gets a direct learning signal, cf. Du et al. 2023).
+        aux_loss_weight: with a value > 0, each modality gets its own linear head and cross-entropy, and their sum
+            times this weight is added to the training objective (unimodal auxiliary losses, docs/methods.md).
             ``{split}/loss`` stays the fused loss; ``{split}/{modality}/aux_loss`` is logged.
         modality_scoring: how the per-modality predictions that callbacks read are obtained: ``"auto"``,
-            ``"head_split"``, ``"masking"`` or ``"aux_heads"`` (see :meth:`set_modality_scoring`; a choice that is
-            meaningless for the fusion is an error here).
+            ``"head_split"``, ``"masking"`` or ``"aux_heads"`` (see :meth:`set_modality_scoring`).
         preprocessing: how the data prepares inputs for this model (a data module's
-            :attr:`~ml_optim_plugins.MultimodalDataModule.preprocessing`; LightningCLI links it). Only kept with the
-            hyperparameters, with ``class_names``, so a checkpoint alone can classify new inputs
-            (:class:`~ml_optim_plugins.Predictor`).
+            :attr:`~ml_optim_plugins.MultimodalDataModule.preprocessing`; LightningCLI links it), kept with the
+            hyperparameters so a checkpoint alone can classify new inputs (:class:`~ml_optim_plugins.Predictor`).
+
+    Raises:
+        ValueError: an argument that does not fit the encoders, the classes or the fusion (the message names it); at
+            ``configure_optimizers``, learning rates that are not finite and >= 0, or all 0.
+        TypeError: ``fusion`` is not a :class:`Fusion`.
+        FloatingPointError: a non-finite loss, unless the run's :func:`~ml_optim_plugins.nonfinite.nonfinite_policy` skips or
+            warns about a training step (docs/gradcheck.md).
 
     Example:
         >>> from ml_optim_plugins import SumFusion
@@ -279,10 +271,9 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         return objective
 
     def _loggable(self, objective: Tensor, split: str) -> bool:
-        """Whether the step's values are logged: ``False`` for a non-finite training objective that the run's policy
-        (:func:`~ml_optim_plugins.nonfinite_policy`: a ``GradientMonitor(on_nonfinite=...)``) skips or warns about,
-        on every DDP rank at once (the training loss is logged with ``sync_dist``, a collective, so ranks log or skip
-        together). Otherwise a non-finite objective raises; evaluation always does: a metric over NaN means nothing."""
+        """Whether the step's values are logged: ``False`` on every DDP rank at once (the training loss is logged with
+        ``sync_dist``, a collective) for a non-finite training objective that the run's
+        :func:`~ml_optim_plugins.nonfinite.nonfinite_policy` skips or warns about; any other non-finite objective raises."""
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer
@@ -333,10 +324,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         self.log_dict(collection, on_step=False, on_epoch=True, prog_bar=head == FUSED and split != "train")
 
     def setup(self, stage: str) -> None:
-        """Under DDP, before ``fit``: seed each process's noise with the run's seed plus its rank
-        (:func:`~ml_optim_plugins.seed_per_rank`), so dropout, Gaussian and modality dropout draw independently on each
-        rank. It runs before Lightning restores a checkpoint, so RNG states restored from one take precedence. Call
-        ``super().setup(stage)`` when overriding."""
+        """Under DDP, before ``fit``: :func:`~ml_optim_plugins.rank_seed.seed_per_rank`, so each rank draws its own dropout
+        noise (docs/compatibility.md). Call ``super().setup(stage)`` when overriding."""
         if stage == "fit" and self.trainer.world_size > 1:
             seed_per_rank(self.trainer.global_rank)
 
@@ -347,6 +336,15 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         if batch_idx == 0:
             for module in self._training_epoch_states():
                 module.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under DDP, every process's running training states go into the checkpoint, so each rank of a run resumed
+        mid-epoch continues its own. Call ``super().on_save_checkpoint(checkpoint)`` when overriding."""
+        save_rank_states(self, self._training_epoch_states(), checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Each process takes back its own running training states. Call ``super()`` when overriding."""
+        load_rank_states(self, checkpoint)
 
     def _training_epoch_states(self) -> list[nn.Module]:
         """The training epoch's running losses and metric collections (kept in checkpoints, reset per epoch)."""
@@ -377,11 +375,8 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         return outputs
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """One named param group per modality encoder (``encoders.<modality>``) and one for the rest (``fusion``).
-
-        Named groups give ``LearningRateMonitor`` readable keys and let per-module LR multipliers
-        (:class:`~ml_optim_plugins.WarmupDecay`) and staged unfreezing act on one encoder without splitting groups.
-        """
+        """One named param group per modality encoder (``encoders.<modality>``) and one for the rest (``fusion``):
+        readable ``LearningRateMonitor`` keys, and per-encoder LR multipliers without splitting groups."""
         groups = [
             {"name": f"encoders.{name}", "params": list(encoder.parameters())}
             for name, encoder in self.encoders.items()

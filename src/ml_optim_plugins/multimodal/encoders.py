@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,9 @@ class TimmImageEncoder(nn.Module):
     The image preprocessing that the weights expect (input size, interpolation, mean, std, crop) is timm's data config
     of the architecture, :attr:`data_config`; the data modules take it with ``image_model=<model_name>``.
     ``pretrained_weights`` says whether weights were loaded (:class:`~ml_optim_plugins.StagedFinetuning` warns before
-    freezing a random encoder).
+    freezing a random encoder). EfficientNet- and ResNet-family models split at a block boundary
+    (:class:`~ml_optim_plugins.multimodal.contract.SplittableEncoder`: ``split_blocks``, ``forward_lower``,
+    ``forward_upper``), so an :class:`~ml_optim_plugins.finetuning.ActivationCache` can serve their frozen lower blocks.
 
     Args:
         model_name: any name of ``timm.list_models()``, e.g. ``"tf_efficientnet_lite0"`` or ``"resnet18"``.
@@ -145,6 +147,42 @@ class TimmImageEncoder(nn.Module):
         """Pooled features of a batch of images."""
         return self.model(images)
 
+    def split_blocks(self) -> list[nn.Module]:
+        """The modules of the timm model's ``forward_features``, input first, with its stages unrolled into their
+        blocks (EfficientNet: ``conv_stem``, ``bn1``, each block of ``blocks``, ``conv_head``, ``bn2``; ResNet:
+        ``conv1``, ``bn1``, ``act1``, ``maxpool``, each block of ``layer1`` .. ``layer4``).
+
+        Raises:
+            TypeError: for a timm architecture of another family, naming it.
+        """
+        from timm.models.efficientnet import EfficientNet
+        from timm.models.resnet import ResNet
+
+        chains = {EfficientNet: ("conv_stem", "bn1", "*blocks", "conv_head", "bn2"),
+                  ResNet: ("conv1", "bn1", "act1", "maxpool", "*layer1", "*layer2", "*layer3", "*layer4")}
+        chain = next((chain for cls, chain in chains.items() if isinstance(self.model, cls)), None)
+        if chain is None:
+            raise TypeError(
+                f"TimmImageEncoder({self.model_name!r}) cannot be split into lower and upper blocks: its timm class "
+                f"{type(self.model).__name__} is not of the EfficientNet or ResNet family. Subclass TimmImageEncoder "
+                "and implement split_blocks / forward_lower / forward_upper, or turn cache_activations off"
+            )
+        return [block for name in chain for block in _unrolled(getattr(self.model, name.lstrip("*")),
+                                                               name.startswith("*"))]
+
+    def forward_lower(self, images: Tensor, block: int) -> Tensor:
+        """The input of block ``block`` of :meth:`split_blocks`: what the blocks before it make of ``images``."""
+        for module in self.split_blocks()[:block]:
+            images = module(images)
+        return images
+
+    def forward_upper(self, hidden: Tensor, block: int) -> Tensor:
+        """Pooled features from ``hidden``, the input of block ``block``: the blocks from it on, then timm's
+        ``forward_head`` (pooling, dropout)."""
+        for module in self.split_blocks()[block:]:
+            hidden = module(hidden)
+        return self.model.forward_head(hidden)
+
 
 class SentenceTransformerTextEncoder(nn.Module):
     """A sentence-transformers model as a fine-tunable encoder of already-tokenised text.
@@ -153,6 +191,10 @@ class SentenceTransformerTextEncoder(nn.Module):
     model has them) and returns the sentence embedding ``(B, output_dim)``. Gradients flow through the transformer,
     so it can be fine-tuned (or frozen by the caller). Tokenisation belongs to the data pipeline: the data modules
     tokenise in their collate function with the same tokenizer (:meth:`tokenize` gives it here for convenience).
+
+    A BERT-family transformer followed by parameter-free pooling splits at a layer boundary
+    (:class:`~ml_optim_plugins.multimodal.contract.SplittableEncoder`: the embeddings, then each layer), so an
+    :class:`~ml_optim_plugins.finetuning.ActivationCache` can serve its frozen lower layers.
 
     Args:
         model_name_or_path: a local sentence-transformers directory, or ``"all-MiniLM-L6-v2"`` for the packaged copy
@@ -229,3 +271,73 @@ class SentenceTransformerTextEncoder(nn.Module):
                 f"'attention_mask'), got {type(tokens).__name__}; tokenise in the data pipeline"
             )
         return self.model(dict(tokens))["sentence_embedding"]
+
+    def _transformer(self) -> nn.Module:
+        """The Hugging Face model, checked to be one whose layers can run apart from its ``forward``."""
+        transformer = getattr(self.model[0], "auto_model", None)
+        model_type = getattr(getattr(transformer, "config", None), "model_type", None)
+        after = [type(m).__name__ for m in list(self.model)[1:] if any(True for _ in m.parameters())]
+        if model_type not in SPLITTABLE_TEXT_MODELS or after:
+            why = (f"its modules {after} after the transformer have parameters" if after
+                   else f"its transformer is {model_type or type(transformer).__name__!r}, not one of "
+                        f"{list(SPLITTABLE_TEXT_MODELS)}")
+            raise TypeError(
+                f"SentenceTransformerTextEncoder({self.model_name_or_path!r}) cannot be split into lower and upper "
+                f"layers: {why}. Subclass it and implement split_blocks / forward_lower / forward_upper, or turn "
+                "cache_activations off"
+            )
+        return transformer
+
+    def split_blocks(self) -> list[nn.Module]:
+        """The transformer's embeddings, then each of its layers.
+
+        Raises:
+            TypeError: for a transformer other than BERT, or parameters after it (a ``Dense`` module).
+        """
+        transformer = self._transformer()
+        return [transformer.embeddings, *transformer.encoder.layer]
+
+    def forward_lower(self, tokens: Mapping[str, Tensor], block: int) -> dict[str, Tensor]:
+        """The input of block ``block`` (the embeddings and layers ``[:block - 1]``) as a token batch:
+        ``{"hidden_states": (batch, tokens, width), "attention_mask": (batch, tokens)}``."""
+        transformer = self._transformer()
+        mask = tokens["attention_mask"]
+        hidden = transformer.embeddings(input_ids=tokens["input_ids"], token_type_ids=tokens.get("token_type_ids"))
+        return {"hidden_states": _run_layers(transformer, hidden, mask, 0, block - 1), "attention_mask": mask}
+
+    def forward_upper(self, hidden: Mapping[str, Tensor], block: int) -> Tensor:
+        """Sentence embeddings from ``hidden`` (the token batch of :meth:`forward_lower`): layers ``[block - 1:]``,
+        then the sentence-transformers modules after the transformer (pooling)."""
+        transformer = self._transformer()
+        mask = hidden["attention_mask"]
+        states = _run_layers(transformer, hidden["hidden_states"], mask, block - 1, len(transformer.encoder.layer))
+        features: dict[str, Tensor] = {"token_embeddings": states, "attention_mask": mask}
+        for module in list(self.model)[1:]:
+            features = module(features)
+        return features["sentence_embedding"]
+
+
+#: Hugging Face ``model_type`` s whose layers :class:`SentenceTransformerTextEncoder` runs apart (absolute position
+#: embeddings, each layer a function of the hidden states and the attention mask only).
+SPLITTABLE_TEXT_MODELS = ("bert",)
+
+
+def _run_layers(transformer: nn.Module, hidden: Tensor, mask: Tensor, start: int, stop: int) -> Tensor:
+    """Layers ``[start:stop]`` of a BERT-family ``transformer`` on ``hidden``, with the attention mask its own
+    ``forward`` builds from ``mask`` (``(batch, tokens)``)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    attention = create_bidirectional_mask(config=transformer.config, inputs_embeds=hidden, attention_mask=mask)
+    for layer in transformer.encoder.layer[start:stop]:
+        out = layer(hidden, attention)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def _unrolled(module: nn.Module, unroll: bool) -> Iterator[nn.Module]:
+    """``module``, or with ``unroll`` the leaves of its nesting of plain ``nn.Sequential`` s, in order."""
+    if unroll and type(module) is nn.Sequential:
+        for child in module:
+            yield from _unrolled(child, True)
+    else:
+        yield module

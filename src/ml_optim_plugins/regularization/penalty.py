@@ -19,12 +19,9 @@ from ml_optim_plugins.regularization.variational import variational_kl, variatio
 class PenaltyCallback(Callback):
     """Base of callbacks that add ``penalty(module)`` to the loss, acting on gradients once per optimizer step.
 
-    A callback cannot change the loss that ``training_step`` returns, but it can add the penalty's gradient to the
-    parameters' gradients, which is the same thing for the optimizer: in ``on_before_optimizer_step`` (after
-    backward, after gradient accumulation, after DDP averaged the gradients and AMP unscaled them, before gradient
-    clipping) it computes ``torch.autograd.grad(penalty, params)`` and adds it to ``.grad``. The penalty depends only
-    on the weights, which are identical on every rank, so every rank adds the same gradient; under accumulation it is
-    counted once per step, as if it were added to the mean loss of the step. The logged ``train/loss`` does not include
+    In ``on_before_optimizer_step`` (after accumulation, DDP averaging and AMP unscaling, before clipping) it adds
+    ``torch.autograd.grad(penalty, params)`` to the parameters' gradients, which for the optimizer is the same as
+    adding the penalty to the step's mean loss (docs/regularization.md). The logged ``train/loss`` does not include
     it; the penalty is logged under its own name.
 
     Subclasses implement :meth:`penalty` and :meth:`select_parameters`.

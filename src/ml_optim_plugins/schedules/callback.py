@@ -25,31 +25,14 @@ from ml_optim_plugins.schedules.schedule import WarmupDecaySchedule
 class WarmupDecay(Callback):
     """Learning-rate warmup and decay for the optimizers a LightningModule already configures.
 
-    No change to ``configure_optimizers``: the callback sets each param group's ``lr`` before every optimizer step
-    from the group's own base LR (its ``lr`` when training starts, times an optional multiplier by module name) and a
-    :class:`~ml_optim_plugins.WarmupDecaySchedule`.
-
-    When each hook acts:
-
-    * ``on_fit_start`` (optimizers exist, nothing trained yet): checks that every ``lr_multipliers`` key matches a
-      parameter, derives ``total_steps`` from the Trainer when not
-      given (``trainer.estimated_stepping_batches``: ``max_steps``, or ``max_epochs`` x batches / accumulation),
-      validates the schedule against it and every group's base LR, refuses a scheduler already attached to a driven
-      optimizer, splits groups that span modules with different multipliers, and names unnamed groups so that
-      ``LearningRateMonitor`` logs stable keys (``lr-AdamW/encoders.image``).
-    * ``on_before_optimizer_step``: sets the LRs for this optimizer step and counts it. This hook runs once per real
-      step, so gradient accumulation is handled (micro-batches are not steps), and per optimizer, so several
-      optimizers (manual optimization) each follow the schedule on their own step count. An optimizer that calls
-      its closure several times per step (LBFGS) is counted once per step.
-    * ``on_train_batch_start`` / ``on_train_batch_end``: keep the LRs current between steps, so monitors and loggers
-      read the LR that the next step will use.
-
-    A param group that appears in the optimizer during training (an unfrozen encoder) is detected before the next
-    step and gets its own warmup from that step (``late_warmup_steps``); :meth:`restart_warmup` does the same for a
-    group that was present but gated; with :meth:`set_base_lr`, :meth:`check_base_lr` and :meth:`drives` it makes
-    the :class:`~ml_optim_plugins.schedules.LRDriver` protocol that staged finetuning asks. Under ``fast_dev_run`` the
-    schedule is not applied. Everything is in
-    :meth:`state_dict`, so a run resumed from any checkpoint follows the same LR trajectory as one that never stopped.
+    No change to ``configure_optimizers``: before every optimizer step (once per real step, per optimizer) the
+    callback sets each param group's ``lr`` from the group's own base LR (its ``lr`` when training starts, times an
+    optional multiplier by module name) and a :class:`~ml_optim_plugins.WarmupDecaySchedule`. At ``on_fit_start`` it
+    derives ``total_steps`` from the Trainer when not given, checks the schedule against the run, and splits and names
+    param groups so ``LearningRateMonitor`` logs stable keys. A param group that joins mid-run gets its own warmup; with
+    :meth:`restart_warmup`, :meth:`set_base_lr`, :meth:`check_base_lr` and :meth:`drives` it implements the
+    :class:`~ml_optim_plugins.schedules.LRDriver` protocol. Its :meth:`state_dict` resumes the LR trajectory exactly.
+    docs/schedules.md describes each hook.
 
     Args:
         schedule: the warmup + decay; or give its arguments as keywords (``warmup_steps=100, decay="cosine"``).
