@@ -12,9 +12,9 @@ SEED_ENV = "PL_GLOBAL_SEED"  # set by Lightning's seed_everything in every proce
 
 
 def run_seed() -> int:
-    """The run's seed, the same in every process: the one ``seed_everything`` set (``PL_GLOBAL_SEED``), else torch's
-    initial seed (the same in every process that never seeded). Unlike ``torch.initial_seed()``, unchanged by
-    :func:`seed_per_rank`.
+    """The run's seed: the one ``seed_everything`` set (``PL_GLOBAL_SEED``, the same in every process it seeded), else
+    torch's initial seed (random per process when nothing seeded it: under DDP the data modules then take rank 0's).
+    Unlike ``torch.initial_seed()``, unchanged by :func:`seed_per_rank`.
 
     Example:
         >>> _ = torch.manual_seed(3)

@@ -1,7 +1,11 @@
 """MultimodalDataModule under a distributed Trainer: the val / test loaders give each rank its share of the split,
-every sample exactly once (no padding), and a split smaller than the process count is refused with a clear error."""
+every sample exactly once (no padding), and a split smaller than the process count is refused with a clear error;
+the training loader shares each epoch out from one seed."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -42,3 +46,14 @@ def test_a_split_smaller_than_the_process_count_is_refused():
     data = attached(pl.Trainer(accelerator="cpu", devices=3, strategy="ddp", logger=False), val_size=2)
     with pytest.raises(ValueError, match=r"the val split has 2 sample\(s\) for 3 processes; .*at least 3 samples"):
         data.val_dataloader()
+
+
+def test_unseeded_ranks_share_each_training_epoch_without_overlap(run_ddp_ranks, tmp_path):
+    """Without seed_everything each process starts with its own random torch seed; the training order still comes
+    from one seed (rank 0's), so the two ranks' shares of each epoch are disjoint and cover the split."""
+    run_ddp_ranks(str(Path(__file__).with_name("ddp_shuffle.py")), str(tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["seed"] != rank1["seed"]  # the case under test: the processes' own seeds differ
+    for epoch in ("0", "1"):
+        assert sorted(rank0["seen"][epoch] + rank1["seen"][epoch]) == list(range(12)), epoch
+    assert rank0["seen"]["0"] != rank0["seen"]["1"]  # a new order each epoch

@@ -208,7 +208,12 @@ class MultimodalDataModule(pl.LightningDataModule):
         if shuffle:
             shares = {} if self.trainer is None else self.trainer.distributed_sampler_kwargs or {}
             shares = {key: shares[key] for key in ("num_replicas", "rank") if key in shares}
-            sampler, shuffle = EpochShuffle(len(self.datasets[split]), run_seed(), **shares), False
+            seed = run_seed()
+            if shares.get("num_replicas", 1) > 1:
+                # Rank 0's: without seed_everything (or with a random seed per process) each process has its own,
+                # and their shares of differently shuffled epochs would overlap. Every rank builds this loader.
+                seed = self.trainer.strategy.broadcast(seed, src=0)
+            sampler, shuffle = EpochShuffle(len(self.datasets[split]), seed, **shares), False
         return loader(
             self.datasets[split],
             batch_size=self.batch_size,
