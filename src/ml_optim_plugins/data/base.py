@@ -62,8 +62,8 @@ class EpochShuffle(DistributedSampler):
         # loader can make its iterator before Lightning's set_epoch (torchdata's, when asked for its state first).
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator).tolist()
-        order += (order * -(-self.total_size // max(self.size, 1)))[: self.total_size - self.size]
-        yield from order[self.rank : self.total_size : self.num_replicas]
+        repeats = -(-self.total_size // max(self.size, 1))  # padded with its first samples, as DistributedSampler is
+        yield from (order * repeats)[self.rank : self.total_size : self.num_replicas]
 
 
 class MultimodalDataModule(pl.LightningDataModule):

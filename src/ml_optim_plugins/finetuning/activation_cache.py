@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ml_optim_plugins.batch_slicing import select_samples
+from ml_optim_plugins.batch_slicing import select_samples, slice_batch
 from ml_optim_plugins.finetuning.sample_cache import SampleCache, SampleStore, device_of, fingerprint_of
 from ml_optim_plugins.multimodal.contract import SplittableEncoder
 
@@ -307,7 +307,7 @@ class ActivationCache(SampleCache):
     def _check_split(self, modality: str, encoder: nn.Module, inputs: Any, block: int) -> None:
         """Raise unless ``forward_upper`` of the cached form of ``forward_lower`` gives ``forward`` (in ``eval()``) on
         the batch's first samples."""
-        sample = select_samples(inputs, torch.arange(min(4, len(_first_tensor(inputs)))))
+        sample = slice_batch(inputs, 4)
         modes = [(m, m.training) for m in encoder.modules()]
         encoder.eval()
         try:
@@ -334,10 +334,3 @@ class ActivationCache(SampleCache):
         cached, _ = store.get(ids)
         self._compare(modality, cached, fresh.cpu())
 
-
-def _first_tensor(inputs: Any) -> Tensor:
-    if isinstance(inputs, Tensor):
-        return inputs
-    if isinstance(inputs, Mapping):
-        return next(value for value in inputs.values() if isinstance(value, Tensor))
-    raise TypeError(f"ActivationCache: inputs of type {type(inputs).__name__}; expected a tensor or a mapping of them")
