@@ -32,11 +32,11 @@ if __name__ == "__main__":
     plan = StagedFinetuning([Stage(), Stage(trainable=["image", "text[-2:]"], warmup_steps=2, **trigger)],
                             cache_features=True)
     if mode == "nosync":
-        plan._sync_gradients = lambda trainer, params: None
+        plan.unregistered.sync = lambda trainer, params: None
     sync_calls = []
     if mode == "accumulate":
-        sync = plan._sync_gradients
-        plan._sync_gradients = lambda trainer, params: (sync_calls.append(trainer.global_step), sync(trainer, params))
+        sync = plan.unregistered.sync
+        plan.unregistered.sync = lambda trainer, params: (sync_calls.append(trainer.global_step), sync(trainer, params))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=3 if mode == "plateau" else 2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -48,7 +48,7 @@ if __name__ == "__main__":
     before = {n: p.detach().flatten().tolist() for n, p in model.named_parameters()}
     trainer.fit(model, train_dataloaders=loader(batch_size=4, shuffle=True), val_dataloaders=loader(n=16))
     after = {n: p.detach().flatten().tolist() for n, p in model.named_parameters()}
-    unsynced = sorted(n for n, p in model.named_parameters() if any(p is q for q in plan._unsynced))
+    unsynced = sorted(n for n, p in model.named_parameters() if any(p is q for q in plan.unregistered.params))
     result = {"before": before, "after": after, "unsynced": unsynced, "stage": plan.stage_index,
               "boundaries": plan.boundaries, "hits": plan.cache.stats(), "sync_calls": sync_calls}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

@@ -9,25 +9,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ml_optim_plugins.finetuning.activation_cache import ActivationCache, activation_splits
+from ml_optim_plugins.finetuning.activation_cache import ActivationCache
 from ml_optim_plugins.finetuning.cache import FeatureCache
-from ml_optim_plugins.finetuning.ddp import accumulating, average_gradients, check_strategy, ddp_model
+from ml_optim_plugins.finetuning.ddp import UnregisteredGradients, check_strategy
 from ml_optim_plugins.finetuning.freeze import freeze, frozen_modules, keep_in_eval, make_trainable
 from ml_optim_plugins.finetuning.lr_gating import GatedParamGroups
 from ml_optim_plugins.finetuning.plan import FinetuningPlan, check_stages, managed_selectors
 from ml_optim_plugins.finetuning.stage import Stage, fresh_plateau, update_plateau
+from ml_optim_plugins.finetuning.stage_caches import StageCaches
 from ml_optim_plugins.lightning_internals import val_dataloader_defined
 from ml_optim_plugins.logger_metrics import log_to_loggers
-from ml_optim_plugins.multimodal.contract import (
-    modality_module_names,
-    supports_activation_cache,
-    supports_feature_cache,
-)
+from ml_optim_plugins.multimodal.contract import modality_module_names
 from ml_optim_plugins.schedules import lr_driver, place_before_lr_drivers
 
 
@@ -94,21 +90,18 @@ class StagedFinetuning(Callback):
         if stages is not None:
             check_stages(self.stages)
         self.modules = None if modules is None else list(modules)
-        self.cache_features = cache_features
+        self.cache_features, self.cache_activations = cache_features, cache_activations
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.verify_cache = verify_cache
-        self.cache_activations = cache_activations
         self.stage_index = 0
         self.boundaries: list[dict[str, Any]] = []
         self.plan: FinetuningPlan | None = None  # resolved at setup
-        self.cache: FeatureCache | None = None
-        self.activation_cache: ActivationCache | None = None
+        self.caches = StageCaches(cache_features, cache_activations, self.cache_dir, verify_cache)
         self._fitting = True  # False in validate / test runs, which must not take a checkpoint's stage state
         self._plateau = fresh_plateau()
         self._restored_plateau: dict[str, Any] | None = None
         self._groups: GatedParamGroups | None = None
-        self._registered: set[int] | None = None  # what DDP synchronises (None: no DDP)
-        self._unsynced: list[nn.Parameter] = []  # trainable parameters that DDP does not synchronise
+        self.unregistered = UnregisteredGradients()  # trainable parameters that DDP does not synchronise
         self._eval_modules: list[nn.Module] = []
 
     # ------------------------------------------------------------------ override hooks
@@ -133,6 +126,16 @@ class StagedFinetuning(Callback):
         restored one) and at each stage boundary. Default: nothing."""
 
     # ------------------------------------------------------------------ stages
+    @property
+    def cache(self) -> FeatureCache | None:
+        """The feature cache (``cache_features``; built at setup)."""
+        return self.caches.features
+
+    @property
+    def activation_cache(self) -> ActivationCache | None:
+        """The activation cache (``cache_activations``; built at setup)."""
+        return self.caches.activations
+
     @property
     def stage(self) -> Stage:
         """The current stage."""
@@ -159,29 +162,18 @@ class StagedFinetuning(Callback):
         previous, was_eval = self.plan.trainable[self.stage_index], self._eval_modules
         self.stage_index = index
         self._apply_freeze(pl_module, index)
-        if self.activation_cache is not None:
-            encoders = pl_module.modality_encoders()
-            self.activation_cache.follow_frozen(encoders, self.plan.trainable[index])
-            self._eval_modules += self.activation_cache.frozen_blocks(encoders)  # parameter-free modules too
+        trainable = self.plan.trainable[index]
+        self._eval_modules += self.caches.follow(pl_module, trainable)
         for module in was_eval:  # unfrozen modules follow the model's mode again
             module.train(pl_module.training)
         keep_in_eval(self._eval_modules)
         self._groups.enter(index, previous, initial)
-        trainable = self.plan.trainable[index]
-        self._unsynced = []
-        if self._registered is not None:
-            unsynced = sorted(trainable - self._registered, key=self.plan.names.get)
-            self._unsynced = [self.plan.params[p] for p in unsynced]
-        if self.cache is not None:
-            self.cache.follow_frozen(pl_module.modality_encoders(), trainable)
+        self.unregistered.follow(self.plan, trainable)
         self._plateau = fresh_plateau()
         if not (initial and self.boundaries):  # resumed: the boundary is on record
             epoch, step = trainer.current_epoch, trainer.global_step
             self.boundaries.append({"stage": index, "name": self.stage_name(index), "epoch": epoch, "step": step})
-            splits = {} if self.activation_cache is None else self.activation_cache.splits
-            rank_zero_info(self.plan.describe(index, epoch, step)
-                           + (f"; lower blocks' activations cached (modality: first trainable block) {splits}"
-                              if splits else ""))
+            rank_zero_info(self.plan.describe(index, epoch, step) + self.caches.describe())
             if not initial:
                 log_to_loggers(trainer, {"finetuning/stage": index})
                 for callback in trainer.early_stopping_callbacks if self.reset_early_stopping else []:
@@ -196,12 +188,7 @@ class StagedFinetuning(Callback):
         ):
             self._enter(trainer, pl_module, self.stage_index + 1)
         keep_in_eval(self._eval_modules)
-        self._set_split("train")
-
-    def _set_split(self, split: str, dataloader_idx: int = 0) -> None:
-        for cache in (self.cache, self.activation_cache):
-            if cache is not None:
-                cache.split = split if dataloader_idx == 0 else f"{split}{dataloader_idx}"
+        self.caches.set_split("train")
 
     # ------------------------------------------------------------------ hooks: setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -212,66 +199,21 @@ class StagedFinetuning(Callback):
         managed = self.managed_modules(pl_module, modalities)
         self.plan = FinetuningPlan.resolve(pl_module, self.build_stages(pl_module, modalities), managed, modalities)
         place_before_lr_drivers(trainer.callbacks, self)  # it splits the groups before the driver registers them
-        if self.cache_features:
-            if not supports_feature_cache(pl_module):
-                raise MisconfigurationException(
-                    f"StagedFinetuning(cache_features=True) needs a module that encodes through encode_modality() and "
-                    f"has a feature_cache attribute (ModalityAwareMixin); {type(pl_module).__name__} has not"
-                )
-            directory = None if self.cache_dir is None else self.cache_dir / f"rank{trainer.global_rank}"
-            self.cache = FeatureCache(directory, verify=self.verify_cache)
-            pl_module.feature_cache = self.cache
-        if self.cache_activations:
-            self.activation_cache = self._activation_cache(trainer, pl_module)
+        self.caches.setup(trainer, pl_module, self.plan)
         # Before DDP wraps the model: it registers the first stage's trainable parameters, also when resuming (the
         # restored stage is entered at on_fit_start), so fresh and resumed runs synchronise the same way.
         self._apply_freeze(pl_module, 0)
         for warning in self.plan.random_frozen_encoders(pl_module):
             rank_zero_warn(warning)
 
-    def _activation_cache(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ActivationCache:
-        """The activation cache, after checking at setup that every stage's split is possible and safe."""
-        assert self.plan is not None
-        if not supports_activation_cache(pl_module):
-            raise MisconfigurationException(
-                "StagedFinetuning(cache_activations=True) needs a module that encodes through encode_modality() and "
-                f"has an activation_cache attribute (ModalityAwareMixin); {type(pl_module).__name__} has not"
-            )
-        augment = getattr(trainer.datamodule, "hparams", {}).get("augment", False)
-        for index, trainable in enumerate(self.plan.trainable):
-            try:
-                splits = activation_splits(pl_module.modality_encoders(), trainable)
-            except (TypeError, ValueError) as err:
-                raise MisconfigurationException(
-                    f"StagedFinetuning(cache_activations=True): stage {index} ({self.stage_name(index)}) trains only "
-                    f"part of an encoder, whose frozen lower blocks would be cached, but {err}"
-                ) from err
-            if "image" in splits and augment:
-                raise MisconfigurationException(
-                    f"StagedFinetuning(cache_activations=True): stage {index} ({self.stage_name(index)}) would cache "
-                    f"the image encoder's lower blocks, but {type(trainer.datamodule).__name__} augments the training "
-                    "images (augment=True), so they differ in every epoch. Set augment=False in the data module, or "
-                    "cache_activations=False"
-                )
-        directory = None if self.cache_dir is None else self.cache_dir / "activations" / f"rank{trainer.global_rank}"
-        cache = ActivationCache(directory, verify=self.verify_cache)
-        pl_module.activation_cache = cache
-        return cache
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.cache is not None and getattr(pl_module, "feature_cache", None) is self.cache:
-            pl_module.feature_cache = None
-        if stage == "fit" and self.activation_cache is not None:
-            if getattr(pl_module, "activation_cache", None) is self.activation_cache:
-                pl_module.activation_cache = None
+        if stage == "fit":
+            self.caches.teardown(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_strategy(trainer.strategy)
         assert self.plan is not None
-        ddp = ddp_model(trainer.strategy)
-        self._registered = None if ddp is None else set(self.plan.trainable[0])  # what DDP registered at wrapping
-        if ddp is not None:
-            self.plan.check_refreeze(self._registered, bool(ddp.find_unused_parameters))
+        self.unregistered.attach(trainer.strategy, self.plan)
         self.plan.check_optimized({id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]})
         self.plan.check_validation(is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0
                                    and val_dataloader_defined(trainer))
@@ -302,27 +244,18 @@ class StagedFinetuning(Callback):
                       step_start=batch_idx % max(1, trainer.accumulate_grad_batches) == 0)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.automatic_optimization and not accumulating(trainer.strategy):  # DDP too waits for the last one
-            self._sync_gradients(trainer, self._unsynced)
+        self.unregistered.after_backward(trainer, pl_module)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if pl_module.automatic_optimization or not self._unsynced:
-            return
-        # Manual optimization: once per step of this optimizer, for its own parameters.
-        raw = getattr(optimizer, "optimizer", optimizer)
-        own = {id(p) for group in raw.param_groups for p in group["params"]}
-        self._sync_gradients(trainer, [p for p in self._unsynced if id(p) in own])
-
-    def _sync_gradients(self, trainer: pl.Trainer, params: list[nn.Parameter]) -> None:
-        average_gradients(trainer.strategy, params)
+        self.unregistered.before_optimizer_step(trainer, pl_module, optimizer)
 
     # ------------------------------------------------------------------ hooks: evaluation
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._set_split("val", dataloader_idx)
+        self.caches.set_split("val", dataloader_idx)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         index = self.stage_index + 1
@@ -338,16 +271,12 @@ class StagedFinetuning(Callback):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        cache = None if self.cache is None else {"active": self.cache.active, "stats": self.cache.stats()}
-        activations = self.activation_cache
         return {
             "stage": self.stage_index,
             "stage_name": self.stage_name() if self._plan else None,
             "boundaries": [dict(b) for b in self.boundaries],
             "plateau": dict(self._plateau),
-            "cache": cache,
-            "activation_cache": None if activations is None else {"splits": activations.splits,
-                                                                  "stats": activations.stats()},
+            **self.caches.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
