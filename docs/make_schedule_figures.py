@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ml_optim_plugins import WarmupDecaySchedule  # noqa: E402
+from ml_optim_plugins.schedules import WarmupDecaySchedule
 
 TOTAL = 1000
 OUT = Path(__file__).resolve().parent / "figures" / "schedules"

@@ -12,7 +12,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ml_optim_plugins import GradientMonitor, ModalityBalancer, destroy_default_process_group
+from ml_optim_plugins import GradientMonitor, ModalityBalancer
+from ml_optim_plugins.process_group import destroy_default_process_group
 from tests.balancing.tiny import imbalanced_samples, tiny_classifier
 from tests.conftest import WeightWatch
 from tests.gradcheck.planted import CustomLightning

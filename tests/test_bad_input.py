@@ -33,11 +33,11 @@ from ml_optim_plugins import (
     SumFusion,
     TrainingCurves,
     VariationalKL,
-    VariationalLinear,
     WarmupDecay,
-    WarmupDecaySchedule,
     check_gradients,
 )
+from ml_optim_plugins.regularization import VariationalLinear
+from ml_optim_plugins.schedules import WarmupDecaySchedule
 from ml_optim_plugins.functional import agm_coefficients, elastic_net_penalty, ogm_ge_coefficients
 from ml_optim_plugins.cli import main
 from ml_optim_plugins.cli_errors import short_error

@@ -39,7 +39,7 @@ def index_block(defining: str) -> dict:
 def test_index_contract_examples_mixin_and_by_hand_are_modality_aware(name):
     import torch
 
-    from ml_optim_plugins import require_modality_aware
+    from ml_optim_plugins.multimodal import require_modality_aware
 
     model = index_block(name)[name]()
     assert isinstance(model, ModalityAware) and set(model.modality_encoders()) == {"image", "text"}

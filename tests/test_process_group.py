@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ml_optim_plugins import destroy_default_process_group
+from ml_optim_plugins.process_group import destroy_default_process_group
 from tests.conftest import gloo_threads
 
 

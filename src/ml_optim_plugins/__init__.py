@@ -29,7 +29,7 @@ from ml_optim_plugins.data import (
 )
 from ml_optim_plugins.diagnostics import CurvatureProbe, OverfitBatchCheck, RunReport, TrainingCurves
 from ml_optim_plugins.finetuning import GradualUnfreezing, LinearProbeFinetune, Stage, StagedFinetuning
-from ml_optim_plugins.gradcheck import GradCheckReport, GradientCheck, GradientMonitor, check_gradients
+from ml_optim_plugins.gradcheck import GradientCheck, GradientMonitor, check_gradients
 from ml_optim_plugins.multimodal import (
     ConcatFusion,
     Fusion,
@@ -38,24 +38,20 @@ from ml_optim_plugins.multimodal import (
     ModalityAwareMixin,
     MultimodalClassifier,
     SentenceTransformerTextEncoder,
-    SplittableEncoder,
     SumFusion,
     TimmImageEncoder,
-    require_modality_aware,
 )
 from ml_optim_plugins.prediction import PredictionWriter, Predictor
-from ml_optim_plugins.process_group import destroy_default_process_group
 from ml_optim_plugins.regularization import (
     ElasticNetPenalty,
     GaussianDropout,
     ModalityDropout,
     VariationalGaussianDropout,
     VariationalKL,
-    VariationalLinear,
     replace_dropout,
 )
 from ml_optim_plugins.resume import ExactResume
-from ml_optim_plugins.schedules import WarmupDecay, WarmupDecaySchedule, warmup_decay_scheduler
+from ml_optim_plugins.schedules import WarmupDecay, warmup_decay_scheduler
 
 __version__ = "0.1.0"
 
@@ -73,7 +69,6 @@ __all__ = [
     "SentenceTransformerTextEncoder",
     "SumFusion",
     "TimmImageEncoder",
-    "require_modality_aware",
     # Data modules
     "MVSADataModule",
     "ManifestDataModule",
@@ -81,7 +76,6 @@ __all__ = [
     "SyntheticSentimentDataModule",
     # Learning-rate warmup and decay
     "WarmupDecay",
-    "WarmupDecaySchedule",
     "warmup_decay_scheduler",
     # Regularization
     "ElasticNetPenalty",
@@ -89,10 +83,8 @@ __all__ = [
     "ModalityDropout",
     "VariationalGaussianDropout",
     "VariationalKL",
-    "VariationalLinear",
     "replace_dropout",
     # Gradient checking and gradient health
-    "GradCheckReport",
     "GradientCheck",
     "GradientMonitor",
     "check_gradients",
@@ -112,7 +104,6 @@ __all__ = [
     "ExactResume",
     "PredictionWriter",
     "Predictor",
-    "destroy_default_process_group",
 ]
 
 # Exported here up to 0.1.0, now only from their home (the functional cores from `functional`): still importable from
@@ -139,16 +130,22 @@ _MOVED: dict[str, str] = {
     **dict.fromkeys(
         ["FeatureCache", "encoder_blocks", "module_fingerprint", "select_parameters"], "ml_optim_plugins.finetuning"
     ),
-    **dict.fromkeys(["TensorCheck", "training_step_loss"], "ml_optim_plugins.gradcheck"),
-    **dict.fromkeys(["packaged_minilm_path", "resolve_text_model"], "ml_optim_plugins.multimodal"),
+    **dict.fromkeys(["GradCheckReport", "TensorCheck", "training_step_loss"], "ml_optim_plugins.gradcheck"),
+    **dict.fromkeys(
+        ["packaged_minilm_path", "require_modality_aware", "resolve_text_model"],
+        "ml_optim_plugins.multimodal",
+    ),
+    "destroy_default_process_group": "ml_optim_plugins.process_group",
     "nonfinite_policy": "ml_optim_plugins.nonfinite",
     "Prediction": "ml_optim_plugins.prediction",
     "seed_per_rank": "ml_optim_plugins.rank_seed",
     **dict.fromkeys(
-        ["DropoutReplacement", "PenaltyCallback", "regularized_parameters"], "ml_optim_plugins.regularization"
+        ["DropoutReplacement", "PenaltyCallback", "VariationalLinear", "regularized_parameters"],
+        "ml_optim_plugins.regularization",
     ),
     **dict.fromkeys(
-        ["COOLDOWN_SHAPES", "DECAY_SHAPES", "WARMUP_SHAPES", "WarmupDecayLR"], "ml_optim_plugins.schedules"
+        ["COOLDOWN_SHAPES", "DECAY_SHAPES", "WARMUP_SHAPES", "WarmupDecayLR", "WarmupDecaySchedule"],
+        "ml_optim_plugins.schedules",
     ),
 }
 

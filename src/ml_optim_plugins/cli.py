@@ -48,7 +48,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``ml-optim-plugins`` console script (``baselines`` goes to
     :func:`~ml_optim_plugins.baselines.run_baselines`, everything else to LightningCLI).
 
-    A DDP run ends by destroying its process group (:func:`~ml_optim_plugins.destroy_default_process_group`), so the
+    A DDP run ends by destroying its process group (:func:`~ml_optim_plugins.process_group.destroy_default_process_group`), so the
     process does not abort at exit; after an error the group is left alone and the error propagates. An error the
     library raised on purpose (a bad value, a missing file) is printed as one line (exit status 1); set
     ``JSONARGPARSE_DEBUG=true`` for the full traceback.

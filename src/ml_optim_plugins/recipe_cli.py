@@ -324,7 +324,7 @@ def run(args: list[str] | None = None) -> MultimodalCLI:
     """Run the CLI on ``args`` (default: ``sys.argv``) and return it, for scripts and tests.
 
     Unlike :func:`~ml_optim_plugins.cli.main` it leaves a DDP process group alive, so the caller can use the trainer further; a script that
-    calls it under DDP ends with :func:`~ml_optim_plugins.destroy_default_process_group`.
+    calls it under DDP ends with :func:`~ml_optim_plugins.process_group.destroy_default_process_group`.
     """
     return MultimodalCLI(
         MultimodalClassifier,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from ml_optim_plugins import ModalityBalancer, destroy_default_process_group
+from ml_optim_plugins import ModalityBalancer
+from ml_optim_plugins.process_group import destroy_default_process_group
 from tests.balancing.tiny import loader, tiny_classifier
 
 

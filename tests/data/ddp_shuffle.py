@@ -12,7 +12,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ml_optim_plugins import SyntheticSentimentDataModule, destroy_default_process_group
+from ml_optim_plugins import SyntheticSentimentDataModule
+from ml_optim_plugins.process_group import destroy_default_process_group
 
 
 class Recorder(pl.LightningModule):

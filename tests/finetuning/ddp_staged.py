@@ -16,7 +16,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ml_optim_plugins import Stage, StagedFinetuning, WarmupDecay, destroy_default_process_group
+from ml_optim_plugins import Stage, StagedFinetuning, WarmupDecay
+from ml_optim_plugins.process_group import destroy_default_process_group
 from tests.finetuning.tiny import loader, tiny_staged_model
 
 

@@ -10,14 +10,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
-from ml_optim_plugins import (
-    CurvatureProbe,
-    GradientCheck,
-    GradientMonitor,
-    OverfitBatchCheck,
-    TrainingCurves,
-    destroy_default_process_group,
-)
+from ml_optim_plugins import CurvatureProbe, GradientCheck, GradientMonitor, OverfitBatchCheck, TrainingCurves
+from ml_optim_plugins.process_group import destroy_default_process_group
 from tests.gradcheck.planted import CustomLightning
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from ml_optim_plugins import GradCheckReport, check_gradients
+from ml_optim_plugins import check_gradients
+from ml_optim_plugins.gradcheck import GradCheckReport
 from tests.gradcheck.planted import (
     BUGS,
     Everything,

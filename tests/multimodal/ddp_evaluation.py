@@ -29,8 +29,8 @@ from ml_optim_plugins import (
     ModalityDropout,
     MultimodalClassifier,
     SyntheticSentimentDataModule,
-    destroy_default_process_group,
 )
+from ml_optim_plugins.process_group import destroy_default_process_group
 
 GLOBAL_BATCH = 8
 VOCAB = 30522  # all-MiniLM-L6-v2's tokenizer

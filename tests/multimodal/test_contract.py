@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from ml_optim_plugins import ConcatFusion, ModalityAware, ModalityAwareMixin, require_modality_aware
+from ml_optim_plugins import ConcatFusion, ModalityAware, ModalityAwareMixin
+from ml_optim_plugins.multimodal import require_modality_aware
 
 
 class UsersOwnModule(pl.LightningModule):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from ml_optim_plugins import ElasticNetPenalty, VariationalKL, destroy_default_process_group
+from ml_optim_plugins import ElasticNetPenalty, VariationalKL
+from ml_optim_plugins.process_group import destroy_default_process_group
 from tests.regularization.tiny_modules import Regression
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def test_two_process_ddp_ranks_stay_identical(run_ddp_ranks, tmp_path):
 
 
 def test_variational_noise_parameters_and_tied_weights():
-    from ml_optim_plugins import VariationalGaussianDropout, VariationalLinear
+    from ml_optim_plugins import VariationalGaussianDropout
+    from ml_optim_plugins.regularization import VariationalLinear
 
     model = torch.nn.Sequential(VariationalLinear(4, 4), VariationalGaussianDropout(4))
     assert list(regularized_parameters(model)) == ["0.weight"]

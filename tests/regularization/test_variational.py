@@ -8,11 +8,8 @@ import math
 import pytest
 import torch
 
-from ml_optim_plugins import (
-    VariationalGaussianDropout,
-    VariationalKL,
-    VariationalLinear,
-)
+from ml_optim_plugins import VariationalGaussianDropout, VariationalKL
+from ml_optim_plugins.regularization import VariationalLinear
 from ml_optim_plugins.functional import kl_kingma, kl_molchanov, variational_kl
 
 LOG_ALPHAS = [-6.0, -3.0, -1.0, -0.2, 0.0, 1.0, 3.0, 6.0]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ml_optim_plugins import VariationalLinear
+from ml_optim_plugins.regularization import VariationalLinear
 
 
 class Regression(pl.LightningModule):

@@ -10,7 +10,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ml_optim_plugins import WarmupDecay, destroy_default_process_group
+from ml_optim_plugins import WarmupDecay
+from ml_optim_plugins.process_group import destroy_default_process_group
 from tests.schedules.tiny_modules import AddGroupAt, LRRecorder, TwoLayer
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from ml_optim_plugins import WarmupDecay, WarmupDecaySchedule
+from ml_optim_plugins import WarmupDecay
+from ml_optim_plugins.schedules import WarmupDecaySchedule
 from tests.schedules.tiny_modules import AddGroupAt, LRRecorder, TwoLayer, TwoOptimizers
 
 

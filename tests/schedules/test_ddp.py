@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_optim_plugins import WarmupDecaySchedule
+from ml_optim_plugins.schedules import WarmupDecaySchedule
 
 SCRIPT = Path(__file__).with_name("ddp_lrs.py")
 

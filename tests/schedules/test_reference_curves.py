@@ -8,7 +8,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from transformers import get_scheduler
 
-from ml_optim_plugins import WarmupDecaySchedule
+from ml_optim_plugins.schedules import WarmupDecaySchedule
 
 BASE = 3e-4
 TOL = 1e-6 * BASE  # 1e-6 relative to the peak LR

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ml_optim_plugins import WarmupDecaySchedule, warmup_decay_scheduler
+from ml_optim_plugins import warmup_decay_scheduler
+from ml_optim_plugins.schedules import WarmupDecaySchedule
 from ml_optim_plugins.schedules import WarmupDecayLR
 from tests.schedules.tiny_modules import AddGroupAt, LRRecorder, TwoLayer
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ml_optim_plugins import WarmupDecaySchedule
+from ml_optim_plugins.schedules import WarmupDecaySchedule
 from ml_optim_plugins.functional import warmup_factor
 from ml_optim_plugins.schedules import DECAY_SHAPES, WARMUP_SHAPES
 

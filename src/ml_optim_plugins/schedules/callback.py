@@ -27,7 +27,7 @@ class WarmupDecay(Callback):
 
     No change to ``configure_optimizers``: before every optimizer step (once per real step, per optimizer) the
     callback sets each param group's ``lr`` from the group's own base LR (its ``lr`` when training starts, times an
-    optional multiplier by module name) and a :class:`~ml_optim_plugins.WarmupDecaySchedule`. At ``on_fit_start`` it
+    optional multiplier by module name) and a :class:`~ml_optim_plugins.schedules.WarmupDecaySchedule`. At ``on_fit_start`` it
     derives ``total_steps`` from the Trainer when not given, checks the schedule against the run, and splits and names
     param groups so ``LearningRateMonitor`` logs stable keys. A param group that joins mid-run gets its own warmup; with
     :meth:`restart_warmup`, :meth:`set_base_lr`, :meth:`check_base_lr` and :meth:`drives` it implements the
@@ -40,7 +40,7 @@ class WarmupDecay(Callback):
             ``{"encoders.image": 0.1, "encoders.text": 0.3}``; the most specific match wins.
         late_warmup_steps: warmup of groups that join mid-run; defaults to the schedule's warmup length.
         optimizers: indices (in ``trainer.optimizers``) of the optimizers to drive; default all.
-        **schedule_args: arguments of :class:`~ml_optim_plugins.WarmupDecaySchedule` when ``schedule`` is None.
+        **schedule_args: arguments of :class:`~ml_optim_plugins.schedules.WarmupDecaySchedule` when ``schedule`` is None.
 
     Raises:
         ValueError: bad schedule arguments (at construction); a warmup longer than training, a ``min_lr`` above a

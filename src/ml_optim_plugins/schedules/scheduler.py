@@ -86,9 +86,9 @@ def warmup_decay_scheduler(
 
     Args:
         optimizer: the optimizer to drive; each group keeps its own base LR (its current ``lr``).
-        schedule: a :class:`~ml_optim_plugins.WarmupDecaySchedule`; or give its arguments as keywords instead.
+        schedule: a :class:`~ml_optim_plugins.schedules.WarmupDecaySchedule`; or give its arguments as keywords instead.
         last_epoch: torch's resume index (``-1`` for a fresh start).
-        **schedule_args: arguments of :class:`~ml_optim_plugins.WarmupDecaySchedule` when ``schedule`` is None.
+        **schedule_args: arguments of :class:`~ml_optim_plugins.schedules.WarmupDecaySchedule` when ``schedule`` is None.
 
     Returns:
         A :class:`WarmupDecayLR`.

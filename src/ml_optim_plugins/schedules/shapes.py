@@ -140,7 +140,7 @@ def decay_lr(
     cooldown: str = "linear",
 ) -> float:
     """The learning rate at ``step >= warmup_steps`` for decay shape ``decay`` (no argument checking: see
-    :class:`~ml_optim_plugins.WarmupDecaySchedule`, which validates and documents each argument).
+    :class:`~ml_optim_plugins.schedules.WarmupDecaySchedule`, which validates and documents each argument).
 
     Example:
         >>> decay_lr(10, 1.0, 0.0, decay="linear", warmup_steps=0, total_steps=20)
