@@ -3,11 +3,17 @@ whose processes start together (tests/launcher.py)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Image check verdicts of the tests' generated files go to a temporary folder, not the user's cache.
-os.environ.setdefault("ML_OPTIM_PLUGINS_CACHE", __import__("tempfile").mkdtemp(prefix="mop-cache-"))
+# Image check verdicts of the tests' generated files go to a temporary folder, not the user's cache; removed when the
+# session ends (subprocesses inherit the variable and finish before it).
+if "ML_OPTIM_PLUGINS_CACHE" not in os.environ:
+    os.environ["ML_OPTIM_PLUGINS_CACHE"] = tempfile.mkdtemp(prefix="mop-cache-")
+    atexit.register(shutil.rmtree, os.environ["ML_OPTIM_PLUGINS_CACHE"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
