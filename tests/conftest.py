@@ -187,6 +187,17 @@ def preloaded_python():
     python.close()
 
 
+DDP_FIXTURES = {"run_ddp_ranks", "run_ddp_cli", "start_ddp_process"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts DDP processes through the fixtures below as ``ddp`` (``pytest -m ddp``); the tests
+    that go through Lightning's own launcher carry the mark themselves."""
+    for item in items:
+        if DDP_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ddp)
+
+
 @pytest.fixture
 def start_ddp_process(request: pytest.FixtureRequest) -> Start:
     """How the DDP tests start a process: forked from ``preloaded_python``, so it imports nothing (a fresh interpreter

@@ -96,6 +96,7 @@ def test_unknown_config_key_is_rejected_before_training(tiny_config, capsys):
     assert "no_such_option" in capsys.readouterr().err
 
 
+@pytest.mark.ddp
 def test_two_process_ddp_fit_on_cpu(tiny_config, run_cli_subprocess, tmp_path):
     # 32 samples, batch 8, 2 processes: each rank sees 16 samples, so an epoch is 2 optimizer steps, not 4.
     result = run_cli_subprocess(

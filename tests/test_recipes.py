@@ -84,6 +84,7 @@ def shrink(name: str, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.ddp
 def test_the_image_pretraining_recipe_trains_with_two_process_ddp(tmp_path, run_cli_subprocess):
     config = shrink("pretrain_image", tmp_path)
     # One process started, as a user does: Lightning's launcher starts the second (tests/test_cli.py too).
