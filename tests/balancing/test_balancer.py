@@ -132,6 +132,32 @@ def test_bad_arguments(kwargs, message):
         ModalityBalancer(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "method, kwargs, warned",
+    [
+        ("mmpareto", {"alpha": 0.9}, ["alpha=0.9 (used by ogm_ge, ogm, agm)"]),
+        ("ogm_ge", {"gamma": 2.0, "clamp": None}, ["clamp=None (used by agm)", "gamma=2.0 (used by mmpareto)"]),
+        ("agm", {"smooth": True, "seed": 3}, ["smooth=True (used by ogm_ge, ogm)", "seed=3 (used by ogm_ge)"]),
+        ("ogm", {"seed": 3}, ["seed=3 (used by ogm_ge)"]),
+    ],
+)
+def test_an_argument_the_method_does_not_use_is_warned_about(method, kwargs, warned):
+    with pytest.warns(UserWarning, match=rf"ModalityBalancer\(method='{method}'\) ignores") as record:
+        ModalityBalancer(method, **kwargs)
+    (message,) = [str(w.message) for w in record if "ignores" in str(w.message)]
+    assert all(part in message for part in warned), message
+    assert message.count("(used by") == len(warned)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_defaults_and_the_methods_own_arguments_are_not_warned_about(method, recwarn):
+    own = {"ogm_ge": {"alpha": 0.2, "smooth": True, "seed": 4}, "ogm": {"alpha": 0.2, "smooth": True},
+           "agm": {"alpha": 0.2, "clamp": [0.1, 10.0], "max_gap": 2.0}, "mmpareto": {"gamma": 1.1}}[method]
+    ModalityBalancer(method, **own)
+    ModalityBalancer(method, alpha=0.5, clamp=(0.1, 10.0), gamma=1.5, seed=0, smooth=False, max_gap=None)  # defaults
+    assert not [w for w in recwarn if "ignores" in str(w.message)]
+
+
 def test_conv_only_selection_on_linear_encoders_is_an_error(make_diag_trainer):
     trainer = make_diag_trainer(max_steps=1, callbacks=[ModalityBalancer(parameters="conv")], num_sanity_val_steps=0)
     with pytest.raises(ValueError, match=r"selects no parameter of the encoders \['a', 'b'\]"):

@@ -41,6 +41,25 @@ def _check_clamp(clamp: Sequence[float]) -> tuple[float, float]:
         raise ValueError(f"clamp must be (low, high) with 0 < low <= 1 <= high, got {clamp} ({err})") from None
 
 
+def _ignored_arguments(method: str, given: dict[str, Any]) -> list[str]:
+    """The method hyperparameters in ``given`` that ``method`` does not take but that differ from their default, each
+    as ``"name=value (used by ...)"``: set by the user for another method, and silently without effect otherwise."""
+    defaults = inspect.signature(ModalityBalancer.__init__).parameters
+    users = {name: [m for m, cls in METHODS.items() if name in inspect.signature(cls).parameters] for name in given}
+    return [
+        f"{name}={value!r} (used by {', '.join(users[name])})"
+        for name, value in given.items()
+        if name not in inspect.signature(METHODS[method]).parameters
+        and not _same(value, defaults[name].default)
+    ]
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(value, Sequence) and isinstance(default, Sequence) and not isinstance(value, str):
+        return len(value) == len(default) and all(v == d for v, d in zip(value, default))
+    return bool(value == default)
+
+
 class ModalityBalancer(Callback):
     """Balances the modalities of a multimodal model by changing its encoders' gradients at each optimizer step.
 
@@ -81,6 +100,9 @@ class ModalityBalancer(Callback):
             the module's choice.
         max_gap: AGM: the cap on ``t_u - r_u`` before ``alpha`` (see :func:`~ml_optim_plugins.functional.agm_coefficients`);
             ``None``: no cap.
+
+    An argument that the chosen method does not use (``alpha`` with ``"mmpareto"``, ``gamma`` with ``"ogm_ge"``) and
+    that differs from its default gives a warning at construction naming it and the methods that use it.
 
     Raises:
         ValueError: at construction, for a bad argument (NaN and infinities included); at fit start, for a module with
@@ -144,6 +166,12 @@ class ModalityBalancer(Callback):
         hyperparameters = {"alpha": alpha, "smooth": smooth, "seed": seed, "clamp": self.clamp,
                            "max_gap": self.max_gap, "gamma": gamma}
         accepted = inspect.signature(METHODS[method]).parameters
+        given = {"alpha": alpha, "smooth": smooth, "seed": seed, "clamp": clamp, "max_gap": max_gap, "gamma": gamma}
+        ignored = _ignored_arguments(method, given)
+        if ignored:
+            rank_zero_warn(f"ModalityBalancer(method={method!r}) ignores {'; '.join(ignored)}: remove "
+                           f"{'it' if len(ignored) == 1 else 'them'}, or choose a method that uses "
+                           f"{'it' if len(ignored) == 1 else 'them'}")
         #: The :class:`BalancingMethod` that does the per-step work, built from the arguments its ``__init__`` names.
         self.balancing_method = METHODS[method](**{k: v for k, v in hyperparameters.items() if k in accepted})
         self.last: Stats = {}
