@@ -1,5 +1,5 @@
 """MMPareto: the functional core against hand-computed values, the callback against a from-scratch computation on
-the same batch, and clear errors; explicit per-modality scoring choices. What MMPareto shares with the other methods
+the same batch, and clear errors. What MMPareto shares with the other methods
 (accumulation, window, several optimizers, DDP, resume) is tested over all of them in test_balancer.py and
 test_ddp.py."""
 
@@ -12,10 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ml_optim_plugins import (
-    GatedFusion,
-    ModalityBalancer,
-)
+from ml_optim_plugins import ModalityBalancer
 from ml_optim_plugins.balancing import mmpareto_weights_from_dots
 from ml_optim_plugins.functional import mmpareto_combine, mmpareto_weights
 from tests.balancing.tiny import imbalanced_samples, loader, tiny_classifier
@@ -92,26 +89,6 @@ def test_mmpareto_needs_unimodal_losses():
         trainer.fit(tiny_classifier(), loader())
 
 
-@pytest.mark.parametrize(
-    ("fusion", "scores", "message"),
-    [
-        (GatedFusion(), "head_split", "GatedFusion couples the modalities"),
-        (None, "aux_heads", "'aux_heads' scoring needs unimodal heads"),
-    ],
-)
-def test_meaningless_scoring_choices_are_errors(fusion, scores, message):
-    model = tiny_classifier(fusion=fusion) if fusion is not None else tiny_classifier()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[ModalityBalancer("ogm", scores=scores)])
-    with pytest.raises(ValueError, match=message):
-        trainer.fit(model, loader())
-
-
-def test_unknown_scoring_is_refused_at_construction():
-    with pytest.raises(ValueError, match="expected one of auto, head_split, masking, aux_heads or None"):
-        ModalityBalancer("ogm", scores="shapley")
-
-
 def test_frozen_or_unused_encoders_are_not_reported():
     model = tiny_classifier(aux_loss_weight=1.0)
     model.encoders["b"].requires_grad_(False)
@@ -119,31 +96,3 @@ def test_frozen_or_unused_encoders_are_not_reported():
     pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[balancer]).fit(model, loader(16))
     assert set(balancer.last) == {"a"}
-
-
-@pytest.mark.parametrize("scores", ["masking", "aux_heads", "head_split"])
-def test_scoring_choices_decide_the_recorded_logits(scores):
-    model = tiny_classifier(aux_loss_weight=0.5, modality_scoring=scores)
-    batch = next(iter(loader()))
-    model.training_step(batch, 0)
-    features = model.compute_features(batch)
-    expected = {
-        "masking": model.fusion.masked_logits(features),
-        "aux_heads": {m: model.aux_heads[m](features[m]) for m in ("a", "b")},
-        "head_split": model.fusion.modality_logits(features),
-    }[scores]
-    for m in ("a", "b"):
-        assert torch.allclose(model.modality_logits[m], expected[m].detach())
-    assert not torch.allclose(model.fusion.masked_logits(features)["a"], model.fusion.modality_logits(features)["a"])
-    model.validation_step(batch, 0)  # validation's per-modality metrics use the same scoring
-    assert model.metrics["val_a"]["acc"].update_count == 1
-
-
-def test_masked_scores_are_deterministic_with_fusion_dropout():
-    from ml_optim_plugins import ConcatFusion
-
-    model = tiny_classifier(fusion=ConcatFusion(dropout=0.5))
-    model.train()
-    features = model.compute_features(next(iter(loader())))
-    first, second = model.fusion.masked_logits(features), model.fusion.masked_logits(features)
-    assert all(torch.equal(first[m], second[m]) for m in first) and model.fusion.training
