@@ -243,6 +243,37 @@ def test_a_tiny_staged_fit_trains_the_same_with_the_cache():
     assert staged.activation_cache.stats()["text"] == {"hits": 48 + 16, "misses": 48 + 16}
 
 
+def test_a_run_resumed_inside_a_cached_stage_equals_the_uninterrupted_one(tmp_path):
+    """Resumed from the checkpoint of epoch 1 (inside stage "top1", whose text activations are cached), the run rebuilds
+    the cache at the same split point from the restored lower weights and ends as the run that never stopped."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(checkpoint=None):
+        model = _tiny_model()
+        for module in model.modules():  # no dropout noise: the comparison is about the cache, not the RNG
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        staged = StagedFinetuning([Stage(name="probe"), Stage(start_epoch=1, trainable=["text[-1]"], name="top1"),
+                                   Stage(start_epoch=3, trainable=["text[-3:]"], name="top3")],
+                                  cache_features=True, cache_activations=True)
+        losses = StepLosses()
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_on_train_epoch_end=True)
+        trainer(tmp_path, max_epochs=5, callbacks=[staged, losses, saver], enable_checkpointing=True).fit(
+            model, loader(), loader(n=16), ckpt_path=checkpoint)  # in order: plain loaders do not resume a shuffle
+        return model, staged, losses.values
+
+    straight, straight_plan, straight_losses = run()
+    resumed, resumed_plan, resumed_losses = run(tmp_path / "ckpt" / "epoch=1-step=12.ckpt")
+    assert resumed_losses == straight_losses[12:]
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert resumed_plan.boundaries == straight_plan.boundaries
+    assert resumed_plan.activation_cache.splits == straight_plan.activation_cache.splits == {"text": 1}
+    # The resumed run fills its cache again in epoch 2 (48 training and 16 validation samples) and in epoch 3, where
+    # "top3" moves the split point; the uninterrupted run had filled epoch 2's rows in epoch 1.
+    assert resumed_plan.activation_cache.stats()["text"]["misses"] == 2 * (48 + 16)
+
+
 def test_a_partly_frozen_encoder_that_cannot_be_split_is_refused_at_setup():
     plan = [Stage(), Stage(start_epoch=1, trainable=["text[-1]"])]
     with pytest.raises(MisconfigurationException, match=r"stage 1 \(stage1\).*'text' encoder: TinyLayers cannot be "

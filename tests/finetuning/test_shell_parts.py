@@ -53,7 +53,8 @@ def test_caches_a_module_cannot_serve_are_refused_at_setup():
     with pytest.raises(MisconfigurationException, match="cache_features=True.*Linear has not"):
         StageCaches(features=True, activations=False).setup(RUN, plain, _plan(model, Stage()))
     partly = _plan(model, Stage(trainable=["image[-1]"]))  # TinyCNN cannot be split at a block boundary
-    with pytest.raises(MisconfigurationException, match=r"stage 0 \(stage0\) trains only part of an encoder.*TinyCNN cannot be split"):
+    refused = r"stage 0 \(stage0\) trains only part of an encoder.*TinyCNN cannot be split"
+    with pytest.raises(MisconfigurationException, match=refused):
         StageCaches(features=False, activations=True).setup(RUN, model, partly)
     assert model.activation_cache is None  # nothing handed over after a refusal
 
