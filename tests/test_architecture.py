@@ -22,8 +22,9 @@ ROOT = "__init__"  # the unit of ml_optim_plugins/__init__.py, the public API
 # subpackage of ml_optim_plugins; "may import" names layers, or one module of a unit ("multimodal.contract").
 LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "base": (
-        frozenset({"batch_slicing", "hyperparameters", "lightning_internals", "logger_metrics", "module_copy", "names",
-                   "nonfinite", "process_group", "rank_mean", "rank_seed", "resume", "step_loss", "text_models"}),
+        frozenset({"batch_slicing", "hyperparameters", "lightning_internals", "logger_metrics", "metric_names",
+                   "module_copy", "names", "nonfinite", "process_group", "rank_mean", "rank_seed", "resume", "step_loss",
+                   "text_models"}),
         frozenset({"base"}),
     ),
     "model": (frozenset({"multimodal"}), frozenset({"base"})),

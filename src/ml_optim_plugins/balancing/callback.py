@@ -15,8 +15,9 @@ from torch.optim import Optimizer
 from ml_optim_plugins.balancing.method import BalancingMethod, Stats
 from ml_optim_plugins.balancing.mmpareto_method import MMPareto
 from ml_optim_plugins.balancing.modulation import AGM, OGM, OGMGE
-from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.hyperparameters import check_integer, check_number, check_optional_number
+from ml_optim_plugins.logger_metrics import log_to_loggers
+from ml_optim_plugins.metric_names import balance_key
 from ml_optim_plugins.multimodal.contract import MODALITY_SCORINGS, require_modality_aware
 
 #: The balancing method of each ``method`` name; a new method is one more :class:`BalancingMethod` subclass here.
@@ -236,7 +237,7 @@ class ModalityBalancer(Callback):
         self.last = stats
         interval = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % interval == 0:
-            log_to_loggers(trainer, {f"balance/{m}/{k}": v for m, values in stats.items() for k, v in values.items()})
+            log_to_loggers(trainer, {balance_key(m, k): v for m, values in stats.items() for k, v in values.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method, **self.balancing_method.state_dict()}

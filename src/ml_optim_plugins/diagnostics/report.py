@@ -18,6 +18,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ml_optim_plugins.diagnostics.curves import moving_average, param_group_lrs, spans_decades
 from ml_optim_plugins.diagnostics.history import MetricHistory, Series
 from ml_optim_plugins.hyperparameters import check_integer
+from ml_optim_plugins.metric_names import (
+    GRADCHECK_FAILED_TENSORS,
+    GRADCHECK_PASSED,
+    metric_key,
+    parse_balance_key,
+    parse_metric_key,
+)
 
 HEAD_METRICS = (("acc", "accuracy"), ("f1", "macro-F1"), ("f1_weighted", "weighted-F1"))
 BALANCE_STATS = ("score", "ratio", "coefficient", "cosine", "k_multimodal", "k_unimodal")
@@ -92,7 +99,7 @@ class RunReport(Callback):
         self._take_final(trainer, "test", f"checkpoint {Path(path).name}" if path else "the weights in memory")
 
     def _take_final(self, trainer: pl.Trainer, split: str, source: str) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/") and v.numel() == 1}
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if _of_split(k, split) and v.numel() == 1}
         self.final[split] = {k.removesuffix("_epoch"): v for k, v in values.items()}
         self.final_source[split] = source
         self.padded[split] = _pads_samples(trainer.test_dataloaders if split == "test" else trainer.val_dataloaders)
@@ -104,14 +111,14 @@ class RunReport(Callback):
             self._fit_start = None
         row, source = self._selected_validation(trainer)
         if row is not None:
-            self.final["val"] = {k: v for k, v in row.items() if k.startswith("val/")}
+            self.final["val"] = {k: v for k, v in row.items() if _of_split(k, "val")}
             self.final_source["val"] = source
             self.padded["val"] = _pads_samples(trainer.val_dataloaders)
         self.write(trainer)
 
     def _selected_validation(self, trainer: pl.Trainer) -> tuple[dict[str, float] | None, str]:
         """The logged validation metrics of the checkpoint that fit selected (or of the last validation)."""
-        rows = [(step, values) for step, values in self.history.rows if any(k.startswith("val/") for k in values)]
+        rows = [(step, values) for step, values in self.history.rows if any(_of_split(k, "val") for k in values)]
         if not rows:
             return None, ""
         checkpoint = trainer.checkpoint_callback
@@ -157,7 +164,8 @@ class RunReport(Callback):
         return self.path
 
     def _plot_loss(self, out: Path, boundaries: list[dict[str, Any]]) -> str | None:
-        train = self.history.series("train/loss_step") or self.history.series("train/loss")
+        train = self.history.series(metric_key("train", "loss_step")) or self.history.series(
+            metric_key("train", "loss"))
         if not train:
             return None
         window = min(self.smoothing, len(train))
@@ -165,7 +173,8 @@ class RunReport(Callback):
         lines = {"train (logged steps)": (train, {"alpha": 0.35}),
                  f"train ({window}-point mean)": (list(zip([s for s, _ in train][window - 1:], smooth)), {})}
         for key in sorted(self.history.keys()):
-            if key.startswith("val/") and key.endswith("loss"):
+            parsed = parse_metric_key(key)
+            if parsed is not None and parsed.split == "val" and parsed.metric.endswith("loss"):
                 lines[key] = (self.history.series(key), {"marker": "o"})
         log_scale = spans_decades(v for series, _ in lines.values() for _, v in series)
         return _figure(out / "loss.png", [("loss", lines, log_scale)], boundaries)
@@ -176,8 +185,8 @@ class RunReport(Callback):
             lines = {}
             for split in ("val", "train"):
                 for key in sorted(self.history.keys()):
-                    parts = key.removesuffix("_epoch").split("/")
-                    if parts[0] == split and parts[-1] == metric and len(parts) <= 3:
+                    parsed = parse_metric_key(key)
+                    if parsed is not None and parsed.split == split and parsed.metric == metric:
                         style = {"marker": "o"} if split == "val" else {"linestyle": "--"}
                         lines[key.removesuffix("_epoch")] = (self.history.series(key), style)
             if lines:
@@ -191,10 +200,10 @@ class RunReport(Callback):
         return _figure(out / "lr.png", [("learning rate", lines, False)], boundaries)
 
     def _plot_balancing(self, out: Path, boundaries: list[dict[str, Any]]) -> str | None:
-        keys = [k for k in self.history.keys() if k.startswith("balance/")]
+        keys = {k: parsed for k in sorted(self.history.keys()) if (parsed := parse_balance_key(k)) is not None}
         panels = []
         for stat in BALANCE_STATS:
-            lines = {k.split("/")[1]: (self.history.series(k), {}) for k in sorted(keys) if k.split("/")[-1] == stat}
+            lines = {modality: (self.history.series(k), {}) for k, (modality, s) in keys.items() if s == stat}
             if lines:
                 panels.append((stat, lines, False))
         return _figure(out / "balancing.png", panels, boundaries) if panels else None
@@ -229,14 +238,14 @@ class RunReport(Callback):
             lines += ["", "## Stages", "", "| stage | name | from epoch | from step |", "|---|---|---|---|"]
             lines += [f"| {b.get('stage', i)} | {b.get('name', '')} | {b.get('epoch', '')} | {b['step']} |"
                       for i, b in enumerate(boundaries)]
-        checks = self.history.series("gradcheck/passed")
+        checks = self.history.series(GRADCHECK_PASSED)
         if checks:
-            failed = dict(self.history.series("gradcheck/failed_tensors"))
+            failed = dict(self.history.series(GRADCHECK_FAILED_TENSORS))
             lines += ["", "## Gradient checks", "", "| step | passed | failed tensors |", "|---|---|---|"]
             lines += [f"| {step} | {'yes' if value else 'NO'} | {failed.get(step, 0):.0f} |" for step, value in checks]
             lines.append("\nDetails: `gradcheck-epoch*.json` in the run directory.")
-        coefficients = {k.split("/")[1]: [v for _, v in self.history.series(k)]
-                        for k in sorted(self.history.keys()) if k.startswith("balance/") and k.endswith("/coefficient")}
+        coefficients = {parsed[0]: [v for _, v in self.history.series(k)] for k in sorted(self.history.keys())
+                        if (parsed := parse_balance_key(k)) is not None and parsed[1] == "coefficient"}
         if coefficients:
             lines += ["", "## Balancing", "", "| modality | mean coefficient | min | last |", "|---|---|---|---|"]
             lines += [f"| {m} | {sum(v) / len(v):.3f} | {min(v):.3f} | {v[-1]:.3f} |" for m, v in coefficients.items()]
@@ -248,8 +257,9 @@ class RunReport(Callback):
     def _final_metrics(self, splits: Sequence[str]) -> list[tuple[str, str]]:
         """``(name, title)`` of the table's metrics: accuracy and the F1 scores, then any other metric the model
         logged as ``{split}/{name}`` (a subclass's extra torchmetrics metric, say), losses left out."""
-        extra = sorted({k.split("/")[1] for split in splits for k in self.final[split]
-                        if k.count("/") == 1 and "loss" not in k and k.split("/")[1] not in dict(HEAD_METRICS)})
+        fused = [parsed.metric for split in splits for k in self.final[split]
+                 if (parsed := parse_metric_key(k)) is not None and parsed.modality is None]
+        extra = sorted({name for name in fused if "loss" not in name and name not in dict(HEAD_METRICS)})
         return [*HEAD_METRICS, *((name, name) for name in extra)]
 
     def _final_table(self) -> list[str]:
@@ -257,15 +267,16 @@ class RunReport(Callback):
         if not splits:
             return []
         metrics = self._final_metrics(splits)
-        heads = ["fused"] + sorted({k.split("/")[1] for split in splits for k in self.final[split] if k.count("/") == 2
-                                   and k.split("/")[2] in dict(metrics)})
+        heads = ["fused"] + sorted({parsed.modality for split in splits for k in self.final[split]
+                                   if (parsed := parse_metric_key(k)) is not None and parsed.modality is not None
+                                   and parsed.metric in dict(metrics)})
         header = "| model | " + " | ".join(f"{split} {title}" for split in splits for _, title in metrics) + " |"
         rows = [header, "|---" * (1 + len(splits) * len(metrics)) + "|"]
         for head in heads:
             cells = []
             for split in splits:
                 for metric, _ in metrics:
-                    key = f"{split}/{metric}" if head == "fused" else f"{split}/{head}/{metric}"
+                    key = metric_key(split, metric, None if head == "fused" else head)
                     value = self.final[split].get(key)
                     cells.append("-" if value is None else f"{value:.4f}")
             rows.append(f"| {head} | " + " | ".join(cells) + " |")
@@ -286,6 +297,11 @@ class RunReport(Callback):
         self.lrs = defaultdict(list, {k: [tuple(p) for p in v] for k, v in state_dict["lrs"].items()})
         self.fit_seconds = float(state_dict.get("fit_seconds", 0.0))
         self.history.nonfinite = dict(state_dict.get("nonfinite", {}))
+
+
+def _of_split(key: str, split: str) -> bool:
+    parsed = parse_metric_key(key)
+    return parsed is not None and parsed.split == split
 
 
 def _pads_samples(loaders: Any) -> bool:

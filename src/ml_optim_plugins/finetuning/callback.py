@@ -23,6 +23,7 @@ from ml_optim_plugins.finetuning.stage import Stage, fresh_plateau, update_plate
 from ml_optim_plugins.finetuning.stage_caches import StageCaches
 from ml_optim_plugins.lightning_internals import val_dataloader_defined
 from ml_optim_plugins.logger_metrics import log_to_loggers
+from ml_optim_plugins.metric_names import FINETUNING_STAGE
 from ml_optim_plugins.multimodal.contract import modality_module_names
 from ml_optim_plugins.schedules import lr_driver, place_before_lr_drivers
 
@@ -175,7 +176,7 @@ class StagedFinetuning(Callback):
             self.boundaries.append({"stage": index, "name": self.stage_name(index), "epoch": epoch, "step": step})
             rank_zero_info(self.plan.describe(index, epoch, step) + self.caches.describe())
             if not initial:
-                log_to_loggers(trainer, {"finetuning/stage": index})
+                log_to_loggers(trainer, {FINETUNING_STAGE: index})
                 for callback in trainer.early_stopping_callbacks if self.reset_early_stopping else []:
                     callback.wait_count = 0
         self.on_stage_start(trainer, pl_module, index)

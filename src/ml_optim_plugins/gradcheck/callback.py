@@ -15,6 +15,7 @@ from ml_optim_plugins.gradcheck.core import check_gradients
 from ml_optim_plugins.gradcheck.report import GradCheckReport
 from ml_optim_plugins.hyperparameters import check_integer
 from ml_optim_plugins.logger_metrics import log_to_loggers
+from ml_optim_plugins.metric_names import GRADCHECK_FAILED_TENSORS, GRADCHECK_PASSED, gradcheck_error_key
 from ml_optim_plugins.step_loss import require_loss_fn_under_manual_optimization
 
 ON_FAILURE = ("raise", "warn")
@@ -105,8 +106,8 @@ class GradientCheck(Callback):
             }
         summary = trainer.strategy.broadcast(summary, src=0)
         self.checked_epochs.append(epoch)
-        metrics = {"gradcheck/passed": float(summary["passed"]), "gradcheck/failed_tensors": summary["failed"]}
-        metrics.update({f"gradcheck/max_rel_error/{name}": v for name, v in summary["by_modality"].items()})
+        metrics = {GRADCHECK_PASSED: float(summary["passed"]), GRADCHECK_FAILED_TENSORS: summary["failed"]}
+        metrics.update({gradcheck_error_key(name): v for name, v in summary["by_modality"].items()})
         log_to_loggers(trainer, metrics)
         if not summary["passed"]:
             if self.on_failure == "raise":

@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ml_optim_plugins.hyperparameters import check_number
+from ml_optim_plugins.metric_names import SPLITS, metric_key, metric_prefix
 from ml_optim_plugins.multimodal.mixin import ModalityAwareMixin
 from ml_optim_plugins.multimodal.epoch_states import load_rank_states, save_rank_states
 from ml_optim_plugins.multimodal.fusion import ConcatFusion, Fusion
@@ -22,7 +23,6 @@ from ml_optim_plugins.nonfinite import nonfinite_policy
 from ml_optim_plugins.rank_seed import seed_per_rank
 
 FUSED = "fused"
-SPLITS = ("train", "val", "test")
 
 
 def _is_plain_data(value: Any) -> bool:
@@ -187,7 +187,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
         self.train_losses = nn.ModuleDict({f"train/{loss}": MeanMetric(nan_strategy="disable") for loss in losses})
         self.metrics = nn.ModuleDict(
             {
-                f"{split}_{head}": metrics.clone(prefix=f"{split}/" if head == FUSED else f"{split}/{head}/")
+                f"{split}_{head}": metrics.clone(prefix=metric_prefix(split, None if head == FUSED else head))
                 for split in SPLITS
                 for head in (FUSED, *self.encoders)
             }
@@ -296,7 +296,7 @@ class MultimodalClassifier(ModalityAwareMixin, pl.LightningModule):
     def _log_loss(
         self, split: str, name: str, value: Tensor, batch_size: int, on_step: bool = False, prog_bar: bool = False
     ) -> None:
-        key = f"{split}/{name}"
+        key = metric_key(split, name)
         if split == "train":
             # Every rank's training batches have the same size (the distributed sampler pads the training split), so
             # Lightning's sync_dist, a mean over the ranks, gives the global batch's mean per step; the epoch's mean is
