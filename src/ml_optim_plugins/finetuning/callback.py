@@ -200,6 +200,7 @@ class StagedFinetuning(Callback):
         managed = self.managed_modules(pl_module, modalities)
         self.plan = FinetuningPlan.resolve(pl_module, self.build_stages(pl_module, modalities), managed, modalities)
         place_before_lr_drivers(trainer.callbacks, self)  # it splits the groups before the driver registers them
+        self.caches = StageCaches(self.cache_features, self.cache_activations, self.cache_dir, self.verify_cache)
         self.caches.setup(trainer, pl_module, self.plan)
         # Before DDP wraps the model: it registers the first stage's trainable parameters, also when resuming (the
         # restored stage is entered at on_fit_start), so fresh and resumed runs synchronise the same way.
