@@ -44,18 +44,15 @@ class StagedFinetuning(Callback):
         stages: the plan, first stage first (a :class:`~ml_optim_plugins.Stage` or its arguments as a mapping).
         modules: selectors of the managed modules (modality names, module names or globs, with optional block
             selection); default: the contract's encoders.
-        cache_features: while an encoder is entirely frozen, compute its features once per sample
-            (:class:`~ml_optim_plugins.finetuning.FeatureCache`); needs ``encode_modality``
-            (:class:`~ml_optim_plugins.ModalityAwareMixin`), batches with sample ids and deterministic inputs.
+        cache_features: serve an entirely frozen encoder's features from a
+            :class:`~ml_optim_plugins.finetuning.FeatureCache` (needs ``encode_modality``, sample ids, deterministic
+            inputs).
         cache_dir: keep the caches in memory-mapped files under this directory (one subdirectory per process).
         verify_cache: recompute the first fully cached batch of each split and modality and raise if it differs.
         reset_early_stopping: reset the wait count of ``EarlyStopping`` callbacks at each stage boundary.
-        cache_activations: while only an encoder's top blocks train, compute the input of its first trainable block
-            once per sample and run only the trainable blocks (:class:`~ml_optim_plugins.finetuning.ActivationCache`); needs
-            encoders that split at a block boundary
-            (:class:`~ml_optim_plugins.multimodal.contract.SplittableEncoder`), ``encode_modality``, batches with
-            sample ids and deterministic inputs (no image augmentation). Entirely frozen encoders are
-            ``cache_features``'s.
+        cache_activations: when only an encoder's top blocks train, serve the input of its first trainable block from
+            an :class:`~ml_optim_plugins.finetuning.ActivationCache` (needs a
+            :class:`~ml_optim_plugins.multimodal.SplittableEncoder` too, and no image augmentation).
 
     Raises:
         ValueError: a bad plan (:func:`~ml_optim_plugins.finetuning.check_stages`), a selector that matches nothing,
