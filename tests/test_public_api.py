@@ -80,6 +80,35 @@ def test_a_moved_name_resolves_from_the_top_level_with_a_warning_naming_its_home
     assert all(w.filename == "<string>" for w in record)  # the warning points at the importing line
 
 
+# Every name that `from ml_optim_plugins import NAME` gave before the top level narrowed (0.1.0 and the commits since):
+# each must still resolve, exported or through the deprecation shim, until the release that drops the shim.
+IMPORTABLE_BEFORE = """
+    BaselineReport BaselineResult COOLDOWN_SHAPES ConcatFusion CurvatureProbe DECAY_SHAPES DropoutReplacement
+    ElasticNetPenalty EpochShuffle ExactResume FeatureCache Fusion GatedFusion GaussianDropout GradCheckReport
+    GradientCheck GradientMonitor GradualUnfreezing HessianEigenvalues LabelledFeatures LinearProbeFinetune
+    MVSADataModule ManifestDataModule ManifestError MetricHistory ModalityAware ModalityAwareMixin ModalityBalancer
+    ModalityDropout MultimodalClassifier MultimodalCollate MultimodalDataModule OverfitBatchCheck PenaltyCallback
+    Prediction PredictionWriter Predictor RunReport SentenceTransformerTextEncoder SplittableEncoder Stage
+    StagedFinetuning SumFusion SyntheticSentimentDataModule SyntheticSentimentDataset TensorCheck TimmImageEncoder
+    TrainingCurves VariationalGaussianDropout VariationalKL VariationalLinear WARMUP_SHAPES WarmupDecay WarmupDecayLR
+    WarmupDecaySchedule agm_coefficients baselines_markdown baselines_table check_gradients clean_mvsa_labels
+    destroy_default_process_group elastic_net_penalty encoder_blocks extract_features fit_baselines functional
+    gaussian_dropout hessian_top_eigenvalue kl_kingma kl_molchanov load_tokenizer mmpareto_combine mmpareto_weights
+    mmpareto_weights_from_dots modality_keep_mask modulate_gradient module_fingerprint mono_modal_losses
+    nonfinite_policy ogm_ge_coefficients packaged_minilm_path read_mvsa regularized_parameters replace_dropout
+    require_modality_aware resolve_text_model run_baselines seed_per_rank select_parameters training_step_loss
+    true_class_scores variational_kl warmup_decay_scheduler warmup_factor
+""".split()
+
+
+@pytest.mark.parametrize("name", IMPORTABLE_BEFORE)
+def test_every_name_the_top_level_gave_before_still_imports(name):
+    assert name in ml_optim_plugins.__all__ or name in ml_optim_plugins._MOVED
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        exec(f"from ml_optim_plugins import {name}", {})
+
+
 def test_an_unknown_name_is_an_attribute_error_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -132,7 +132,7 @@ _MOVED: dict[str, str] = {
     ),
     **dict.fromkeys(["GradCheckReport", "TensorCheck", "training_step_loss"], "ml_optim_plugins.gradcheck"),
     **dict.fromkeys(
-        ["packaged_minilm_path", "require_modality_aware", "resolve_text_model"],
+        ["SplittableEncoder", "packaged_minilm_path", "require_modality_aware", "resolve_text_model"],
         "ml_optim_plugins.multimodal",
     ),
     "destroy_default_process_group": "ml_optim_plugins.process_group",

@@ -146,7 +146,7 @@ def test_files_of_an_older_layout_are_deleted_not_reopened(encoder, tmp_path):
 
     import numpy as np
 
-    from ml_optim_plugins import module_fingerprint
+    from ml_optim_plugins.finetuning import module_fingerprint
 
     old = tmp_path / "x" / "train"
     old.mkdir(parents=True)

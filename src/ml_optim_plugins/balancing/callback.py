@@ -167,8 +167,7 @@ class ModalityBalancer(Callback):
         hyperparameters = {"alpha": alpha, "smooth": smooth, "seed": seed, "clamp": self.clamp,
                            "max_gap": self.max_gap, "gamma": gamma}
         accepted = inspect.signature(METHODS[method]).parameters
-        given = {"alpha": alpha, "smooth": smooth, "seed": seed, "clamp": clamp, "max_gap": max_gap, "gamma": gamma}
-        ignored = _ignored_arguments(method, given)
+        ignored = _ignored_arguments(method, hyperparameters)  # the checked values: a clamp is a tuple of floats
         if ignored:
             rank_zero_warn(f"ModalityBalancer(method={method!r}) ignores {'; '.join(ignored)}: remove "
                            f"{'it' if len(ignored) == 1 else 'them'}, or choose a method that uses "

@@ -111,7 +111,7 @@ class RunReport(Callback):
             self._fit_start = None
         row, source = self._selected_validation(trainer)
         if row is not None:
-            self.final["val"] = {k: v for k, v in row.items() if _of_split(k, "val")}
+            self.final["val"] = {k.removesuffix("_epoch"): v for k, v in row.items() if _of_split(k, "val")}
             self.final_source["val"] = source
             self.padded["val"] = _pads_samples(trainer.val_dataloaders)
         self.write(trainer)

@@ -94,7 +94,7 @@ class WarmupDecaySchedule:
             or an argument that the chosen decay does not read.
 
     Example:
-        >>> from ml_optim_plugins import WarmupDecaySchedule
+        >>> from ml_optim_plugins.schedules import WarmupDecaySchedule
         >>> schedule = WarmupDecaySchedule(total_steps=100, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
         >>> [round(schedule.lr(step, base_lr=1e-3), 6) for step in (0, 5, 10, 55, 100, 200)]
         [0.0, 0.0005, 0.001, 0.00055, 0.0001, 0.0001]

@@ -32,7 +32,7 @@ class WarmupDecayLR(LRScheduler):
 
     Example:
         >>> import torch
-        >>> from ml_optim_plugins import WarmupDecaySchedule
+        >>> from ml_optim_plugins.schedules import WarmupDecaySchedule
         >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         >>> scheduler = WarmupDecayLR(optimizer, WarmupDecaySchedule(total_steps=4, decay="linear"))
         >>> [round(lr, 2) for lr in scheduler.get_last_lr()]
