@@ -118,6 +118,25 @@ def test_the_validation_column_follows_a_monitor_logged_outside_validation(tmp_p
     assert report.final["val"]["val/acc"] == logged["val/acc"]
 
 
+def test_a_metric_of_the_users_logged_per_step_and_per_epoch_gets_its_column(tmp_path):
+    """Lightning names such a metric val/NAME_epoch in the epoch's row: the table shows it as NAME."""
+    model = tiny_staged_model()
+    validation_step = model.validation_step
+
+    def with_extra(batch, batch_idx, *args):
+        model.log("val/extra", 0.25 + model.current_epoch, on_step=True, on_epoch=True)
+        return validation_step(batch, batch_idx, *args)
+
+    model.validation_step = with_extra
+    report = RunReport()
+    run = trainer(max_epochs=2, logger=CSVLogger(tmp_path, name="run", version=0), log_every_n_steps=1,
+                  callbacks=[report])
+    run.fit(model, loader(), loader(n=16))
+    assert report.final["val"]["val/extra"] == 1.25  # the last validation's (no checkpoint selects another)
+    header, _, fused = report.path.read_text().split("## Final metrics")[1].strip().splitlines()[:3]
+    assert header.endswith("| val extra |") and fused.split("|")[-2].strip() == "1.2500"
+
+
 def test_fast_dev_run_writes_no_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report = RunReport()
