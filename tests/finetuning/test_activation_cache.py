@@ -25,24 +25,7 @@ from ml_optim_plugins import (
 )
 from ml_optim_plugins.finetuning import ActivationCache, activation_splits, split_point
 from ml_optim_plugins.multimodal import SplittableEncoder
-from tests.finetuning.tiny import TinyCNN, TinyLayers, loader, tiny_staged_model, trainer
-
-
-class SplitTinyLayers(TinyLayers):
-    """The tests' layer-stack encoder, opted in to the activation cache by implementing SplittableEncoder."""
-
-    def split_blocks(self):
-        return [self.embed, *self.layers, self.norm]
-
-    def forward_lower(self, x, block):
-        for module in self.split_blocks()[:block]:
-            x = module(x) if module is self.embed or module is self.norm else x + module(x)
-        return x
-
-    def forward_upper(self, h, block):
-        for module in self.split_blocks()[block:]:
-            h = module(h) if module is self.embed or module is self.norm else h + module(h)
-        return h
+from tests.finetuning.tiny import SplitTinyLayers, TinyCNN, loader, tiny_staged_model, trainer
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """2-process DDP on CPU: encoders frozen when DDP wraps the model (so DDP does not sync them) train in sync once
 unfrozen, because StagedFinetuning all-reduces their gradients; without that, the ranks drift apart. A parameter that
-gets no gradient stays untouched, and a plateau seen by one rank moves both to the next stage together."""
+gets no gradient stays untouched, and a plateau seen by one rank moves both to the next stage together. With the
+activation cache each rank serves its own samples' lower-block activations and trains as without it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["synchronised", "control-without-sync"])
@@ -49,3 +51,30 @@ def test_with_gradient_accumulation_the_gradients_are_averaged_once_per_optimize
     assert rank0["sync_calls"] == rank1["sync_calls"] == [0, 1, 2, 3, 4, 5]
     assert rank0["after"]["encoders.image.stem.0.weight"] != rank0["before"]["encoders.image.stem.0.weight"]
     assert rank0["after"] == rank1["after"]
+
+
+def test_with_the_activation_cache_both_ranks_train_as_without_it(run_ddp_ranks, tmp_path):
+    script = str(Path(__file__).with_name("ddp_staged.py"))
+    runs = {}
+    for mode in ("activations", "activations-off"):
+        (tmp_path / mode).mkdir()
+        run_ddp_ranks(script, str(tmp_path / mode), mode)
+        runs[mode] = [json.loads((tmp_path / mode / f"rank{r}.json").read_text()) for r in (0, 1)]
+    (cached0, cached1), (plain0, plain1) = runs["activations"], runs["activations-off"]
+    assert cached0["after"] == cached1["after"] and plain0["after"] == plain1["after"]  # the ranks agree, bit for bit
+    # Each rank's share of the shuffled epoch changes, so a batch of epoch 2 mixes cached samples with new ones, whose
+    # lower blocks run on that subset alone: the matrix products see other shapes, and the last bits may differ. The
+    # biases of the convolutions before a BatchNorm are left out: BatchNorm cancels them, so their gradient is rounding
+    # noise only, which AdamW scales up to steps of its learning rate.
+    noise_only = {"encoders.image.stem.0.bias", "encoders.image.block.0.bias"}
+    for name, values in plain0["after"].items():
+        if name not in noise_only:
+            torch.testing.assert_close(torch.tensor(cached0["after"][name]), torch.tensor(values), rtol=0, atol=1e-6,
+                                       msg=name)
+    assert cached0["after"]["encoders.text.layers.2.0.weight"] != cached0["before"]["encoders.text.layers.2.0.weight"]
+    # Epochs 1 and 2, 24 training and 8 validation samples per rank each: epoch 1 fills the cache, epoch 2 is served
+    # for the training samples this rank saw in epoch 1 and for all of its validation samples.
+    for rank in (cached0, cached1):
+        stats = rank["activation_hits"]["text"]
+        assert stats["hits"] + stats["misses"] == 2 * (24 + 8) and 8 < stats["hits"] < 24 + 8
+    assert plain0["activation_hits"] is None

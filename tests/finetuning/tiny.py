@@ -39,10 +39,29 @@ class TinyLayers(nn.Module):
         return self.norm(h)
 
 
-def tiny_staged_model(seed: int = 0, lr: float = 0.05, **kwargs) -> MultimodalClassifier:
+class SplitTinyLayers(TinyLayers):
+    """The tests' layer-stack encoder, opted in to the activation cache by implementing SplittableEncoder."""
+
+    def split_blocks(self):
+        return [self.embed, *self.layers, self.norm]
+
+    def forward_lower(self, x, block):
+        for module in self.split_blocks()[:block]:
+            x = module(x) if module is self.embed or module is self.norm else x + module(x)
+        return x
+
+    def forward_upper(self, h, block):
+        for module in self.split_blocks()[block:]:
+            h = module(h) if module is self.embed or module is self.norm else h + module(h)
+        return h
+
+
+def tiny_staged_model(seed: int = 0, lr: float = 0.05, split_text: bool = False, **kwargs) -> MultimodalClassifier:
+    """The two-encoder classifier; ``split_text``: its text encoder opts in to the activation cache (same weights)."""
     torch.manual_seed(seed)
     return MultimodalClassifier(
-        {"image": TinyCNN(), "text": TinyLayers()}, fusion=ConcatFusion(), num_classes=3,
+        {"image": TinyCNN(), "text": SplitTinyLayers() if split_text else TinyLayers()}, fusion=ConcatFusion(),
+        num_classes=3,
         optimizer=lambda groups: torch.optim.AdamW(groups, lr=lr), **kwargs,
     )
 
