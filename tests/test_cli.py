@@ -73,6 +73,22 @@ def test_resuming_continues_in_the_checkpoints_run_directory(tiny_config, tmp_pa
     assert "fit: 2 epoch(s), 2 optimizer step(s)" in report
 
 
+@pytest.mark.parametrize("enabled", [False, True])
+def test_the_progress_bar_flag_overrides_the_recipes_progress_bar_callback(tiny_config, enabled):
+    """The shipped recipes list RichProgressBar among their callbacks; --trainer.enable_progress_bar false takes it
+    out (Lightning refuses the combination) and true keeps it."""
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+    config = yaml.safe_load(tiny_config.read_text())
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.RichProgressBar"})
+    tiny_config.write_text(yaml.safe_dump(config))
+    cli = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+               "--test_after_fit", "false", "--trainer.enable_progress_bar", str(enabled).lower()])
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+    assert [type(c) for c in bars] == ([RichProgressBar] if enabled else [])
+    assert cli.trainer.global_step == 1
+
+
 def test_validate_from_a_fit_checkpoint(tiny_config, capsys):
     cli = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1"])
     best = cli.trainer.checkpoint_callback.best_model_path

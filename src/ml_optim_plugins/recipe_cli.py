@@ -11,10 +11,10 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
@@ -83,6 +83,7 @@ class MultimodalCLI(LightningCLI):
         check_image_preprocessing(self.model, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):  # noqa: D102 - LightningCLI hook
+        drop_disabled_progress_bars(self._get(self.config_init, "trainer", default={}))
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
             resume_in_run_directory(trainer, self.config["fit"].get("ckpt_path"))
@@ -192,6 +193,28 @@ def check_image_preprocessing(model: object, data: object) -> None:
                 f"image_model={image_model!r} ({', '.join(f'{k} {given.get(k)} instead of {wanted.get(k)}' for k in differs)}); "
                 f"set {key}"
             )
+
+
+def drop_disabled_progress_bars(trainer_config: Namespace | dict) -> None:
+    """With ``--trainer.enable_progress_bar false`` on a recipe whose callbacks list a progress bar (all the shipped
+    recipes list ``RichProgressBar``), take the bar out of the callbacks: Lightning refuses the combination, and the
+    flag says what the user wants.
+
+    Example:
+        >>> from lightning.pytorch.callbacks import RichProgressBar, LearningRateMonitor
+        >>> config = {"enable_progress_bar": False, "callbacks": [RichProgressBar(), LearningRateMonitor()]}
+        >>> drop_disabled_progress_bars(config)
+        >>> [type(c).__name__ for c in config["callbacks"]]
+        ['LearningRateMonitor']
+    """
+    callbacks = trainer_config.get("callbacks") or []
+    if trainer_config.get("enable_progress_bar") is not False or not isinstance(callbacks, list):
+        return
+    kept = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if len(kept) < len(callbacks):
+        dropped = ", ".join(type(c).__name__ for c in callbacks if isinstance(c, ProgressBar))
+        rank_zero_info(f"enable_progress_bar=False: {dropped} taken out of trainer.callbacks")
+        trainer_config["callbacks"] = kept
 
 
 def check_fit_trains(trainer: Trainer) -> None:
