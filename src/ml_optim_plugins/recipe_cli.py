@@ -83,7 +83,8 @@ class MultimodalCLI(LightningCLI):
         check_image_preprocessing(self.model, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):  # noqa: D102 - LightningCLI hook
-        drop_disabled_progress_bars(self._get(self.config_init, "trainer", default={}))
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        drop_disabled_progress_bars(config.get("trainer") or {})
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
             resume_in_run_directory(trainer, self.config["fit"].get("ckpt_path"))
