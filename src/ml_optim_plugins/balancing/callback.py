@@ -43,22 +43,16 @@ def _check_clamp(clamp: Sequence[float]) -> tuple[float, float]:
 
 
 def _ignored_arguments(method: str, given: dict[str, Any]) -> list[str]:
-    """The method hyperparameters in ``given`` that ``method`` does not take but that differ from their default, each
-    as ``"name=value (used by ...)"``: set by the user for another method, and silently without effect otherwise."""
+    """The method hyperparameters in ``given`` (checked values) that ``method`` does not take but that differ from their
+    default, each as ``"name=value (used by ...)"``: set by the user for another method, and silently without effect
+    otherwise."""
     defaults = inspect.signature(ModalityBalancer.__init__).parameters
-    users = {name: [m for m, cls in METHODS.items() if name in inspect.signature(cls).parameters] for name in given}
+    takes = {m: inspect.signature(cls).parameters for m, cls in METHODS.items()}
     return [
-        f"{name}={value!r} (used by {', '.join(users[name])})"
+        f"{name}={value!r} (used by {', '.join(m for m in METHODS if name in takes[m])})"
         for name, value in given.items()
-        if name not in inspect.signature(METHODS[method]).parameters
-        and not _same(value, defaults[name].default)
+        if name not in takes[method] and value != defaults[name].default
     ]
-
-
-def _same(value: Any, default: Any) -> bool:
-    if isinstance(value, Sequence) and isinstance(default, Sequence) and not isinstance(value, str):
-        return len(value) == len(default) and all(v == d for v, d in zip(value, default))
-    return bool(value == default)
 
 
 class ModalityBalancer(Callback):
