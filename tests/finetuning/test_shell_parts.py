@@ -1,5 +1,5 @@
-"""The parts StagedFinetuning delegates to, without a Trainer: its caches (StageCaches) and the averaging of the
-gradients DDP did not register (UnregisteredGradients)."""
+"""The parts StagedFinetuning delegates to, without a Trainer: its caches (StageCaches), the averaging of the
+gradients DDP did not register (UnregisteredGradients), the frozen set (FrozenModules) and the fit-start checks."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ml_optim_plugins import Stage
 from ml_optim_plugins.finetuning import FinetuningPlan
 from ml_optim_plugins.finetuning.ddp import UnregisteredGradients
+from ml_optim_plugins.finetuning.fit_checks import check_fit_start
+from ml_optim_plugins.finetuning.freeze import FrozenModules
 from ml_optim_plugins.finetuning.plan import managed_selectors
 from ml_optim_plugins.finetuning.stage_caches import StageCaches
 from ml_optim_plugins.multimodal.contract import modality_module_names
@@ -95,3 +98,43 @@ def test_without_ddp_nothing_is_averaged():
     unregistered.attach(SimpleNamespace(model=model), plan)
     unregistered.follow(plan, plan.trainable[1])
     assert unregistered.registered is None and unregistered.params == []
+
+
+@pytest.mark.parametrize("model_training", [True, False])
+def test_the_frozen_set_freezes_keeps_in_eval_and_hands_unfrozen_modules_back_to_the_models_mode(model_training):
+    model = tiny_staged_model()
+    plan = _plan(model, Stage(), Stage(start_epoch=1, trainable=["text"]))
+    names = modality_module_names(model)
+    image, text = model.get_submodule(names["image"]), model.get_submodule(names["text"])
+    extra = torch.nn.Dropout()  # e.g. an activation cache's parameter-free lower block
+    frozen = FrozenModules()
+    frozen.apply(model, plan.params, plan.managed, plan.trainable[0], set_modes=False)
+    assert not any(p.requires_grad for p in [*image.parameters(), *text.parameters()])
+    assert text.training and frozen.modules == [model.encoders]  # the largest frozen module; modes left as they are
+
+    frozen.apply(model, plan.params, plan.managed, plan.trainable[0], extra=[extra])
+    assert not image.training and not text.training and not extra.training
+    model.train(model_training)  # Lightning switches modes at each epoch start and around validation
+    frozen.keep_in_eval()
+    assert not image.training and not text.training and not extra.training and model.fusion.training is model_training
+
+    frozen.apply(model, plan.params, plan.managed, plan.trainable[1])
+    assert all(p.requires_grad for p in text.parameters()) and not any(p.requires_grad for p in image.parameters())
+    assert frozen.modules == [image] and not image.training
+    assert text.training is model_training and extra.training is model_training  # back to the model's mode
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        lambda: FSDPStrategy(),
+        lambda: ModelParallelStrategy(),
+        lambda: DeepSpeedStrategy.__new__(DeepSpeedStrategy),  # its __init__ needs deepspeed installed
+        lambda: type("MyFSDPFork", (FSDPStrategy,), {})(),  # a subclass, whatever its name
+    ],
+)
+def test_sharding_strategies_are_refused_at_fit_start_by_type(strategy):
+    # These strategies need an accelerator (FSDP refuses a CPU Trainer), so the check gets a stand-in trainer.
+    strategy, model = strategy(), tiny_staged_model()
+    with pytest.raises(MisconfigurationException, match=f"does not support {type(strategy).__name__} .it shards"):
+        check_fit_start(SimpleNamespace(strategy=strategy), model, _plan(model, Stage()), stage=0)

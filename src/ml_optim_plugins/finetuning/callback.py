@@ -9,57 +9,49 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
 
 from ml_optim_plugins.finetuning.activation_cache import ActivationCache
 from ml_optim_plugins.finetuning.cache import FeatureCache
-from ml_optim_plugins.finetuning.ddp import UnregisteredGradients, check_strategy
-from ml_optim_plugins.finetuning.freeze import freeze, frozen_modules, keep_in_eval, make_trainable
+from ml_optim_plugins.finetuning.ddp import UnregisteredGradients
+from ml_optim_plugins.finetuning.fit_checks import check_fit_start
+from ml_optim_plugins.finetuning.freeze import FrozenModules
 from ml_optim_plugins.finetuning.lr_gating import GatedParamGroups
 from ml_optim_plugins.finetuning.plan import FinetuningPlan, check_stages, managed_selectors
 from ml_optim_plugins.finetuning.stage import Stage, fresh_plateau, update_plateau
 from ml_optim_plugins.finetuning.stage_caches import StageCaches
-from ml_optim_plugins.lightning_internals import val_dataloader_defined
 from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.metric_names import FINETUNING_STAGE
 from ml_optim_plugins.multimodal.contract import modality_module_names
-from ml_optim_plugins.schedules import lr_driver, place_before_lr_drivers
+from ml_optim_plugins.schedules import place_before_lr_drivers
 
 
 class StagedFinetuning(Callback):
     """Freeze-then-finetune in stages: which modules train, at which LR multiplier, from which epoch, step or plateau.
 
-    The *managed* modules (default: the encoders of the modality contract) are frozen (``requires_grad=False``, kept
-    in ``eval()``) or trainable as each :class:`~ml_optim_plugins.Stage` says; fusion and heads always train. At
-    ``setup`` the stages resolve to a :class:`~ml_optim_plugins.finetuning.FinetuningPlan`; at ``on_fit_start`` the
-    optimizers' groups are split by stage plan and gated; a stage starts at the first micro-batch of an optimizer step.
-    Under DDP this callback averages the gradients of parameters unfrozen after DDP wrapped the model.
-
-    Override hooks: :meth:`managed_modules`, :meth:`build_stages` (what is staged, and how), :meth:`should_start_stage`
-    (triggers) and :meth:`on_stage_start`.
+    The *managed* modules (default: the contract's encoders) are frozen (``requires_grad=False``, kept in ``eval()``)
+    or trainable as each :class:`~ml_optim_plugins.Stage` says; fusion and heads always train. The stages resolve to a
+    :class:`~ml_optim_plugins.finetuning.FinetuningPlan` at ``setup``; the optimizers' groups are split by stage plan
+    at ``on_fit_start``; a stage starts at the first micro-batch of an optimizer step. Override hooks:
+    :meth:`managed_modules`, :meth:`build_stages`, :meth:`should_start_stage`, :meth:`on_stage_start`.
 
     Args:
-        stages: the plan, first stage first (a :class:`~ml_optim_plugins.Stage` or its arguments as a mapping).
+        stages: the plan, first stage first (each a :class:`~ml_optim_plugins.Stage` or its arguments as a mapping).
         modules: selectors of the managed modules (modality names, module names or globs, with optional block
             selection); default: the contract's encoders.
         cache_features: serve an entirely frozen encoder's features from a
-            :class:`~ml_optim_plugins.finetuning.FeatureCache` (needs ``encode_modality``, sample ids, deterministic
-            inputs).
+            :class:`~ml_optim_plugins.finetuning.FeatureCache` (needs ``encode_modality`` and sample ids).
         cache_dir: keep the caches in memory-mapped files under this directory (one subdirectory per process).
         verify_cache: recompute the first fully cached batch of each split and modality and raise if it differs.
         reset_early_stopping: reset the wait count of ``EarlyStopping`` callbacks at each stage boundary.
         cache_activations: when only an encoder's top blocks train, serve the input of its first trainable block from
             an :class:`~ml_optim_plugins.finetuning.ActivationCache` (needs a
-            :class:`~ml_optim_plugins.multimodal.SplittableEncoder` too, and no image augmentation).
+            :class:`~ml_optim_plugins.multimodal.SplittableEncoder` and no image augmentation).
 
     Raises:
-        ValueError: a bad plan (:func:`~ml_optim_plugins.finetuning.check_stages`), a selector that matches nothing,
-            a stage that trains a module outside ``modules`` (at setup).
-        MisconfigurationException: missing LR control, a staged parameter in no optimizer, a ``monitor`` stage
-            without validation, a sharding strategy, a re-freeze under DDP without ``find_unused_parameters``; with
-            ``cache_activations``, a partly frozen encoder that cannot be split or augmented images (at setup).
+        ValueError: a bad plan (:func:`~ml_optim_plugins.finetuning.check_stages`) or selector, at construction or setup.
+        MisconfigurationException: a plan this run cannot carry out (its LR control, optimizers, validation loop,
+            strategy or caches), at setup or fit start; docs/finetuning.md names each case.
 
     Example::
 
@@ -97,10 +89,9 @@ class StagedFinetuning(Callback):
         self.caches = StageCaches(cache_features, cache_activations, self.cache_dir, verify_cache)
         self._fitting = True  # False in validate / test runs, which must not take a checkpoint's stage state
         self._plateau = fresh_plateau()
-        self._restored_plateau: dict[str, Any] | None = None
         self._groups: GatedParamGroups | None = None
         self.unregistered = UnregisteredGradients()  # trainable parameters that DDP does not synchronise
-        self._eval_modules: list[nn.Module] = []
+        self.frozen = FrozenModules()  # the current stage's frozen modules, kept in eval()
 
     # ------------------------------------------------------------------ override hooks
     def managed_modules(self, pl_module: pl.LightningModule, modalities: Mapping[str, str]) -> list[str]:
@@ -148,26 +139,16 @@ class StagedFinetuning(Callback):
     _plan = property(lambda self: self.plan.stages if self.plan is not None else ())
     _trainable = property(lambda self: self.plan.trainable if self.plan is not None else ())
 
-    def _apply_freeze(self, pl_module: pl.LightningModule, index: int) -> None:
-        assert self.plan is not None
-        trainable, managed = self.plan.trainable[index], self.plan.managed
-        freeze(self.plan.params[p] for p in managed - trainable)
-        make_trainable(self.plan.params[p] for p in managed & trainable)
-        self._eval_modules = frozen_modules(pl_module, managed - trainable)
-
     def _enter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, initial: bool = False) -> None:
         assert self.plan is not None and self._groups is not None
-        previous, was_eval = self.plan.trainable[self.stage_index], self._eval_modules
+        previous, trainable = self.plan.trainable[self.stage_index], self.plan.trainable[index]
         self.stage_index = index
-        self._apply_freeze(pl_module, index)
-        trainable = self.plan.trainable[index]
-        self._eval_modules += self.caches.follow(pl_module, trainable)
-        for module in was_eval:  # unfrozen modules follow the model's mode again
-            module.train(pl_module.training)
-        keep_in_eval(self._eval_modules)
+        self.frozen.apply(pl_module, self.plan.params, self.plan.managed, trainable,
+                          extra=self.caches.follow(pl_module, trainable))
         self._groups.enter(index, previous, initial)
         self.unregistered.follow(self.plan, trainable)
-        self._plateau = fresh_plateau()
+        if not initial:  # at fit start: fresh since setup, or restored from the checkpoint
+            self._plateau = fresh_plateau()
         if not (initial and self.boundaries):  # resumed: the boundary is on record
             epoch, step = trainer.current_epoch, trainer.global_step
             self.boundaries.append({"stage": index, "name": self.stage_name(index), "epoch": epoch, "step": step})
@@ -185,7 +166,7 @@ class StagedFinetuning(Callback):
             trainer, self.stage_index + 1, at_epoch_start=at_epoch_start
         ):
             self._enter(trainer, pl_module, self.stage_index + 1)
-        keep_in_eval(self._eval_modules)
+        self.frozen.keep_in_eval()
         self.caches.set_split("train")
 
     # ------------------------------------------------------------------ hooks: setup
@@ -196,12 +177,13 @@ class StagedFinetuning(Callback):
         modalities = modality_module_names(pl_module)
         managed = self.managed_modules(pl_module, modalities)
         self.plan = FinetuningPlan.resolve(pl_module, self.build_stages(pl_module, modalities), managed, modalities)
+        self._plateau = fresh_plateau()  # a checkpoint's is loaded after setup
         place_before_lr_drivers(trainer.callbacks, self)  # it splits the groups before the driver registers them
         self.caches = StageCaches(self.cache_features, self.cache_activations, self.cache_dir, self.verify_cache)
         self.caches.setup(trainer, pl_module, self.plan)
         # Before DDP wraps the model: it registers the first stage's trainable parameters, also when resuming (the
         # restored stage is entered at on_fit_start), so fresh and resumed runs synchronise the same way.
-        self._apply_freeze(pl_module, 0)
+        self.frozen.apply(pl_module, self.plan.params, self.plan.managed, self.plan.trainable[0], set_modes=False)
         for warning in self.plan.random_frozen_encoders(pl_module):
             rank_zero_warn(warning)
 
@@ -210,26 +192,15 @@ class StagedFinetuning(Callback):
             self.caches.teardown(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_strategy(trainer.strategy)
         assert self.plan is not None
+        check_fit_start(trainer, pl_module, self.plan, self.stage_index)
         self.unregistered.attach(trainer.strategy, self.plan)
-        self.plan.check_optimized({id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]})
-        self.plan.check_validation(is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0
-                                   and val_dataloader_defined(trainer))
-        warning = self.plan.unreached_stage(trainer.max_epochs, trainer.max_steps, after=self.stage_index)
-        if warning is not None:
-            rank_zero_warn(warning)
-        drivers = [lr_driver(trainer, i) for i in range(len(trainer.optimizers))]
-        scheduled = {id(config.scheduler.optimizer) for config in trainer.lr_scheduler_configs}
-        self._groups = GatedParamGroups(self.plan, trainer.optimizers, drivers, scheduled)
-        self._groups.prepare(fast_dev_run=bool(trainer.fast_dev_run))
+        self._groups = GatedParamGroups.from_trainer(self.plan, trainer)
         self._enter(trainer, pl_module, self.stage_index, initial=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._groups is not None
         self._groups.check_base_lrs()  # the drivers have registered the groups now, before the first step
-        if self._restored_plateau is not None:
-            self._plateau, self._restored_plateau = self._restored_plateau, None  # on_fit_start's _enter reset it
 
     # ------------------------------------------------------------------ hooks: training
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -286,4 +257,4 @@ class StagedFinetuning(Callback):
         if self._plan and index >= len(self._plan):
             raise ValueError(f"the checkpoint is in stage {index}, but this plan has {len(self._plan)} stages")
         self.stage_index = index  # entered at on_fit_start
-        self._restored_plateau = dict(state_dict["plateau"])
+        self._plateau = dict(state_dict["plateau"])

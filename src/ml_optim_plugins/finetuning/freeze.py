@@ -7,7 +7,7 @@ statistics fixed, dropout off) rather than left to the model's mode.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 from torch import nn
 
@@ -90,3 +90,49 @@ def keep_in_eval(modules: Iterable[nn.Module]) -> None:
     for module in modules:
         if module.training:
             module.eval()
+
+
+class FrozenModules:
+    """One stage's frozen set at a time: managed parameters outside it frozen, those inside trainable, and the modules
+    whose parameters are all frozen kept in ``eval()``; a module that is unfrozen follows the model's mode again.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 1))
+        >>> params = {id(p): p for p in model.parameters()}
+        >>> first = {id(p) for p in model[0].parameters()}
+        >>> frozen = FrozenModules()
+        >>> frozen.apply(model, params, managed=first, trainable=set())
+        >>> model[0].weight.requires_grad, model[0].training, model[2].training
+        (False, False, True)
+        >>> frozen.apply(model, params, managed=first, trainable=first)
+        >>> model[0].weight.requires_grad, model[0].training
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        self.modules: list[nn.Module] = []
+
+    def apply(
+        self,
+        model: nn.Module,
+        params: Mapping[int, nn.Parameter],
+        managed: Collection[int],
+        trainable: Collection[int],
+        extra: Iterable[nn.Module] = (),
+        set_modes: bool = True,
+    ) -> None:
+        """Freeze the ``managed`` parameters (``id()`` s in ``params``) outside ``trainable`` and unfreeze those in it.
+        With ``set_modes``, the previously frozen modules take ``model``'s mode and the newly frozen ones (and
+        ``extra``, e.g. an activation cache's lower blocks) are put in ``eval()``."""
+        frozen = set(managed) - set(trainable)
+        freeze(params[p] for p in frozen)
+        make_trainable(params[p] for p in set(managed) & set(trainable))
+        previous, self.modules = self.modules, frozen_modules(model, frozen) + list(extra)
+        if set_modes:
+            for module in previous:
+                module.train(model.training)
+            self.keep_in_eval()
+
+    def keep_in_eval(self) -> None:
+        """Put the frozen modules back in ``eval()`` (:func:`keep_in_eval`)."""
+        keep_in_eval(self.modules)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 from torch.optim import Optimizer
 
 from ml_optim_plugins.finetuning.plan import FinetuningPlan
-from ml_optim_plugins.schedules import LRDriver, name_group, split_groups
+from ml_optim_plugins.schedules import LRDriver, lr_driver, name_group, split_groups
 
 #: Param-group key holding a group's base LR before stage multipliers (saved with the optimizer's state).
 BASE_LR_KEY = "staged_base_lr"
@@ -54,6 +55,16 @@ class GatedParamGroups:
         scheduled: Collection[int],
     ) -> None:
         self.plan, self.optimizers, self.drivers, self.scheduled = plan, list(optimizers), list(drivers), set(scheduled)
+
+    @classmethod
+    def from_trainer(cls, plan: FinetuningPlan, trainer: pl.Trainer) -> GatedParamGroups:
+        """The prepared (:meth:`prepare`) groups of ``trainer``'s optimizers, with the LR driver of each and the
+        optimizers that ``configure_optimizers``' schedulers drive; call it at ``on_fit_start``."""
+        drivers = [lr_driver(trainer, i) for i in range(len(trainer.optimizers))]
+        scheduled = {id(config.scheduler.optimizer) for config in trainer.lr_scheduler_configs}
+        groups = cls(plan, trainer.optimizers, drivers, scheduled)
+        groups.prepare(fast_dev_run=bool(trainer.fast_dev_run))
+        return groups
 
     def prepare(self, fast_dev_run: bool) -> None:
         """Check each optimizer's LR control against the plan, name unnamed groups, split the groups by stage plan and
