@@ -18,7 +18,9 @@ Rows (``--rows``):
   training epoch and per run.
 
 Splits are :class:`~ml_optim_plugins.MVSADataModule`'s seeded 8:1:1 split (``split_seed`` = the seed; the training seed
-too). A row already in ``--results`` with the same settings is skipped, so an interrupted sweep resumes where it was.
+too), or with ``--split-dir`` the published folds of Cheema et al. (``--seeds`` are then fold numbers). A row already in
+``--results`` for the same row, seed and split protocol is skipped, so an interrupted sweep resumes where it was; a row
+that fails is reported and the sweep goes on with the next, exiting non-zero at the end.
 """
 
 from __future__ import annotations
@@ -118,14 +120,22 @@ def _augment(config: dict) -> None:
 
 
 def _only(modality: str) -> Callable[[dict], None]:
+    """The recipe on one modality. Where the recipe finetunes no part of that modality's encoder (EfficientNet: it
+    stays frozen beside MiniLM), its top two blocks are unfrozen after the probe instead, at the recipe's finetuning LR
+    multiplier, with their input served by the activation cache: the recipe's plan, moved to the modality that is
+    left (an empty ``unfreeze`` would be refused, as it would never leave the probe)."""
     def change(config: dict) -> None:
         encoders = config["model"]["init_args"]["encoders"]
         config["model"]["init_args"]["encoders"] = {modality: encoders[modality]}
         config["model"]["init_args"]["aux_loss_weight"] = 0.0
         _drop(config, "ModalityBalancer")
         stages = _callback(config, "LinearProbeFinetune")
-        stages["unfreeze"] = [s for s in stages["unfreeze"] if s.split("[")[0] == modality]
-        stages["lr_multipliers"] = {m: v for m, v in stages["lr_multipliers"].items() if m == modality}
+        unfreeze = [s for s in stages["unfreeze"] if s.split("[")[0] == modality]
+        multipliers = {m: v for m, v in stages["lr_multipliers"].items() if m == modality}
+        if not unfreeze:
+            unfreeze, multipliers = [f"{modality}[-2:]"], {modality: min(stages["lr_multipliers"].values())}
+            stages["cache_activations"] = True
+        stages["unfreeze"], stages["lr_multipliers"] = unfreeze, multipliers
     return change
 
 
@@ -139,8 +149,22 @@ TRAINED: dict[str, tuple[str, Callable[[dict], None]]] = {
     "augment": ("the recipe with random resized crops and flips (no feature cache)", _augment),
     "end_to_end": ("no stages: both encoders finetuned from the first step", _end_to_end),
     "text_only": ("the recipe on text alone", _only("text")),
-    "image_only": ("the recipe on images alone", _only("image")),
+    "image_only": ("the recipe on images alone (EfficientNet's top 2 blocks finetuned)", _only("image")),
 }
+
+
+SEEDED = "seeded 8:1:1"
+FOLDS = "Cheema et al. folds"
+
+
+def _split_label(seed: int, split_dir: str | None) -> str:
+    """The ``split`` a result row records: the seeded split, or fold ``seed`` of the published folds."""
+    return SEEDED if split_dir is None else f"Cheema et al. fold {seed}"
+
+
+def _protocol(record: dict[str, Any]) -> str:
+    """:data:`SEEDED` or :data:`FOLDS`: a row's split protocol (rows written before ``split`` was recorded: seeded)."""
+    return FOLDS if str(record.get("split") or SEEDED).startswith("Cheema") else SEEDED
 
 
 def _split_args(seed: int, split_dir: str | None) -> dict[str, Any]:
@@ -199,7 +223,7 @@ def run_trained(
         "row": row,
         "what": TRAINED[row][0],
         "seed": seed,
-        "split": "seeded 8:1:1" if split_dir is None else f"Cheema et al. fold {seed}",
+        "split": _split_label(seed, split_dir),
         "test": test,
         "test_per_modality": per_modality,
         "val_f1_selected": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
@@ -298,8 +322,9 @@ def probe_rows(
     return [
         {"row": f"probe after {row} {result.features}", "what": f"elastic net on the features of {row}'s selected "
          f"checkpoint ({'trained' if set(result.features.split('+')) & set(changed) else 'frozen throughout'})",
-         "seed": seed, "test": result.test, "val": result.val, "params": result.params,
-         "checkpoint": checkpoint.name, "trained_encoders": changed, "seconds": round(seconds, 1)}
+         "seed": seed, "split": _split_label(seed, split_dir), "test": result.test, "val": result.val,
+         "params": result.params, "checkpoint": checkpoint.name, "trained_encoders": changed,
+         "seconds": round(seconds, 1)}
         for result in fitted
         if result.method == "elastic-net"
     ]
@@ -335,7 +360,8 @@ def frozen_rows(
 
     part = _split_parts(*frozen_features(root, work), root, seed, split_dir)
     majority = Counter(part["train"][1].tolist()).most_common(1)[0][0]
-    rows = [{"row": "majority", "what": "most frequent training class", "seed": seed,
+    split = _split_label(seed, split_dir)
+    rows = [{"row": "majority", "what": "most frequent training class", "seed": seed, "split": split,
              "test": _scores(part["test"][1], np.full_like(part["test"][1], majority))}]
     if not baselines:
         return rows
@@ -346,7 +372,8 @@ def frozen_rows(
     seconds = time.perf_counter() - start
     for result in results:
         rows.append({"row": f"frozen {result.method} {result.features}", "what": "frozen pretrained features",
-                     "seed": seed, "test": result.test, "val": result.val, "params": result.params,
+                     "seed": seed, "split": split, "test": result.test, "val": result.val,
+                     "params": result.params,
                      "grid": {"l1_ratio": EN_L1_RATIOS, "C": EN_C_VALUES} if result.method == "elastic-net" else None,
                      "fit_seconds_all_baselines": round(seconds, 1)})
     return rows
@@ -359,12 +386,14 @@ def _scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
             "f1_weighted": float(f1_score(y_true, y_pred, average="weighted"))}
 
 
-def _done(results: Path) -> set[tuple[str, int]]:
-    """The (row, seed) pairs already in ``results``."""
+def _done(results: Path, split_dir: str | None = None) -> set[tuple[str, int]]:
+    """The (row, seed) pairs already in ``results`` under this split protocol (seeded, or the folds of ``split_dir``):
+    fold 1 of the published folds is not split seed 1."""
     if not results.is_file():
         return set()
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    return {(record["row"], record["seed"]) for record in records}
+    protocol = _protocol({"split": _split_label(0, split_dir)})
+    return {(record["row"], record["seed"]) for record in records if _protocol(record) == protocol}
 
 
 def _append(results: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -381,7 +410,8 @@ def summarize(paths: Sequence[Path]) -> str:
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                rows[record["row"]].append(record)
+                suffix = "" if _protocol(record) == SEEDED else f" ({FOLDS})"
+                rows[record["row"] + suffix].append(record)
 
     def cell(values: list[float]) -> str:
         if not values:
@@ -428,9 +458,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.probe:
         for row in args.probe:
             for seed in args.seeds:
-                if (f"probe after {row} text", seed) in _done(args.results):
+                if (f"probe after {row} text", seed) in _done(args.results, args.split_dir):
                     continue
-                if (row, seed) not in _done(args.results):
+                if (row, seed) not in _done(args.results, args.split_dir):
                     print(f"probe after {row} seed {seed}: no finished run in {args.results}, skipped", flush=True)
                     continue
                 _append(args.results, probe_rows(args.root, row, seed, args.work, args.results, args.split_dir))
@@ -440,22 +470,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; rows are majority, frozen, {', '.join(TRAINED)}")
     for seed in args.seeds:
-        done = {"frozen" if name.startswith("frozen ") else name for name, s in _done(args.results) if s == seed}
+        finished = _done(args.results, args.split_dir)
+        done = {"frozen" if name.startswith("frozen ") else name for name, s in finished if s == seed}
         wanted = [r for r in ("majority", "frozen") if r in args.rows and r not in done]
         if wanted:
             rows = frozen_rows(args.root, seed, args.work, args.split_dir, baselines="frozen" in wanted)
             _append(args.results, [r for r in rows if r["row"] != "majority" or "majority" in wanted])
             print(f"seed {seed}: {' and '.join(wanted)} rows written to {args.results}", flush=True)
+    failed = []
     for row in [r for r in args.rows if r in TRAINED]:
         for seed in args.seeds:
-            if (row, seed) in _done(args.results):
+            if (row, seed) in _done(args.results, args.split_dir):
                 print(f"{row} seed {seed}: already in {args.results}, skipped", flush=True)
                 continue
             print(f"{row} seed {seed}: training", flush=True)
             command = [sys.executable, str(Path(__file__).resolve()), "--root", args.root, "--results", str(args.results),
                        "--work", str(args.work), "--child", row, str(seed),
                        *(["--split-dir", args.split_dir] if args.split_dir else []), "--", *args.extra]
-            subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+            code = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+            if code.returncode != 0:  # the child printed why; the other rows still run
+                print(f"{row} seed {seed}: FAILED (exit {code.returncode}); going on with the next row", flush=True)
+                failed.append(f"{row} seed {seed}")
+    if failed:
+        sys.exit(f"{len(failed)} row(s) failed: {', '.join(failed)}; rerun them once fixed (finished rows are skipped)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""benchmarks/mvsa_single.py, the MVSA-Single sweep: every row's configuration is one the library accepts (a row that
+fails after hours of other rows is caught here), fold rows are kept apart from split-seed rows, a failed row does not
+stop the sweep."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.data.mvsa_fixture import write_mvsa
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "mvsa_single.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("mvsa_single", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def instantiate(spec):
+    """A ``class_path`` / ``init_args`` mapping built as the CLI would (nested ones first)."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, name = spec["class_path"].rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)(**instantiate(spec.get("init_args", {})))
+    if isinstance(spec, dict):
+        return {k: instantiate(v) for k, v in spec.items()}
+    return spec
+
+
+def row_config(sweep, row, tmp_path, split_dir=None):
+    path, args = sweep.trained_config(row, str(tmp_path / "data"), 1, tmp_path / "work", [], split_dir)
+    return yaml.safe_load(path.read_text()), path, args
+
+
+@pytest.mark.parametrize("row", ["recipe", "stages_only", "ogm_ge", "aux", "mmpareto", "no_gaussian_dropout", "augment",
+                                 "end_to_end", "text_only", "image_only"])
+def test_every_row_builds_callbacks_the_library_accepts_for_the_encoders_it_keeps(sweep, row, tmp_path):
+    config, path, args = row_config(sweep, row, tmp_path)
+    assert args[:3] == ["fit", "-c", str(path)] and path.parent == tmp_path / "work" / "configs"
+    callbacks = {type(c).__name__: c for c in map(instantiate, config["trainer"]["callbacks"])}
+    assert "RichProgressBar" not in callbacks and "GradientCheck" not in callbacks  # neither changes the weights
+    encoders = set(config["model"]["init_args"]["encoders"])
+    assert config["seed_everything"] == 1 and config["data"]["init_args"]["split_seed"] == 1
+    staged = callbacks.get("LinearProbeFinetune")
+    if row == "end_to_end":
+        assert staged is None and set(callbacks["WarmupDecay"].lr_multipliers) == {"encoders.text"}
+        return
+    unfrozen = {selector.split("[")[0] for stage in staged.stages[1:] for selector in stage.trainable}
+    assert unfrozen and unfrozen <= encoders, (unfrozen, encoders)
+    assert ("ModalityBalancer" in callbacks) == (row in ("recipe", "ogm_ge", "mmpareto", "no_gaussian_dropout", "augment"))
+
+
+def test_image_only_finetunes_the_image_encoders_top_blocks_as_the_recipe_does_the_text_encoder(sweep, tmp_path):
+    config, _, _ = row_config(sweep, "image_only", tmp_path)
+    staged = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LinearProbeFinetune"))
+    recipe, _, _ = row_config(sweep, "text_only", tmp_path)
+    text = next(c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("LinearProbeFinetune"))
+    assert list(config["model"]["init_args"]["encoders"]) == ["image"]
+    assert staged["init_args"]["unfreeze"] == ["image[-2:]"] and text["init_args"]["unfreeze"] == ["text"]
+    assert staged["init_args"]["lr_multipliers"] == {"image": text["init_args"]["lr_multipliers"]["text"]}
+    assert staged["init_args"]["cache_activations"] is True and "cache_activations" not in text["init_args"]
+
+
+def test_the_image_only_row_trains_its_top_blocks_on_tiny_data(sweep, tmp_path, monkeypatch):
+    """The row end to end through the CLI, shrunk (test_resnet, 40 posts, one probe epoch): the run leaves the probe
+    and serves the image encoder's lower blocks from the activation cache."""
+    from ml_optim_plugins.cli import run
+
+    config, path, args = row_config(sweep, "image_only", tmp_path)
+    image = config["model"]["init_args"]["encoders"]["image"]["init_args"]
+    image.update(model_name="test_resnet", pretrained=False)
+    config["data"]["init_args"].update(root=str(write_mvsa(tmp_path / "mvsa", n=40)), image_model="test_resnet",
+                                       image_size=32, batch_size=8, num_workers=0)
+    config["trainer"].update(max_epochs=2, accelerator="cpu", log_every_n_steps=1, enable_model_summary=False)
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("LinearProbeFinetune"):
+            callback["init_args"].update(probe_epochs=1, warmup_steps=2)
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    trainer = run(["fit", "-c", str(path)]).trainer
+    staged = next(c for c in trainer.callbacks if type(c).__name__ == "LinearProbeFinetune")
+    assert [b["stage"] for b in staged.boundaries] == [0, 1] and staged.stage_index == 1
+    cache = staged.activation_cache
+    assert list(cache.splits) == ["image"] and cache.stats()["image"]["misses"] > 0  # filled in the finetuning epoch
+    assert not any(p.requires_grad for p in trainer.lightning_module.encoders["image"].model.conv1.parameters())
+
+
+def write_rows(path: Path, *rows: dict) -> Path:
+    path.write_text("".join(json.dumps({"test": {"acc": 0.5, "f1": 0.4, "f1_weighted": 0.45}, **r}) + "\n"
+                            for r in rows))
+    return path
+
+
+def test_fold_rows_are_neither_skipped_for_nor_averaged_with_split_seed_rows(sweep, tmp_path):
+    results = write_rows(tmp_path / "results.jsonl",
+                         {"row": "recipe", "seed": 1, "split": "seeded 8:1:1"},
+                         {"row": "majority", "seed": 2},  # written before rows recorded their split
+                         {"row": "recipe", "seed": 2, "split": "Cheema et al. fold 2"})
+    assert sweep._done(results) == {("recipe", 1), ("majority", 2)}
+    assert sweep._done(results, split_dir="folds") == {("recipe", 2)}
+    table = sweep.summarize([results])
+    assert "| recipe | 1 | 50.00 ± 0.00" in table and "| recipe (Cheema et al. folds) | 2 | 50.00 ± 0.00" in table
+
+
+def test_a_failed_row_is_reported_and_the_sweep_goes_on(sweep, tmp_path, monkeypatch, capsys):
+    results = write_rows(tmp_path / "results.jsonl", {"row": "recipe", "seed": 0, "split": "seeded 8:1:1"})
+    started = []
+
+    def child(command, **kwargs):
+        row, seed = command[command.index("--child") + 1:][:2]
+        started.append((row, seed))
+        return type("Done", (), {"returncode": 1 if row == "image_only" else 0})()
+
+    monkeypatch.setattr(sweep.subprocess, "run", child)
+    with pytest.raises(SystemExit, match=r"1 row\(s\) failed: image_only seed 0; rerun them once fixed"):
+        sweep.main(["--root", str(tmp_path), "--results", str(results), "--work", str(tmp_path / "work"),
+                    "--rows", "recipe", "image_only", "text_only", "--seeds", "0"])
+    assert started == [("image_only", "0"), ("text_only", "0")]  # the finished recipe row is skipped
+    out = capsys.readouterr().out
+    assert "recipe seed 0: already in" in out and "image_only seed 0: FAILED (exit 1); going on" in out
