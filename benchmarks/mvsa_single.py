@@ -297,8 +297,7 @@ def probe_rows(
     from ml_optim_plugins.baselines import fit_baselines
 
     tag = f"seed{seed}" if split_dir is None else f"fold{seed}"
-    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    record = next(r for r in records if r["row"] == row and r["seed"] == seed)
+    record = next(r for r in _records(results, split_dir) if r["row"] == row and r["seed"] == seed)
     versions = sorted((work / "runs" / f"{row}-{tag}").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     checkpoint = next(v / "checkpoints" / record["selected_checkpoint"] for v in reversed(versions)
                       if (v / "checkpoints" / record["selected_checkpoint"]).is_file())
@@ -386,14 +385,19 @@ def _scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
             "f1_weighted": float(f1_score(y_true, y_pred, average="weighted"))}
 
 
-def _done(results: Path, split_dir: str | None = None) -> set[tuple[str, int]]:
-    """The (row, seed) pairs already in ``results`` under this split protocol (seeded, or the folds of ``split_dir``):
-    fold 1 of the published folds is not split seed 1."""
+def _records(results: Path, split_dir: str | None = None) -> list[dict[str, Any]]:
+    """The rows in ``results`` of this split protocol (seeded, or the folds of ``split_dir``): fold 1 of the published
+    folds is not split seed 1."""
     if not results.is_file():
-        return set()
-    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        return []
     protocol = _protocol({"split": _split_label(0, split_dir)})
-    return {(record["row"], record["seed"]) for record in records if _protocol(record) == protocol}
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return [record for record in records if _protocol(record) == protocol]
+
+
+def _done(results: Path, split_dir: str | None = None) -> set[tuple[str, int]]:
+    """The (row, seed) pairs already in ``results`` under this split protocol."""
+    return {(record["row"], record["seed"]) for record in _records(results, split_dir)}
 
 
 def _append(results: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -458,9 +462,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.probe:
         for row in args.probe:
             for seed in args.seeds:
-                if (f"probe after {row} text", seed) in _done(args.results, args.split_dir):
-                    continue
-                if (row, seed) not in _done(args.results, args.split_dir):
+                done = _done(args.results, args.split_dir)
+                if any(name.startswith(f"probe after {row} ") and s == seed for name, s in done):
+                    continue  # probed already (a one-modality row has one probe row)
+                if (row, seed) not in done:
                     print(f"probe after {row} seed {seed}: no finished run in {args.results}, skipped", flush=True)
                     continue
                 _append(args.results, probe_rows(args.root, row, seed, args.work, args.results, args.split_dir))

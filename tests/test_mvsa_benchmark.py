@@ -9,6 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -55,7 +56,8 @@ def test_every_row_builds_callbacks_the_library_accepts_for_the_encoders_it_keep
         return
     unfrozen = {selector.split("[")[0] for stage in staged.stages[1:] for selector in stage.trainable}
     assert unfrozen and unfrozen <= encoders, (unfrozen, encoders)
-    assert ("ModalityBalancer" in callbacks) == (row in ("recipe", "ogm_ge", "mmpareto", "no_gaussian_dropout", "augment"))
+    balanced = ("recipe", "ogm_ge", "mmpareto", "no_gaussian_dropout", "augment")
+    assert ("ModalityBalancer" in callbacks) == (row in balanced)
 
 
 def test_image_only_finetunes_the_image_encoders_top_blocks_as_the_recipe_does_the_text_encoder(sweep, tmp_path):
@@ -126,3 +128,46 @@ def test_a_failed_row_is_reported_and_the_sweep_goes_on(sweep, tmp_path, monkeyp
     assert started == [("image_only", "0"), ("text_only", "0")]  # the finished recipe row is skipped
     out = capsys.readouterr().out
     assert "recipe seed 0: already in" in out and "image_only seed 0: FAILED (exit 1); going on" in out
+
+
+def test_under_split_dir_fold_rows_run_although_split_seed_rows_of_those_numbers_exist(sweep, tmp_path, monkeypatch):
+    results = write_rows(tmp_path / "results.jsonl", {"row": "recipe", "seed": 1, "split": "seeded 8:1:1"},
+                         {"row": "recipe", "seed": 2, "split": "Cheema et al. fold 2"})
+    started = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda command, **kwargs: started.append(command) or
+                        type("Done", (), {"returncode": 0})())
+    sweep.main(["--root", str(tmp_path), "--results", str(results), "--work", str(tmp_path / "work"),
+                "--split-dir", "folds", "--rows", "recipe", "--seeds", "1", "2"])
+    assert [c[c.index("--child") + 1:][:2] for c in started] == [["recipe", "1"]]  # fold 2 is done, fold 1 is not
+    assert started[0][started[0].index("--split-dir") + 1] == "folds"
+
+
+def test_a_row_is_probed_once_under_its_own_split_protocol(sweep, tmp_path, monkeypatch, capsys):
+    results = write_rows(tmp_path / "results.jsonl",
+                         {"row": "image_only", "seed": 0, "split": "seeded 8:1:1"},
+                         {"row": "probe after image_only image", "seed": 0, "split": "seeded 8:1:1"},
+                         {"row": "recipe", "seed": 1, "split": "seeded 8:1:1"})
+    probed = []
+    monkeypatch.setattr(sweep, "probe_rows", lambda root, row, seed, *a: probed.append((row, seed)) or [])
+    common = ["--root", str(tmp_path), "--results", str(results), "--work", str(tmp_path / "work")]
+    sweep.main([*common, "--probe", "image_only", "recipe", "--seeds", "0", "1"])
+    assert probed == [("recipe", 1)]  # image_only's one probe row counts; recipe seed 0 never ran
+    sweep.main([*common, "--split-dir", "folds", "--probe", "recipe", "--seeds", "1"])
+    assert probed == [("recipe", 1)] and "probe after recipe seed 1: no finished run" in capsys.readouterr().out
+
+
+def test_baseline_rows_record_their_split(sweep, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    ids = [str(i) for i in range(60)]
+    labels = np.array([i % 3 for i in range(60)])
+    features = {name: rng.normal(size=(60, 4)) + labels[:, None] for name in ("image", "text")}
+    (tmp_path / "work").mkdir()
+    np.savez(tmp_path / "work" / "frozen.npz", labels=labels, ids=np.array(ids),
+             **{f"f_{k}": v for k, v in features.items()})
+    monkeypatch.setattr(sweep, "split_ids", lambda root, seed, split_dir: {
+        "train": ids[:40], "val": ids[40:50], "test": ids[50:]})
+    rows = sweep.frozen_rows(str(tmp_path), 3, tmp_path / "work", split_dir="folds")
+    assert rows[0]["row"] == "majority" and len(rows) > 1
+    assert {row["split"] for row in rows} == {"Cheema et al. fold 3"}
+    assert {r["split"] for r in sweep.frozen_rows(str(tmp_path), 3, tmp_path / "work", baselines=False)} == {
+        "seeded 8:1:1"}
