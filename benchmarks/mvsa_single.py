@@ -183,10 +183,8 @@ def trained_config(
     tag = f"seed{seed}" if split_dir is None else f"fold{seed}"
     for logger in config["trainer"]["logger"]:
         logger["init_args"].update(save_dir=str(work / "runs"), name=f"{row}-{tag}")
-    config["trainer"]["callbacks"] = [
-        c for c in _callbacks(config) if not c["class_path"].endswith(("RichProgressBar", "GradientCheck"))
-    ]
-    config["trainer"]["enable_progress_bar"] = False
+    _drop(config, "GradientCheck")
+    config["trainer"]["enable_progress_bar"] = False  # the recipe CLI then takes the recipe's RichProgressBar out
     stages = [c for c in _callbacks(config) if c["class_path"].endswith("LinearProbeFinetune")]
     if stages and stages[0]["init_args"].get("cache_features"):
         # Rows of one split seed share the frozen encoders' features (the cache checks the encoders' fingerprints).

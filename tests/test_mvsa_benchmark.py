@@ -47,7 +47,7 @@ def test_every_row_builds_callbacks_the_library_accepts_for_the_encoders_it_keep
     config, path, args = row_config(sweep, row, tmp_path)
     assert args[:3] == ["fit", "-c", str(path)] and path.parent == tmp_path / "work" / "configs"
     callbacks = {type(c).__name__: c for c in map(instantiate, config["trainer"]["callbacks"])}
-    assert "RichProgressBar" not in callbacks and "GradientCheck" not in callbacks  # neither changes the weights
+    assert "GradientCheck" not in callbacks and config["trainer"]["enable_progress_bar"] is False  # no weight change
     encoders = set(config["model"]["init_args"]["encoders"])
     assert config["seed_everything"] == 1 and config["data"]["init_args"]["split_seed"] == 1
     staged = callbacks.get("LinearProbeFinetune")
