@@ -388,7 +388,7 @@ def _records(results: Path, split_dir: str | None = None) -> list[dict[str, Any]
     folds is not split seed 1."""
     if not results.is_file():
         return []
-    protocol = _protocol({"split": _split_label(0, split_dir)})
+    protocol = SEEDED if split_dir is None else FOLDS
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     return [record for record in records if _protocol(record) == protocol]
 
