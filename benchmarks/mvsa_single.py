@@ -20,7 +20,9 @@ Rows (``--rows``):
 Splits are :class:`~ml_optim_plugins.MVSADataModule`'s seeded 8:1:1 split (``split_seed`` = the seed; the training seed
 too), or with ``--split-dir`` the published folds of Cheema et al. (``--seeds`` are then fold numbers). A row already in
 ``--results`` for the same row, seed and split protocol is skipped, so an interrupted sweep resumes where it was; a row
-that fails is reported and the sweep goes on with the next, exiting non-zero at the end.
+interrupted in training resumes from its run's ``checkpoints/last.ckpt`` (saved after every validation; the recipe's
+``ExactResume`` makes the resumed run continue as if never stopped), or from epoch 0 with ``--fresh``. A row that fails
+is reported and the sweep goes on with the next, exiting non-zero at the end.
 """
 
 from __future__ import annotations
@@ -50,13 +52,17 @@ EN_C_VALUES = (0.01, 0.1, 1.0)
 
 
 class EpochTimes(pl.Callback):
-    """Wall time of each training epoch (the training loop only, validation excluded) and of the whole fit."""
+    """Wall time of each training epoch (the training loop only, validation excluded) and of the whole fit; kept in
+    the checkpoint, so a row resumed from its ``last.ckpt`` reports every epoch and the fit time of all its parts."""
 
     def __init__(self) -> None:
         self.epochs: list[float] = []
         self.validation = 0.0
-        self._start = self._val_start = self._fit_start = 0.0
-        self.fit_seconds = 0.0
+        self._start: float | None = None
+        self._val_start = self._fit_start = 0.0
+        self.restored = False
+        self.fit: dict[str, Any] = {}  # at fit end: epochs, seconds (all attempts), earlier_seconds, resumed_with_times
+        self.earlier_seconds = 0.0  # fit seconds of the earlier processes of a resumed run
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
@@ -66,15 +72,32 @@ class EpochTimes(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_start = time.perf_counter()
+        if self._start is not None and not trainer.sanity_checking and trainer.is_last_batch:
+            # The epoch-end validation: the epoch's training time is known now, before the checkpoint is saved.
+            self.epochs.append(self._val_start - self._start - self.validation)
+            self._start = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.validation += time.perf_counter() - self._val_start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.epochs.append(time.perf_counter() - self._start - self.validation)
+        if self._start is not None:  # an epoch without an epoch-end validation
+            self.epochs.append(time.perf_counter() - self._start - self.validation)
+            self._start = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.fit_seconds = time.perf_counter() - self._fit_start
+        # Kept apart: testing the best checkpoint afterwards loads that checkpoint's (earlier) state into this callback.
+        self.fit = {"epochs": list(self.epochs), "seconds": self._seconds(), "earlier_seconds": self.earlier_seconds,
+                    "resumed_with_times": self.restored}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": list(self.epochs), "fit_seconds": self._seconds()}
+
+    def _seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self._fit_start
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs, self.earlier_seconds, self.restored = list(state_dict["epochs"]), state_dict["fit_seconds"], True
 
 
 def _callbacks(config: dict) -> list[dict]:
@@ -195,20 +218,40 @@ def trained_config(
     return path, ["fit", "-c", str(path), "--trainer.callbacks+=mvsa_single.EpochTimes", *extra]
 
 
+def unfinished_checkpoint(row: str, seed: int, work: Path, split_dir: str | None = None) -> Path | None:
+    """The ``last.ckpt`` of the row's latest run directory, if an earlier attempt left one (a row with a result is not
+    run again, so such a checkpoint is an interrupted run's)."""
+    tag = f"seed{seed}" if split_dir is None else f"fold{seed}"
+    versions = sorted((work / "runs" / f"{row}-{tag}").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    last = versions[-1] / "checkpoints" / "last.ckpt" if versions else None
+    return last if last is not None and last.is_file() else None
+
+
 def run_trained(
-    row: str, root: str, seed: int, work: Path, extra: Sequence[str], split_dir: str | None = None
+    row: str, root: str, seed: int, work: Path, extra: Sequence[str], split_dir: str | None = None, fresh: bool = False
 ) -> dict[str, Any]:
-    """Train and test one row in this process (the child of :func:`main`); the result row."""
+    """Train and test one row in this process (the child of :func:`main`); the result row. An interrupted attempt's
+    ``last.ckpt`` is resumed from (exactly: ``ExactResume`` in the recipe), unless ``fresh``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
     from ml_optim_plugins.cli import run
 
     config, args = trained_config(row, root, seed, work, extra, split_dir)
+    resume = None if fresh else unfinished_checkpoint(row, seed, work, split_dir)
+    resumed_at = None
+    if resume is not None:
+        resumed_at = torch.load(resume, map_location="cpu", weights_only=False)["epoch"] + 1
+        print(f"{row} seed {seed}: resuming at epoch {resumed_at} from {resume}", flush=True)
+        args = [*args, "--ckpt_path", str(resume)]
     start = time.perf_counter()
     cli = run(args)
     wall = time.perf_counter() - start
     trainer = cli.trainer
     # By name: the CLI imports this file as module "mvsa_single", so its class is not this run's __main__.EpochTimes.
     timer = next(c for c in trainer.callbacks if type(c).__name__ == "EpochTimes")
+    # A checkpoint saved before EpochTimes kept its state: the earlier epochs' times and fit time are unknown.
+    lost = resumed_at if resumed_at is not None and not timer.fit["resumed_with_times"] else 0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     checkpoint = trainer.checkpoint_callback
     test = {m: metrics.get(f"test/{m}") for m in METRICS}
@@ -226,9 +269,10 @@ def run_trained(
         "test_per_modality": per_modality,
         "val_f1_selected": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
         "selected_checkpoint": Path(checkpoint.best_model_path).name,
-        "epochs_run": len(timer.epochs),
-        "epoch_seconds": [round(t, 1) for t in timer.epochs],
-        "run_seconds": round(wall, 1),
+        "epochs_run": lost + len(timer.fit["epochs"]),
+        "epoch_seconds": [None] * lost + [round(t, 1) for t in timer.fit["epochs"]],
+        "run_seconds": None if lost else round(wall + timer.fit["earlier_seconds"], 1),
+        "resumed_at_epoch": resumed_at,
         "config": str(config),
         "extra_args": list(extra),
     }
@@ -426,8 +470,8 @@ def summarize(paths: Sequence[Path]) -> str:
     for name, records in rows.items():
         seeds = ",".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
         scores = [cell([r["test"][m] for r in records if r["test"].get(m) is not None]) for m in METRICS]
-        epochs = [t for r in records for t in r.get("epoch_seconds", [])]
-        runs = [r["run_seconds"] for r in records if "run_seconds" in r]
+        epochs = [t for r in records for t in r.get("epoch_seconds", []) if t is not None]
+        runs = [r["run_seconds"] for r in records if r.get("run_seconds") is not None]
         times = [f"{statistics.mean(values):.0f}" if values else "-" for values in (epochs, runs)]
         lines.append(f"| {name} | {seeds} | {' | '.join(scores)} | {' | '.join(times)} |")
     return "\n".join(lines)
@@ -445,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--summarize", nargs="+", type=Path)
     parser.add_argument("--probe", nargs="+", metavar="ROW", help="each modality's linear probe after training, for "
                         "these trained rows' finished runs of --seeds (rows 'probe after ROW FEATURES')")
+    parser.add_argument("--fresh", action="store_true", help="start interrupted rows again from epoch 0 instead of "
+                        "resuming them from their last.ckpt")
     parser.add_argument("--child", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="after --: CLI overrides for every trained row")
     args = parser.parse_args(argv)
@@ -454,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.root is None:
         parser.error("--root is required")
     if args.child:
-        row = run_trained(args.child[0], args.root, int(args.child[1]), args.work, args.extra, args.split_dir)
+        row = run_trained(args.child[0], args.root, int(args.child[1]), args.work, args.extra, args.split_dir,
+                          args.fresh)
         _append(args.results, [row])
         return
     if args.probe:
@@ -489,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{row} seed {seed}: training", flush=True)
             command = [sys.executable, str(Path(__file__).resolve()), "--root", args.root, "--results", str(args.results),
                        "--work", str(args.work), "--child", row, str(seed),
-                       *(["--split-dir", args.split_dir] if args.split_dir else []), "--", *args.extra]
+                       *(["--split-dir", args.split_dir] if args.split_dir else []),
+                       *(["--fresh"] if args.fresh else []), "--", *args.extra]
             code = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
             if code.returncode != 0:  # the child printed why; the other rows still run
                 print(f"{row} seed {seed}: FAILED (exit {code.returncode}); going on with the next row", flush=True)

@@ -59,7 +59,7 @@ def test_resuming_continues_in_the_checkpoints_run_directory(tiny_config, tmp_pa
     across the resume, and the report covers both sessions."""
     first = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--test_after_fit", "false"])
     best_before = float(first.trainer.checkpoint_callback.best_model_score)
-    last = first.trainer.checkpoint_callback.last_model_path
+    last = str(Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt")
     resumed = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "2",
                    "--ckpt_path", last, "--test_after_fit", "false"])
     run_dir = tmp_path / "runs" / "quickstart"
@@ -163,7 +163,8 @@ def test_pretrain_image_then_staged_quick_start(tiny_config, tmp_path):
     pretrain["trainer"].update(max_epochs=1, accelerator="cpu", enable_model_summary=False)
     pretrain["trainer"]["logger"][0]["init_args"]["save_dir"] = str(tmp_path / "runs")
     callbacks = [c for c in pretrain["trainer"]["callbacks"] if not c["class_path"].endswith("RichProgressBar")]
-    next(c for c in callbacks if c["class_path"].endswith("ModelCheckpoint"))["init_args"]["dirpath"] = str(tmp_path)
+    for checkpoint in (c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")):
+        checkpoint["init_args"]["dirpath"] = str(tmp_path)  # image-encoder.ckpt and last.ckpt
     pretrain["trainer"]["callbacks"] = callbacks
     (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(pretrain))
     run(["fit", "-c", str(tmp_path / "pretrain.yaml")])

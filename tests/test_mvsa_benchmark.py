@@ -9,6 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import yaml
@@ -171,3 +172,43 @@ def test_baseline_rows_record_their_split(sweep, tmp_path, monkeypatch):
     assert {row["split"] for row in rows} == {"Cheema et al. fold 3"}
     assert {r["split"] for r in sweep.frozen_rows(str(tmp_path), 3, tmp_path / "work", baselines=False)} == {
         "seeded 8:1:1"}
+
+
+class Interrupt(pl.Callback):
+    """Stops a run as a killed process would, after the epoch-0 checkpoint."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("interrupted")
+
+
+def test_an_interrupted_row_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_one(
+    sweep, tmp_path, monkeypatch
+):
+    """image_only, shrunk (probe epoch, then finetuning of the top blocks behind the activation cache): stopped after
+    epoch 0, the row's next attempt resumes from last.ckpt and reports the same test figures, both epochs' times and
+    the fit time of both attempts, as a run that was never stopped."""
+    recipe = yaml.safe_load(sweep.RECIPE.read_text())
+    recipe["model"]["init_args"]["encoders"]["image"]["init_args"].update(model_name="test_resnet", pretrained=False)
+    recipe["data"]["init_args"].update(image_model="test_resnet", image_size=32, batch_size=8, num_workers=0)
+    recipe["trainer"].update(max_epochs=2, accelerator="cpu", log_every_n_steps=1, enable_model_summary=False)
+    next(c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("LinearProbeFinetune"))[
+        "init_args"].update(probe_epochs=1, warmup_steps=2)
+    monkeypatch.setattr(sweep, "RECIPE", tmp_path / "recipe.yaml")
+    sweep.RECIPE.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # the CLI imports mvsa_single.EpochTimes
+    monkeypatch.chdir(tmp_path)
+    root = str(write_mvsa(tmp_path / "mvsa", n=40))
+
+    whole = sweep.run_trained("image_only", root, 0, tmp_path / "whole", [])
+    assert whole["resumed_at_epoch"] is None and len(whole["epoch_seconds"]) == 2
+    stop = ["--trainer.callbacks+=tests.test_mvsa_benchmark.Interrupt"]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sweep.run_trained("image_only", root, 0, tmp_path / "parts", stop)
+    assert sweep.unfinished_checkpoint("image_only", 0, tmp_path / "parts").parent.parent.name == "version_0"
+    resumed = sweep.run_trained("image_only", root, 0, tmp_path / "parts", [])
+    assert resumed["resumed_at_epoch"] == 1 and len(resumed["epoch_seconds"]) == 2 == resumed["epochs_run"]
+    assert None not in resumed["epoch_seconds"] and resumed["run_seconds"] > sum(resumed["epoch_seconds"])
+    assert resumed["test"] == whole["test"] and resumed["selected_checkpoint"] == whole["selected_checkpoint"]
+    assert not (tmp_path / "parts" / "runs" / "image_only-seed0" / "version_1").exists()  # one run, one directory
+    assert sweep.run_trained("image_only", root, 0, tmp_path / "parts", [], fresh=True)["resumed_at_epoch"] is None

@@ -6,9 +6,12 @@ import csv
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from ml_optim_plugins.data import read_mvsa
 from tests.data.mvsa_fixture import write_mvsa
@@ -18,7 +21,14 @@ TRAINING_RECIPES = ["quickstart", "mvsa_single", "mvsa_multiple", "manifest"]
 
 
 def callbacks_of(config: dict) -> dict[str, dict]:
-    return {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
+    """Each callback's init_args by class name (of the recipes' two ModelCheckpoints, the monitored one)."""
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
+    return {**callbacks, "ModelCheckpoint": next(c for c in checkpoints_of(config) if c.get("monitor"))}
+
+
+def checkpoints_of(config: dict) -> list[dict]:
+    return [c.setdefault("init_args", {}) for c in config["trainer"]["callbacks"] if c["class_path"].endswith(
+        "ModelCheckpoint")]
 
 
 @pytest.mark.parametrize("name", TRAINING_RECIPES)
@@ -38,6 +48,29 @@ def test_recipe_composes_every_technique(name):
     assert "RunReport" in callbacks
     dropout = config["model"]["init_args"]["fusion"]["init_args"]["dropout"]
     assert dropout["class_path"] == "ml_optim_plugins.GaussianDropout"
+
+
+class _WorseEachEpoch(BoringModel):
+    """Validation metrics that peak at epoch 0: no checkpoint after it is a best one."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log_dict({"val/f1": -float(self.current_epoch), "val/acc": -float(self.current_epoch)})
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("name", [*TRAINING_RECIPES, "pretrain_image"])
+def test_last_ckpt_holds_the_latest_epoch_after_validation_stops_improving(name, tmp_path):
+    """A run resumed from checkpoints/last.ckpt continues from its latest epoch, not from its best: Lightning >= 2.6
+    writes save_last's last.ckpt only beside a new best, so the recipes keep it with a ModelCheckpoint of its own."""
+    config = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    checkpoints = [ModelCheckpoint(**{**args, "dirpath": tmp_path}) for args in checkpoints_of(config)]
+    trainer = pl.Trainer(max_epochs=3, callbacks=checkpoints, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(_WorseEachEpoch())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
+    best = trainer.checkpoint_callback  # the monitored one: test-after-fit and the report use its best
+    assert best.monitor in ("val/f1", "val/acc") and torch.load(best.best_model_path, weights_only=False)["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == sorted(["last.ckpt", Path(best.best_model_path).name])
 
 
 def write_manifest(root: Path) -> Path:
@@ -77,8 +110,9 @@ def shrink(name: str, tmp_path: Path) -> Path:
     callbacks = callbacks_of(config)
     if "LinearProbeFinetune" in callbacks:
         callbacks["LinearProbeFinetune"].update(probe_epochs=1, warmup_steps=2)
-    if callbacks["ModelCheckpoint"].get("dirpath"):
-        callbacks["ModelCheckpoint"]["dirpath"] = str(tmp_path / "checkpoints")
+    for checkpoint in checkpoints_of(config):
+        if checkpoint.get("dirpath"):
+            checkpoint["dirpath"] = str(tmp_path / "checkpoints")
     path = tmp_path / f"{name}-tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -126,7 +126,7 @@ class MultimodalCLI(LightningCLI):
         if wanted and has_test and not trainer.interrupted and not trainer.fast_dev_run:
             # The model selected on validation, evaluated once on test: the figures a run report and a paper may quote.
             best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-            trainer.test(self.model, datamodule=data, ckpt_path="best" if best else None, verbose=False)
+            trainer.test(self.model, datamodule=data, ckpt_path=best or None, verbose=False)
             print_run_summary(trainer, "test")
         if not trainer.interrupted and not trainer.fast_dev_run:
             print_predict_command(trainer, self.config["fit"].get("config") or ())
