@@ -195,6 +195,17 @@ def _split_args(seed: int, split_dir: str | None) -> dict[str, Any]:
     return {"split_seed": seed} if split_dir is None else {"split_dir": split_dir, "fold": seed}
 
 
+def _tag(seed: int, split_dir: str | None) -> str:
+    """The row's name suffix for its run directory, config and feature cache: ``seed<N>`` or ``fold<N>``."""
+    return f"seed{seed}" if split_dir is None else f"fold{seed}"
+
+
+def _run_versions(row: str, seed: int, work: Path, split_dir: str | None) -> list[Path]:
+    """The row's run directories (``version_N``, oldest first): a resumed run keeps writing into its own."""
+    runs = work / "runs" / f"{row}-{_tag(seed, split_dir)}"
+    return sorted(runs.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
 def trained_config(
     row: str, root: str, seed: int, work: Path, extra: Sequence[str], split_dir: str | None = None
 ) -> tuple[Path, list[str]]:
@@ -203,7 +214,7 @@ def trained_config(
     TRAINED[row][1](config)
     config["seed_everything"] = seed
     config["data"]["init_args"].update(root=root, **_split_args(seed, split_dir))
-    tag = f"seed{seed}" if split_dir is None else f"fold{seed}"
+    tag = _tag(seed, split_dir)
     for logger in config["trainer"]["logger"]:
         logger["init_args"].update(save_dir=str(work / "runs"), name=f"{row}-{tag}")
     _drop(config, "GradientCheck")
@@ -221,8 +232,7 @@ def trained_config(
 def unfinished_checkpoint(row: str, seed: int, work: Path, split_dir: str | None = None) -> Path | None:
     """The ``last.ckpt`` of the row's latest run directory, if an earlier attempt left one (a row with a result is not
     run again, so such a checkpoint is an interrupted run's)."""
-    tag = f"seed{seed}" if split_dir is None else f"fold{seed}"
-    versions = sorted((work / "runs" / f"{row}-{tag}").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    versions = _run_versions(row, seed, work, split_dir)
     last = versions[-1] / "checkpoints" / "last.ckpt" if versions else None
     return last if last is not None and last.is_file() else None
 
@@ -338,9 +348,8 @@ def probe_rows(
     from ml_optim_plugins import MultimodalClassifier
     from ml_optim_plugins.baselines import fit_baselines
 
-    tag = f"seed{seed}" if split_dir is None else f"fold{seed}"
     record = next(r for r in _records(results, split_dir) if r["row"] == row and r["seed"] == seed)
-    versions = sorted((work / "runs" / f"{row}-{tag}").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    versions = _run_versions(row, seed, work, split_dir)
     checkpoint = next(v / "checkpoints" / record["selected_checkpoint"] for v in reversed(versions)
                       if (v / "checkpoints" / record["selected_checkpoint"]).is_file())
     trained = MultimodalClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
