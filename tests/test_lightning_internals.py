@@ -21,6 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import ml_optim_plugins
 from ml_optim_plugins import lightning_internals
+from ml_optim_plugins.data import EpochShuffle
 from ml_optim_plugins.lightning_internals import (
     load_pending_train_loader_state,
     logger_version_unset,
@@ -113,6 +114,48 @@ def test_a_resumed_epoch_goes_on_from_the_checkpoints_batch(step_3_checkpoint):
     assert adapters.steps[0] == 3, changed(
         f"logging_step at the resumed run's first batch is {adapters.steps[0]}, not 3: "
         "FitLoop.epoch_loop._batches_that_stepped changed"
+    )
+
+
+class ShuffledByWorkers(RecordsBatches):
+    """The recipes' loader: an epoch-seeded shuffle served by persistent worker processes (an iterator with workers
+    draws its first batches' indices when it is made), with validation at each epoch's end."""
+
+    def training_step(self, batch, batch_idx):
+        self.seen.extend(int(value) for value in batch[:, 0])
+        return self.layer(batch).sum()
+
+    def train_dataloader(self):
+        return StatefulDataLoader(Indices(), batch_size=2, sampler=EpochShuffle(8, seed=0), num_workers=2,
+                                  persistent_workers=True)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def val_dataloader(self):
+        return DataLoader(Indices(), batch_size=8)
+
+
+@pytest.mark.parametrize(("saving", "checkpoint", "served"), [
+    # After epoch 0's validation: the next epoch starts afresh. Inside epoch 1: it goes on from its third batch.
+    pytest.param({"filename": "{epoch}"}, "epoch=0.ckpt", 8, id="epoch-end"),
+    pytest.param({"every_n_train_steps": 6, "filename": "{step}"}, "step=6.ckpt", 12, id="mid-epoch"),
+])
+def test_a_resumed_run_with_worker_processes_serves_each_epochs_own_order(tmp_path, saving, checkpoint, served):
+    """A resumed run's first epoch is served by the iterator Lightning made in its early setup, before it sets the
+    samplers' epoch: with workers, that iterator had drawn epoch 0's order (seen on MVSA-Single: a run resumed after
+    epoch 0 trained epoch 1 in epoch 0's order). The pending-state adapter gives the samplers their epoch and makes a
+    new iterator, so the resumed run sees the samples the uninterrupted one saw, in the same order."""
+    whole = ShuffledByWorkers()
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, **saving)
+    quiet_trainer(max_epochs=3, callbacks=[saver], enable_checkpointing=True, limit_val_batches=1).fit(whole)
+    assert whole.seen[:8] != whole.seen[8:16] and sorted(whole.seen[8:16]) == list(range(8))
+    resumed = ShuffledByWorkers()
+    quiet_trainer(max_epochs=3, callbacks=[CallsAdapters()], limit_val_batches=1).fit(
+        resumed, ckpt_path=tmp_path / checkpoint)
+    assert resumed.seen == whole.seen[served:], changed(
+        f"resumed from {checkpoint}, the run trained on samples {resumed.seen}, not {whole.seen[served:]}: the "
+        "train loader's iterator or its samplers' epoch after a restore changed"
     )
 
 

@@ -26,7 +26,10 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     something reads ``trainer.estimated_stepping_batches`` before the checkpoint is restored (a callback's
     ``on_fit_start``, or ``configure_optimizers``), the loader is set up early, the saved state is stashed afterwards
     and never loaded, and a resumed run starts its epoch from the first batch again (Lightning issue #20550, open in
-    2.6.6). Called from ``on_train_start``, before the first batch is drawn.
+    2.6.6). That early iterator also serves the resumed run's first epoch, and with worker processes it has drawn its
+    first indices from the samplers' epoch 0, so the epoch's order would be epoch 0's: the samplers get the epoch
+    about to run and a new iterator is made, after an epoch's end too. Called from ``on_train_start``, before the first
+    batch is drawn.
 
     Uses ``FitLoop._combined_loader_states_to_load``, ``FitLoop._load_combined_loader_states()``,
     ``FitLoop._data_fetcher``, ``FitLoop._combined_loader``, ``FitLoop.restarted_mid_epoch`` and
@@ -38,21 +41,24 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     fit_loop = trainer.fit_loop
     if not getattr(fit_loop, "_combined_loader_states_to_load", None):
         return False
-    if not fit_loop.restarted_mid_epoch:
-        # Resumed at an epoch's end: the saved state is that of a finished epoch, and the next epoch's iterator, which
-        # Lightning creates after on_train_epoch_start, shuffles from the generator ExactResume seeds for that epoch.
+    mid_epoch = fit_loop.restarted_mid_epoch
+    if mid_epoch:
+        fit_loop._load_combined_loader_states()
+    else:
+        # Resumed at an epoch's end: the saved state is that of a finished epoch; the next one starts afresh.
         fit_loop._combined_loader_states_to_load = []
-        return False
-    fit_loop._load_combined_loader_states()
     fetcher = getattr(fit_loop, "_data_fetcher", None)
     if fetcher is not None:
-        # Lightning sets the samplers' epoch only later (FitLoop.on_advance_start), and the new iterator prefetches a
-        # batch now: an epoch-seeded sampler (EpochShuffle, DistributedSampler) must know its epoch first.
+        # A resumed run's first epoch is served by the iterator made in the early setup (Lightning makes a new one per
+        # epoch only when not restarting), and an iterator with worker processes draws its first batches' indices
+        # when it is made: there, from the samplers' epoch 0. Lightning sets the epoch only later
+        # (FitLoop.on_advance_start), so an epoch-seeded sampler (EpochShuffle, DistributedSampler) gets it now, and a
+        # new iterator draws from it (mid-epoch: from where the loaded state says).
         if _set_sampler_epoch is not None:
             for loader in fit_loop._combined_loader.flattened:
                 _set_sampler_epoch(loader, trainer.current_epoch)
-        iter(fetcher)  # a new iterator, which starts where the loaded state says (the old one had prefetched a batch)
-    return True
+        iter(fetcher)
+    return mid_epoch
 
 
 def logging_step(trainer: pl.Trainer) -> int:
