@@ -20,8 +20,9 @@ Rows (``--rows``):
 Splits are :class:`~ml_optim_plugins.MVSADataModule`'s seeded 8:1:1 split (``split_seed`` = the seed; the training seed
 too), or with ``--split-dir`` the published folds of Cheema et al. (``--seeds`` are then fold numbers). A row already in
 ``--results`` for the same row, seed and split protocol is skipped, so an interrupted sweep resumes where it was; a row
-interrupted in training resumes from its run's ``checkpoints/last.ckpt`` (saved after every validation; the recipe's
-``ExactResume`` makes the resumed run continue as if never stopped), or from epoch 0 with ``--fresh``. A row that fails
+interrupted resumes from its run's ``checkpoints/last.ckpt``, saved after every validation (the epoch in progress is
+trained again; the recipe's ``ExactResume`` makes the resumed run continue as the uninterrupted one would have; a row
+whose training had ended, by early stopping or at ``max_epochs``, is only tested), or from epoch 0 with ``--fresh``. A row that fails
 is reported and the sweep goes on with the next, exiting non-zero at the end.
 """
 
@@ -251,9 +252,14 @@ def run_trained(
     resume = None if fresh else unfinished_checkpoint(row, seed, work, split_dir)
     resumed_at = None
     if resume is not None:
-        resumed_at = torch.load(resume, map_location="cpu", weights_only=False)["epoch"] + 1
+        state = torch.load(resume, map_location="cpu", weights_only=False)
+        resumed_at = state["epoch"] + 1
         print(f"{row} seed {seed}: resuming at epoch {resumed_at} from {resume}", flush=True)
         args = [*args, "--ckpt_path", str(resume)]
+        if any(s.get("stopped_epoch", 0) > 0 or s.get("wait_count", 0) >= s.get("patience", float("inf"))
+               for key, s in state.get("callbacks", {}).items() if key.startswith("EarlyStopping")):
+            # Its training had ended by early stopping, its test had not (EarlyStopping would let one more epoch run).
+            args = [*args, "--trainer.max_epochs", str(resumed_at)]
     start = time.perf_counter()
     cli = run(args)
     wall = time.perf_counter() - start

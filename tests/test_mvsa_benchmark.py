@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.data.mvsa_fixture import write_mvsa
@@ -212,3 +213,13 @@ def test_an_interrupted_row_resumes_from_its_last_checkpoint_and_ends_as_an_unin
     assert resumed["test"] == whole["test"] and resumed["selected_checkpoint"] == whole["selected_checkpoint"]
     assert not (tmp_path / "parts" / "runs" / "image_only-seed0" / "version_1").exists()  # one run, one directory
     assert sweep.run_trained("image_only", root, 0, tmp_path / "parts", [], fresh=True)["resumed_at_epoch"] is None
+
+    # Training ended by early stopping, the test never ran: the next attempt tests, and trains no epoch more (even when
+    # max_epochs would allow one; EarlyStopping checks again only after another epoch).
+    last = sweep.unfinished_checkpoint("image_only", 0, tmp_path / "whole")
+    state = torch.load(last, weights_only=False)
+    stopping = next(key for key in state["callbacks"] if key.startswith("EarlyStopping"))
+    state["callbacks"][stopping].update(stopped_epoch=1, wait_count=state["callbacks"][stopping]["patience"])
+    torch.save(state, last)
+    again = sweep.run_trained("image_only", root, 0, tmp_path / "whole", ["--trainer.max_epochs", "3"])
+    assert again["epochs_run"] == 2 and again["test"] == whole["test"] and again["resumed_at_epoch"] == 2
