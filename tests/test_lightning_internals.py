@@ -118,16 +118,25 @@ def test_a_resumed_epoch_goes_on_from_the_checkpoints_batch(step_3_checkpoint):
 
 
 class ShuffledByWorkers(RecordsBatches):
-    """The recipes' loader: an epoch-seeded shuffle served by persistent worker processes (an iterator with workers
-    draws its first batches' indices when it is made), with validation at each epoch's end."""
+    """The recipes' loader: an epoch-seeded shuffle served by worker processes (an iterator with workers draws its
+    first batches' indices when it is made), with validation at each epoch's end."""
+
+    def __init__(self, workers: int, early_setup: bool) -> None:
+        super().__init__()
+        self.workers, self.early_setup = workers, early_setup
 
     def training_step(self, batch, batch_idx):
         self.seen.extend(int(value) for value in batch[:, 0])
         return self.layer(batch).sum()
 
+    def configure_optimizers(self):
+        if self.early_setup:  # as WarmupDecay does: Lightning #20550, the loader's state left pending
+            return super().configure_optimizers()
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
     def train_dataloader(self):
-        return StatefulDataLoader(Indices(), batch_size=2, sampler=EpochShuffle(8, seed=0), num_workers=2,
-                                  persistent_workers=True)
+        return StatefulDataLoader(Indices(), batch_size=2, sampler=EpochShuffle(8, seed=0), num_workers=self.workers,
+                                  persistent_workers=self.workers > 0)
 
     def validation_step(self, batch, batch_idx):
         pass
@@ -136,21 +145,24 @@ class ShuffledByWorkers(RecordsBatches):
         return DataLoader(Indices(), batch_size=8)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("early_setup", [True, False], ids=["loader-set-up-early", "loader-set-up-by-lightning"])
 @pytest.mark.parametrize(("saving", "checkpoint", "served"), [
     # After epoch 0's validation: the next epoch starts afresh. Inside epoch 1: it goes on from its third batch.
     pytest.param({"filename": "{epoch}"}, "epoch=0.ckpt", 8, id="epoch-end"),
     pytest.param({"every_n_train_steps": 6, "filename": "{step}"}, "step=6.ckpt", 12, id="mid-epoch"),
 ])
-def test_a_resumed_run_with_worker_processes_serves_each_epochs_own_order(tmp_path, saving, checkpoint, served):
-    """A resumed run's first epoch is served by the iterator Lightning made in its early setup, before it sets the
-    samplers' epoch: with workers, that iterator had drawn epoch 0's order (seen on MVSA-Single: a run resumed after
-    epoch 0 trained epoch 1 in epoch 0's order). The pending-state adapter gives the samplers their epoch and makes a
-    new iterator, so the resumed run sees the samples the uninterrupted one saw, in the same order."""
-    whole = ShuffledByWorkers()
+def test_a_resumed_run_serves_each_epochs_own_order(tmp_path, saving, checkpoint, served, early_setup, workers):
+    """The iterator that serves a resumed run's first epoch is made before Lightning sets the samplers' epoch, in its
+    early setup (#20550) or when it loads the loader's state; with workers it draws its first indices right then
+    (seen on MVSA-Single: a run resumed after epoch 0 trained epoch 1 in epoch 0's order). EpochShuffle keeps its
+    epoch and place in the loader's state, and the pending-state adapter gives the samplers their epoch, so the
+    resumed run sees the samples the uninterrupted one saw, in the same order."""
+    whole = ShuffledByWorkers(workers, early_setup)
     saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, **saving)
     quiet_trainer(max_epochs=3, callbacks=[saver], enable_checkpointing=True, limit_val_batches=1).fit(whole)
     assert whole.seen[:8] != whole.seen[8:16] and sorted(whole.seen[8:16]) == list(range(8))
-    resumed = ShuffledByWorkers()
+    resumed = ShuffledByWorkers(workers, early_setup)
     quiet_trainer(max_epochs=3, callbacks=[CallsAdapters()], limit_val_batches=1).fit(
         resumed, ckpt_path=tmp_path / checkpoint)
     assert resumed.seen == whole.seen[served:], changed(

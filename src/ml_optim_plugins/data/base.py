@@ -31,7 +31,9 @@ class EpochShuffle(DistributedSampler):
     its order. With ``num_replicas`` processes, the order is padded to a multiple of them with its first samples and
     process ``rank`` takes every ``num_replicas``-th sample from position ``rank``, as ``DistributedSampler`` does, so
     one process with batches of ``N * b`` sees the same global batches as ``N`` processes with batches of ``b``. A
-    ``DistributedSampler`` itself, so Lightning leaves it in place under DDP instead of rebuilding the loader.
+    ``DistributedSampler`` itself, so Lightning leaves it in place under DDP instead of rebuilding the loader. Its
+    epoch and place travel in the loader's state (``state_dict``), so a loader restored from a checkpoint serves the
+    right epoch even when it draws indices before Lightning's ``set_epoch`` (as one with worker processes does).
 
     Args:
         size: the number of samples.
@@ -56,6 +58,8 @@ class EpochShuffle(DistributedSampler):
     def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.size = size
+        self._served = 0  # samples the current iterator has handed out
+        self._resume: tuple[int, int] | None = None  # (epoch, samples served) of a loaded state
 
     def __iter__(self) -> Iterator[int]:
         # A generator function: the order is drawn at the first sample, not when the iterator is made. A resumable
@@ -63,7 +67,27 @@ class EpochShuffle(DistributedSampler):
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator).tolist()
         repeats = -(-self.total_size // max(self.size, 1))  # padded with its first samples, as DistributedSampler is
-        yield from (order * repeats)[self.rank : self.total_size : self.num_replicas]
+        resume, self._resume = self._resume, None
+        self._served = resume[1] if resume is not None and resume[0] == self.epoch else 0
+        for index in (order * repeats)[self.rank : self.total_size : self.num_replicas][self._served :]:
+            self._served += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the samples served of it (torchdata's ``StatefulDataLoader`` keeps this in its state, taken
+        as each batch's indices are drawn, so Lightning's checkpoints hold it). An epoch served to its end is saved as
+        the next epoch, not yet begun: that is where a resumed loader continues."""
+        if self._served >= self.num_samples:
+            return {"epoch": self.epoch + 1, "served": 0}
+        return {"epoch": self.epoch, "served": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue at a saved place: the next iterator serves the saved epoch's order from the sample after the last
+        one served. Set here, before the loader draws any index: with worker processes, a resumed loader draws its
+        first batches' indices when it is made, before Lightning's ``set_epoch`` (which then leaves the place as it
+        is when it names the same epoch, and starts the epoch it names from its beginning otherwise)."""
+        self.epoch = int(state_dict["epoch"])
+        self._resume = (self.epoch, int(state_dict["served"]))
 
 
 class MultimodalDataModule(pl.LightningDataModule):
