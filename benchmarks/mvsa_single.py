@@ -22,8 +22,8 @@ too), or with ``--split-dir`` the published folds of Cheema et al. (``--seeds`` 
 ``--results`` for the same row, seed and split protocol is skipped, so an interrupted sweep resumes where it was; a row
 interrupted resumes from its run's ``checkpoints/last.ckpt``, saved after every validation (the epoch in progress is
 trained again; the recipe's ``ExactResume`` makes the resumed run continue as the uninterrupted one would have; a row
-whose training had ended, by early stopping or at ``max_epochs``, is only tested), or from epoch 0 with ``--fresh``. A row that fails
-is reported and the sweep goes on with the next, exiting non-zero at the end.
+whose training had ended, by early stopping or at ``max_epochs``, is only tested), or from epoch 0 with ``--fresh``.
+A row that fails is reported and the sweep goes on with the next, exiting non-zero at the end.
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ def trained_config(
 
 def unfinished_checkpoint(row: str, seed: int, work: Path, split_dir: str | None = None) -> Path | None:
     """The ``last.ckpt`` of the row's latest run directory, if an earlier attempt left one (a row with a result is not
-    run again, so such a checkpoint is an interrupted run's)."""
+    run again, so such a checkpoint is that of a run stopped before its result was written: in training, or after
+    it, before or during its test)."""
     versions = _run_versions(row, seed, work, split_dir)
     last = versions[-1] / "checkpoints" / "last.ckpt" if versions else None
     return last if last is not None and last.is_file() else None
