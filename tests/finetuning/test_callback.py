@@ -331,7 +331,7 @@ def test_compiled_encoders_are_resolved_through_the_wrapper():
     plan = StagedFinetuning([Stage(), Stage(start_epoch=1, trainable=["image[-1]"])])
     plan.setup(types.SimpleNamespace(callbacks=[plan], global_rank=0), model, "fit")
     assert not any(p.requires_grad for p in model.encoders["image"].parameters())
-    assert len(plan._trainable[1] - plan._trainable[0]) == 4  # block.0 and block.1, weight and bias
+    assert len(plan.plan.trainable[1] - plan.plan.trainable[0]) == 4  # block.0 and block.1, weight and bias
 
 
 def test_gradual_unfreezing_without_the_contract_says_so():

@@ -238,6 +238,19 @@ def test_plateau_counters(mode, min_delta, values, wait, pending):
     assert (state["wait"], state["pending"]) == (wait, pending)
 
 
+def test_the_plan_counts_the_next_stages_plateau_only_when_that_stage_has_a_plateau_trigger():
+    stages = [Stage(), Stage(trainable=["image"], monitor="val/loss", patience=1), Stage(start_epoch=5,
+                                                                                      trainable=["text"])]
+    _, plan = _resolve(stages)
+    state = plan.plateau_after_validation(1, fresh_plateau(), {"val/loss": torch.tensor(1.0)})
+    assert state == {"best": 1.0, "wait": 0, "pending": False}
+    assert plan.plateau_after_validation(1, state, {"val/loss": torch.tensor(1.5)})["pending"]
+    assert plan.plateau_after_validation(2, state, {"val/loss": torch.tensor(1.5)}) is None  # an epoch trigger
+    assert plan.plateau_after_validation(3, state, {}) is None  # no next stage
+    with pytest.raises(MisconfigurationException, match="monitors 'val/loss', which was not logged"):
+        plan.plateau_after_validation(1, state, {"val/acc": torch.tensor(1.0)})
+
+
 def test_gradual_unfreezing_stages_follow_the_blocks_of_each_encoder():
     model = tiny_staged_model()
     stages = gradual_unfreezing_stages(model, ["image", "text"], modality_module_names(model), factor=2.0,

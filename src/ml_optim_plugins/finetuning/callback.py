@@ -18,7 +18,7 @@ from ml_optim_plugins.finetuning.fit_checks import check_fit_start
 from ml_optim_plugins.finetuning.freeze import FrozenModules
 from ml_optim_plugins.finetuning.lr_gating import GatedParamGroups
 from ml_optim_plugins.finetuning.plan import FinetuningPlan, check_stages, managed_selectors
-from ml_optim_plugins.finetuning.stage import Stage, fresh_plateau, update_plateau
+from ml_optim_plugins.finetuning.stage import Stage, fresh_plateau
 from ml_optim_plugins.finetuning.stage_caches import StageCaches
 from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.metric_names import FINETUNING_STAGE
@@ -135,9 +135,7 @@ class StagedFinetuning(Callback):
         assert self.plan is not None
         return self.plan.stage_name(self.stage_index if index is None else index)
 
-    # The resolved stages and their trainable sets (empty before setup).
-    _plan = property(lambda self: self.plan.stages if self.plan is not None else ())
-    _trainable = property(lambda self: self.plan.trainable if self.plan is not None else ())
+    _plan = property(lambda self: self.plan.stages if self.plan is not None else ())  # empty before setup
 
     def _enter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, initial: bool = False) -> None:
         assert self.plan is not None and self._groups is not None
@@ -228,16 +226,12 @@ class StagedFinetuning(Callback):
         self.caches.set_split("val", dataloader_idx)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        index = self.stage_index + 1
-        if trainer.sanity_checking or index >= len(self._plan) or self._plan[index].monitor is None:
+        if self.plan is None or trainer.sanity_checking:
             return
-        assert self.plan is not None
-        value = self.plan.monitored_value(index, trainer.callback_metrics)
-        plateau = update_plateau(self._plateau, self.plan.stages[index], value)
-        # Under DDP each rank has its own value unless it was logged with sync_dist: the stage starts on every rank
-        # when it starts on any (as EarlyStopping decides), so the ranks never train in different stages.
-        plateau["pending"] = bool(trainer.strategy.reduce_boolean_decision(plateau["pending"], all=False))
-        self._plateau = plateau
+        plateau = self.plan.plateau_after_validation(self.stage_index + 1, self._plateau, trainer.callback_metrics)
+        if plateau is not None:  # under DDP: the next stage starts on every rank when it is due on any
+            plateau["pending"] = bool(trainer.strategy.reduce_boolean_decision(plateau["pending"], all=False))
+            self._plateau = plateau
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ml_optim_plugins.finetuning.blocks import select_parameters
 from ml_optim_plugins.finetuning.freeze import batchnorm_parameters
-from ml_optim_plugins.finetuning.stage import Stage
+from ml_optim_plugins.finetuning.stage import Stage, update_plateau
 from ml_optim_plugins.schedules import module_label, parameter_names
 
 
@@ -241,6 +241,21 @@ class FinetuningPlan:
                 f"{sorted(metrics)}"
             )
         return float(value)
+
+    def plateau_after_validation(
+        self, index: int, plateau: Mapping[str, Any], metrics: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The plateau counters of stage ``index`` (the next one) after a validation run that logged ``metrics``, or
+        ``None`` when there is no next stage or it has no plateau trigger. ``pending`` is this process's view: under
+        DDP each rank has its own value unless the metric was logged with ``sync_dist``, so the callback all-reduces
+        it (as ``EarlyStopping`` decides) and the ranks never train in different stages.
+
+        Raises:
+            MisconfigurationException: the monitored metric was not logged (:meth:`monitored_value`).
+        """
+        if index >= len(self.stages) or self.stages[index].monitor is None:
+            return None
+        return update_plateau(plateau, self.stages[index], self.monitored_value(index, metrics))
 
     def describe(self, index: int, epoch: int, step: int) -> str:
         """One line on entering stage ``index``: how many managed tensors train, which modules stay frozen."""
