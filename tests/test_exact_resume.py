@@ -13,12 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ml_optim_plugins import ExactResume
 from ml_optim_plugins.cli import run
+from ml_optim_plugins.data import EpochShuffle
 from ml_optim_plugins.resume import batch_seed
 from tests.conftest import write_tiny_config
 
@@ -169,3 +174,94 @@ def test_a_two_process_ddp_run_resumed_mid_epoch_equals_the_uninterrupted_one(tm
     assert param_groups == param_groups_again and state.keys() == state_again.keys()
     for key, values in state.items():
         assert all(torch.equal(value, state_again[key][name]) for name, value in values.items()), key
+
+
+# ------------------------------------------------------------------ a user's own module and loaders, Python API
+class EightNumbers(Dataset):
+    """Sample i is the number i, so a batch says which samples an epoch served and in which order."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([float(index)])
+
+
+def _loader(kind: str, workers: int) -> DataLoader:
+    common = dict(batch_size=2, num_workers=workers, persistent_workers=workers > 0)
+    if kind == "EpochShuffle":  # the library's data modules: resumable, epoch-seeded
+        return StatefulDataLoader(EightNumbers(), sampler=EpochShuffle(8, seed=0), **common)
+    generator = torch.Generator().manual_seed(0) if kind == "shuffle+generator" else None
+    return DataLoader(EightNumbers(), shuffle=True, generator=generator, **common)
+
+
+class RecordsDraws(pl.LightningModule):
+    """Records each training batch's samples and a draw from the global generator (as dropout would draw)."""
+
+    def __init__(self, kind: str, workers: int) -> None:
+        super().__init__()
+        self.kind, self.workers = kind, workers
+        self.layer = torch.nn.Linear(1, 1)
+        self.seen: list[tuple[int, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.extend((int(value), float(torch.rand(()))) for value in batch[:, 0])
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return _loader(self.kind, self.workers)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def val_dataloader(self):
+        return DataLoader(EightNumbers(), batch_size=8)
+
+
+def _fit(model: RecordsDraws, limit: dict, callbacks: list, ckpt_path: Path | None = None,
+         validate: bool = True) -> RecordsDraws:
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=bool(callbacks), callbacks=[ExactResume(), *callbacks],
+                         limit_val_batches=1 if validate else 0, **limit)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize("limit", [{"max_epochs": 3}, {"max_steps": 12, "max_epochs": -1}], ids=["epochs", "steps"])
+@pytest.mark.parametrize(("kind", "workers", "checkpoint", "served"), [
+    ("EpochShuffle", 0, "epoch=0.ckpt", 8),
+    ("EpochShuffle", 0, "step=6.ckpt", 12),
+    ("EpochShuffle", 2, "epoch=0.ckpt", 8),
+    ("shuffle+generator", 0, "epoch=0.ckpt", 8),
+    ("shuffle+generator", 2, "epoch=0.ckpt", 8),
+    ("shuffle", 0, "epoch=0.ckpt", 8),
+])
+def test_a_users_loader_resumed_serves_and_draws_as_the_uninterrupted_run(tmp_path, limit, kind, workers, checkpoint,
+                                                                          served):
+    """Each epoch's order comes from (run seed, epoch), whatever the loader: the library's resumable EpochShuffle
+    (at an epoch's end and mid-epoch), a plain shuffling DataLoader with or without its own generator (at an epoch's
+    end: it has no place to resume inside an epoch). The first resumed epoch's iterator, made before the restore, is
+    made again; with ``max_steps`` Lightning's sampler epoch after an epoch-end resume is one ahead, and is corrected.
+    """
+    saving = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    mid_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=6, filename="{step}")
+    whole = _fit(RecordsDraws(kind, workers), limit, [saving, mid_epoch])
+    epochs = [[n for n, _ in whole.seen[i : i + 8]] for i in range(0, 24, 8)]
+    assert all(sorted(e) == list(range(8)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+    resumed = _fit(RecordsDraws(kind, workers), limit, [], ckpt_path=tmp_path / checkpoint)
+    assert resumed.seen == whole.seen[served:]
+
+
+def test_lightnings_extra_batch_after_a_max_steps_resume_is_named(tmp_path):
+    """Lightning #19403: a max_steps run resumed from a checkpoint saved at a training epoch's end, with no validation,
+    trains one batch past that epoch's end; ExactResume cannot undo it, so it says so."""
+    limit = {"max_steps": 8, "max_epochs": -1}
+    saving = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    whole = _fit(RecordsDraws("EpochShuffle", 0), limit, [saving], validate=False)
+    with pytest.warns(UserWarning, match=r"past the end of epoch 0 \(batch 4 of 4\).*#19403"):
+        resumed = _fit(RecordsDraws("EpochShuffle", 0), limit, [], ckpt_path=tmp_path / "epoch=0.ckpt", validate=False)
+    assert len(resumed.seen) == len(whole.seen) - 8 and resumed.seen[2:] == whole.seen[8:-2]

@@ -28,7 +28,10 @@ from ml_optim_plugins.lightning_internals import (
     logging_step,
     optimizer_unscales_in_step,
     prepend_csv_rows,
+    restart_train_iterator,
+    resumed_mid_epoch,
     set_logger_version,
+    set_train_sampler_epochs,
 )
 
 CHECKED_ON = "checked on Lightning 2.6.6 / torch 2.14"
@@ -168,6 +171,48 @@ def test_a_resumed_run_serves_each_epochs_own_order(tmp_path, saving, checkpoint
     assert resumed.seen == whole.seen[served:], changed(
         f"resumed from {checkpoint}, the run trained on samples {resumed.seen}, not {whole.seen[served:]}: the "
         "train loader's iterator or its samplers' epoch after a restore changed"
+    )
+
+
+class EpochStartAdapters(Callback):
+    """Records, at each epoch start, Lightning's sampler epoch, whether the iterator was made here and whether the
+    sampler epoch could be set."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, bool, bool]] = []
+        self.mid_epoch: bool | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.mid_epoch = resumed_mid_epoch(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        sampler = trainer.train_dataloader.sampler
+        lightnings = sampler.epoch
+        self.rows.append((trainer.current_epoch, lightnings, set_train_sampler_epochs(trainer, trainer.current_epoch),
+                          restart_train_iterator(trainer)))
+
+
+@pytest.mark.parametrize(("limit", "lightnings_epochs", "made_here"), [
+    ({"max_epochs": 3}, [1, 2], True),
+    # Resumed as a restart at the epoch's end: Lightning finishes epoch 0 again, then makes epoch 1's iterator itself;
+    # its sampler epoch counts processed epochs, one ahead.
+    ({"max_steps": 12, "max_epochs": -1}, [2, 3], False),
+], ids=["epochs", "steps"])
+def test_the_epoch_start_adapters_after_an_epoch_end_resume(tmp_path, limit, lightnings_epochs, made_here):
+    """Lightning keeps its setup's iterator for a resumed run's first epoch unless it restarts that epoch's end
+    (restart_train_iterator makes it anew there only) and, under max_steps, sets the samplers' epoch one ahead of
+    current_epoch (set_train_sampler_epochs corrects it)."""
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    quiet_trainer(**limit, callbacks=[saver], enable_checkpointing=True, limit_val_batches=1).fit(
+        ShuffledByWorkers(0, False))
+    adapters = EpochStartAdapters()
+    quiet_trainer(**limit, callbacks=[adapters], limit_val_batches=1).fit(
+        ShuffledByWorkers(0, False), ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert adapters.mid_epoch is False, changed("FitLoop.restarted_mid_epoch is set after an epoch-end resume")
+    assert adapters.rows == [(1, lightnings_epochs[0], True, made_here), (2, lightnings_epochs[1], True, False)], changed(
+        f"epoch starts after an epoch-end resume (epoch, Lightning's sampler epoch, sampler epochs set, iterator made "
+        f"here): {adapters.rows}; Lightning's iterator rule (_TrainingEpochLoop.on_run_start, FitLoop.is_resuming) or "
+        "its sampler epoch (FitLoop.epoch_progress.current.processed) changed"
     )
 
 

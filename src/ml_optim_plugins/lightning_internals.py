@@ -47,18 +47,62 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     else:
         # Resumed at an epoch's end: the saved state is that of a finished epoch; the next one starts afresh.
         fit_loop._combined_loader_states_to_load = []
+    # A resumed run's first epoch is served by the iterator made in the early setup (Lightning makes a new one per
+    # epoch only when not restarting), and an iterator with worker processes draws its first batches' indices when
+    # it is made: there, from the samplers' epoch 0. Lightning sets the epoch only later (FitLoop.on_advance_start),
+    # so an epoch-seeded sampler (EpochShuffle, DistributedSampler) gets it now, and a new iterator draws from it
+    # (mid-epoch: from where the loaded state says).
+    set_train_sampler_epochs(trainer, trainer.current_epoch)
     fetcher = getattr(fit_loop, "_data_fetcher", None)
     if fetcher is not None:
-        # A resumed run's first epoch is served by the iterator made in the early setup (Lightning makes a new one per
-        # epoch only when not restarting), and an iterator with worker processes draws its first batches' indices
-        # when it is made: there, from the samplers' epoch 0. Lightning sets the epoch only later
-        # (FitLoop.on_advance_start), so an epoch-seeded sampler (EpochShuffle, DistributedSampler) gets it now, and a
-        # new iterator draws from it (mid-epoch: from where the loaded state says).
-        if _set_sampler_epoch is not None:
-            for loader in fit_loop._combined_loader.flattened:
-                _set_sampler_epoch(loader, trainer.current_epoch)
         iter(fetcher)
     return mid_epoch
+
+
+def set_train_sampler_epochs(trainer: pl.Trainer, epoch: int) -> bool:
+    """Give every train loader's sampler (and batch sampler) with ``set_epoch`` the epoch ``epoch``.
+
+    Lightning sets it at each epoch's start from ``FitLoop.epoch_progress.current.processed``, which after an
+    iteration-based run (``max_steps``) resumed from an epoch-end checkpoint is one ahead of ``current_epoch``, so each
+    epoch would be shuffled as the next one (Lightning 2.6.6). Uses ``FitLoop._combined_loader`` and
+    ``lightning.fabric.utilities.data._set_sampler_epoch``.
+
+    Returns:
+        Whether the loaders were reached (False before the train loader is set up, or when the attributes are gone).
+    """
+    combined = getattr(trainer.fit_loop, "_combined_loader", None)
+    if combined is None or _set_sampler_epoch is None:
+        return False
+    for loader in combined.flattened:
+        _set_sampler_epoch(loader, epoch)
+    return True
+
+
+def restart_train_iterator(trainer: pl.Trainer) -> bool:
+    """At an epoch's start, make the train loader's batch iterator anew if Lightning will not, so that the epoch
+    draws its order now (from the samplers' epoch and generators as they are set now).
+
+    Lightning makes a new iterator at each epoch's start except for the first epoch of a fit (then, and in a run
+    resumed from a checkpoint, it keeps the one it made at setup, before the checkpoint was restored), the rule of
+    ``_TrainingEpochLoop.on_run_start``. Uses ``FitLoop._data_fetcher``, ``FitLoop.is_resuming`` and
+    ``_TrainingEpochLoop.restarting`` (Lightning 2.6.6).
+
+    Returns:
+        Whether a new iterator was made here.
+    """
+    fit_loop = trainer.fit_loop
+    fetcher = getattr(fit_loop, "_data_fetcher", None)
+    made_by_lightning = trainer.current_epoch > 0 and not fit_loop.is_resuming and not fit_loop.epoch_loop.restarting
+    if fetcher is None or made_by_lightning:
+        return False
+    iter(fetcher)
+    return True
+
+
+def resumed_mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the fit resumed from a checkpoint saved inside a training epoch (``FitLoop.restarted_mid_epoch``,
+    Lightning 2.6.6; meaningful from ``on_train_start`` until the first resumed batch)."""
+    return bool(getattr(trainer.fit_loop, "restarted_mid_epoch", False))
 
 
 def logging_step(trainer: pl.Trainer) -> int:

@@ -14,7 +14,12 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ml_optim_plugins.lightning_internals import load_pending_train_loader_state
+from ml_optim_plugins.lightning_internals import (
+    load_pending_train_loader_state,
+    restart_train_iterator,
+    resumed_mid_epoch,
+    set_train_sampler_epochs,
+)
 
 
 def batch_seed(run_seed: int, epoch: int, batch_idx: int) -> int:
@@ -50,8 +55,9 @@ class ExactResume(Callback):
     random draws (dropout and Gaussian-dropout noise, anything from the global torch / NumPy / Python generators)
     independent of what ran before the checkpoint. With a resumable loader (the data modules'
     ``StatefulDataLoader`` over :class:`~ml_optim_plugins.data.EpochShuffle`) a run resumed from any checkpoint, mid-epoch
-    included, repeats the uninterrupted one; random augmentation inside a dataset does not. docs/recipes.md (Resume)
-    says what is exact and why.
+    included, repeats the uninterrupted one; with a plain shuffling ``DataLoader``, from an epoch's end (each epoch's
+    shuffle is seeded from the run seed and the epoch); random augmentation inside a dataset does not. docs/recipes.md
+    (Resume) says what is exact and why.
 
     Example::
 
@@ -63,6 +69,7 @@ class ExactResume(Callback):
     def __init__(self) -> None:
         self._seed: int | None = None
         self._loaded: list[int] | None = None
+        self._restart_iterator = False  # resumed at an epoch's end: the first epoch's iterator predates the restore
 
     @property
     def state_key(self) -> str:
@@ -81,17 +88,34 @@ class ExactResume(Callback):
                     f"{trainer.world_size}; random draws (dropout noise) will differ from an uninterrupted run"
                 )
             self._seed = seeds[trainer.global_rank % len(seeds)]
+        self._restart_iterator = trainer.ckpt_path is not None and not resumed_mid_epoch(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A plain shuffling DataLoader of the user's: each later epoch's shuffle from (run seed, epoch), since its
-        # batch iterator is created after this hook. (The library's data modules shuffle with EpochShuffle, which has
-        # no generator to reseed; a distributed sampler shuffles by seed and epoch.)
+        # The epoch's order is drawn when its batch iterator is made, after this hook: from (run seed, epoch) alone.
+        # Samplers get the epoch that runs (Lightning's is one ahead after a max_steps run resumed at an epoch end),
+        # a loader's own generator and the global ones (a plain ``shuffle=True`` draws its order from those) are
+        # seeded from it. A resumed run's first iterator was made before the restore: it is made again.
+        assert self._seed is not None
+        epoch = trainer.current_epoch
+        set_train_sampler_epochs(trainer, epoch)
+        seed_global_generators(epoch_seed(self._seed, epoch))
         generator = getattr(getattr(trainer.train_dataloader, "sampler", None), "generator", None)
-        if isinstance(generator, torch.Generator) and self._seed is not None:
-            generator.manual_seed(epoch_seed(self._seed, trainer.current_epoch))
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(epoch_seed(self._seed, epoch))
+        if self._restart_iterator:
+            self._restart_iterator = False
+            restart_train_iterator(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self._seed is not None
+        if batch_idx >= trainer.num_training_batches:
+            rank_zero_warn(
+                f"ExactResume: Lightning runs a training batch past the end of epoch {trainer.current_epoch} (batch "
+                f"{batch_idx} of {trainer.num_training_batches}), as it does when a max_steps run resumes from a "
+                "checkpoint saved at a training epoch's end without validation (Lightning issue #19403): the resumed "
+                "run is one optimizer step off the uninterrupted one. Resume from a checkpoint saved after validation "
+                "or inside an epoch (ModelCheckpoint(every_n_train_steps=...)), or train with max_epochs."
+            )
         seed_global_generators(batch_seed(self._seed, trainer.current_epoch, batch_idx))
 
     def state_dict(self) -> dict[str, Any]:
