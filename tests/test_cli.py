@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -60,8 +61,11 @@ def test_resuming_continues_in_the_checkpoints_run_directory(tiny_config, tmp_pa
     first = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--test_after_fit", "false"])
     best_before = float(first.trainer.checkpoint_callback.best_model_score)
     last = str(Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt")
-    resumed = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "2",
-                   "--ckpt_path", last, "--test_after_fit", "false"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run(["fit", "-c", str(tiny_config), "--trainer.limit_train_batches", "1", "--trainer.max_epochs",
+                       "2", "--ckpt_path", last, "--test_after_fit", "false"])
+    assert not [str(w.message) for w in caught if "exists and is not empty" in str(w.message)]  # it must hold them
     run_dir = tmp_path / "runs" / "quickstart"
     assert Path(resumed.trainer.log_dir) == run_dir / "version_0" and not (run_dir / "version_1").exists()
     checkpoint = resumed.trainer.checkpoint_callback

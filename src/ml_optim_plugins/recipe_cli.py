@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -298,6 +301,11 @@ def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
         save_dir = getattr(logger, "save_dir", None)
         same_place = save_dir is not None and Path(save_dir, logger.name).resolve() == version_dir.parent
         if same_place and set_logger_version(logger, int(suffix)):
+            # Lightning would warn that the run directory is not empty (each ModelCheckpoint, and the CSV logger that
+            # its old files will be deleted): it must hold them, and metrics.csv's rows are carried over.
+            run = re.escape(os.path.join(version_dir.parent.name, version_dir.name))
+            not_empty = f"(Checkpoint|Experiment logs) directory .*{run}.* exists and is not empty"
+            warnings.filterwarnings("ignore", message=not_empty)
             if isinstance(logger, CSVLogger) and getattr(rank_zero_only, "rank", 0) == 0:
                 trainer.callbacks.append(ResumedMetricRows(logger))
 
