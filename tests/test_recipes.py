@@ -21,9 +21,9 @@ TRAINING_RECIPES = ["quickstart", "mvsa_single", "mvsa_multiple", "manifest"]
 
 
 def callbacks_of(config: dict) -> dict[str, dict]:
-    """Each callback's init_args by class name (of the recipes' two ModelCheckpoints, the monitored one)."""
+    """Each callback's init_args by class name (of the recipes' two ModelCheckpoints, the one that selects the model)."""
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
-    return {**callbacks, "ModelCheckpoint": next(c for c in checkpoints_of(config) if c.get("monitor"))}
+    return {**callbacks, "ModelCheckpoint": next(c for c in checkpoints_of(config) if c.get("monitor") != "step")}
 
 
 def checkpoints_of(config: dict) -> list[dict]:
@@ -61,16 +61,31 @@ class _WorseEachEpoch(BoringModel):
 @pytest.mark.parametrize("name", [*TRAINING_RECIPES, "pretrain_image"])
 def test_last_ckpt_holds_the_latest_epoch_after_validation_stops_improving(name, tmp_path):
     """A run resumed from checkpoints/last.ckpt continues from its latest epoch, not from its best: Lightning >= 2.6
-    writes save_last's last.ckpt only beside a new best, so the recipes keep it with a ModelCheckpoint of its own."""
+    writes save_last's last.ckpt only beside a new best, so the recipes keep it with a ModelCheckpoint of its own,
+    monitoring ``step``, which leaves room for a user's unmonitored every-epoch ModelCheckpoint (Lightning refuses two
+    with the same trigger), and which a resumed run restores."""
     config = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
-    checkpoints = [ModelCheckpoint(**{**args, "dirpath": tmp_path}) for args in checkpoints_of(config)]
-    trainer = pl.Trainer(max_epochs=3, callbacks=checkpoints, limit_train_batches=2, limit_val_batches=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(_WorseEachEpoch())
+
+    def callbacks():
+        every_epoch = ModelCheckpoint(dirpath=tmp_path / "every", filename="{epoch}", save_top_k=-1)
+        return [*(ModelCheckpoint(**{**args, "dirpath": tmp_path}) for args in checkpoints_of(config)), every_epoch]
+
+    def fit(max_epochs, ckpt_path=None):
+        trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks(), limit_train_batches=2, limit_val_batches=1,
+                             logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path)
+        trainer.fit(_WorseEachEpoch(), ckpt_path=ckpt_path)
+        return trainer
+
+    trainer = fit(3)
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
-    best = trainer.checkpoint_callback  # the monitored one: test-after-fit and the report use its best
+    best = trainer.checkpoint_callback  # the first, monitoring validation: test-after-fit and the report use its best
     assert best.monitor in ("val/f1", "val/acc") and torch.load(best.best_model_path, weights_only=False)["epoch"] == 0
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == sorted(["last.ckpt", Path(best.best_model_path).name])
+    assert sorted(p.name for p in (tmp_path / "every").glob("*.ckpt")) == ["epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt"]
+    resumed = fit(4, ckpt_path=tmp_path / "last.ckpt")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 3
+    assert resumed.checkpoint_callback.best_model_path == best.best_model_path  # the restored selection
 
 
 def write_manifest(root: Path) -> Path:
