@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ml_optim_plugins import ExactResume
@@ -187,24 +187,33 @@ class EightNumbers(Dataset):
         return torch.tensor([float(index)])
 
 
-def _loader(kind: str, workers: int) -> DataLoader:
-    common = dict(batch_size=2, num_workers=workers, persistent_workers=workers > 0)
+def _loader(kind: str, workers: int, seed: int = 0) -> DataLoader:
+    common = dict(num_workers=workers, persistent_workers=workers > 0)
     if kind == "EpochShuffle":  # the library's data modules: resumable, epoch-seeded
-        return StatefulDataLoader(EightNumbers(), sampler=EpochShuffle(8, seed=0), **common)
-    generator = torch.Generator().manual_seed(0) if kind == "shuffle+generator" else None
-    return DataLoader(EightNumbers(), shuffle=True, generator=generator, **common)
+        return StatefulDataLoader(EightNumbers(), batch_size=2, sampler=EpochShuffle(8, seed=0), **common)
+    if kind == "batch_sampler":
+        sampler = RandomSampler(EightNumbers(), generator=torch.Generator().manual_seed(seed))
+        return DataLoader(EightNumbers(), batch_sampler=BatchSampler(sampler, 2, drop_last=False), **common)
+    generator = torch.Generator().manual_seed(seed) if kind in ("shuffle+generator", "two loaders") else None
+    return DataLoader(EightNumbers(), batch_size=2, shuffle=True, generator=generator, **common)
 
 
 class RecordsDraws(pl.LightningModule):
-    """Records each training batch's samples and a draw from the global generator (as dropout would draw)."""
+    """Records each training batch's samples with a draw from the global generator (as dropout would draw), and a
+    draw at each epoch's start (as a module that resamples something per epoch would)."""
 
     def __init__(self, kind: str, workers: int) -> None:
         super().__init__()
         self.kind, self.workers = kind, workers
         self.layer = torch.nn.Linear(1, 1)
         self.seen: list[tuple[int, float]] = []
+        self.epoch_draws: dict[int, float] = {}
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_draws[self.current_epoch] = float(torch.rand(()))
 
     def training_step(self, batch, batch_idx):
+        batch = torch.cat([batch["a"], 10 + batch["b"]]) if isinstance(batch, dict) else batch
         self.seen.extend((int(value), float(torch.rand(()))) for value in batch[:, 0])
         return self.layer(batch).sum()
 
@@ -212,6 +221,8 @@ class RecordsDraws(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def train_dataloader(self):
+        if self.kind == "two loaders":  # a CombinedLoader: each its own generator, each its own order
+            return {"a": _loader(self.kind, self.workers), "b": _loader(self.kind, self.workers, seed=1)}
         return _loader(self.kind, self.workers)
 
     def validation_step(self, batch, batch_idx):
@@ -232,28 +243,39 @@ def _fit(model: RecordsDraws, limit: dict, callbacks: list, ckpt_path: Path | No
 
 
 @pytest.mark.parametrize("limit", [{"max_epochs": 3}, {"max_steps": 12, "max_epochs": -1}], ids=["epochs", "steps"])
-@pytest.mark.parametrize(("kind", "workers", "checkpoint", "served"), [
-    ("EpochShuffle", 0, "epoch=0.ckpt", 8),
-    ("EpochShuffle", 0, "step=6.ckpt", 12),
-    ("EpochShuffle", 2, "epoch=0.ckpt", 8),
-    ("shuffle+generator", 0, "epoch=0.ckpt", 8),
-    ("shuffle+generator", 2, "epoch=0.ckpt", 8),
-    ("shuffle", 0, "epoch=0.ckpt", 8),
+@pytest.mark.parametrize(("kind", "workers", "checkpoint"), [
+    ("EpochShuffle", 0, "epoch=0.ckpt"),
+    ("EpochShuffle", 0, "step=6.ckpt"),  # inside epoch 1
+    ("EpochShuffle", 0, "end-step=4.ckpt"),  # at epoch 0's last batch, before its validation
+    ("EpochShuffle", 2, "epoch=0.ckpt"),
+    ("shuffle+generator", 0, "epoch=0.ckpt"),
+    ("shuffle+generator", 0, "end-step=4.ckpt"),
+    ("shuffle+generator", 2, "epoch=0.ckpt"),
+    ("shuffle", 0, "epoch=0.ckpt"),
+    ("shuffle", 2, "epoch=0.ckpt"),
+    ("batch_sampler", 0, "epoch=0.ckpt"),
+    ("two loaders", 0, "epoch=0.ckpt"),
 ])
-def test_a_users_loader_resumed_serves_and_draws_as_the_uninterrupted_run(tmp_path, limit, kind, workers, checkpoint,
-                                                                          served):
+def test_a_users_loader_resumed_serves_and_draws_as_the_uninterrupted_run(tmp_path, limit, kind, workers, checkpoint):
     """Each epoch's order comes from (run seed, epoch), whatever the loader: the library's resumable EpochShuffle
-    (at an epoch's end and mid-epoch), a plain shuffling DataLoader with or without its own generator (at an epoch's
-    end: it has no place to resume inside an epoch). The first resumed epoch's iterator, made before the restore, is
-    made again; with ``max_steps`` Lightning's sampler epoch after an epoch-end resume is one ahead, and is corrected.
-    """
-    saving = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
-    mid_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=6, filename="{step}")
-    whole = _fit(RecordsDraws(kind, workers), limit, [saving, mid_epoch])
-    epochs = [[n for n, _ in whole.seen[i : i + 8]] for i in range(0, 24, 8)]
-    assert all(sorted(e) == list(range(8)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+    (at an epoch's end and mid-epoch), plain shuffling DataLoaders with or without their own generators, a batch
+    sampler's, two loaders at once (at an epoch's end, the last batch's step included: they have no place to resume
+    inside an epoch). The first resumed epoch's iterator is made after its epoch-start hooks, as in every epoch, so a
+    module's draws there match too; under ``max_steps`` Lightning's sampler epoch after an epoch-end resume is one
+    ahead, and is corrected."""
+    saving = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}"),
+              ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=6, filename="{step}"),
+              ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=4, filename="end-{step}")]
+    whole = _fit(RecordsDraws(kind, workers), limit, saving)
+    per_epoch = len(whole.seen) // 3
+    epochs = [[n for n, _ in whole.seen[i : i + per_epoch]] for i in range(0, len(whole.seen), per_epoch)]
+    assert len(epochs) == 3 and len({tuple(e) for e in epochs}) == 3  # each epoch its own order
+    served = {"epoch=0.ckpt": 4, "step=6.ckpt": 6, "end-step=4.ckpt": 4}[checkpoint] * (per_epoch // 4)
     resumed = _fit(RecordsDraws(kind, workers), limit, [], ckpt_path=tmp_path / checkpoint)
     assert resumed.seen == whole.seen[served:]
+    assert {e: d for e, d in resumed.epoch_draws.items() if e > 1} == {e: d for e, d in whole.epoch_draws.items() if e > 1}
+    if checkpoint == "epoch=0.ckpt":  # the resumed epoch's start hooks run (not after a step checkpoint)
+        assert resumed.epoch_draws[1] == whole.epoch_draws[1]
 
 
 def test_lightnings_extra_batch_after_a_max_steps_resume_is_named(tmp_path):

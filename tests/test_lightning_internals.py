@@ -28,7 +28,8 @@ from ml_optim_plugins.lightning_internals import (
     logging_step,
     optimizer_unscales_in_step,
     prepend_csv_rows,
-    restart_train_iterator,
+    make_resumed_epochs_iterator_after_its_hooks,
+    resumed_after_an_epochs_last_batch,
     resumed_mid_epoch,
     set_logger_version,
     set_train_sampler_epochs,
@@ -84,6 +85,10 @@ class CallsAdapters(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.loaded = load_pending_train_loader_state(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        set_train_sampler_epochs(trainer, trainer.current_epoch)
+        make_resumed_epochs_iterator_after_its_hooks(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps.append(logging_step(trainer))
@@ -183,13 +188,13 @@ class EpochStartAdapters(Callback):
         self.mid_epoch: bool | None = None
 
     def on_train_start(self, trainer, pl_module):
-        self.mid_epoch = resumed_mid_epoch(trainer)
+        self.mid_epoch = resumed_mid_epoch(trainer) or resumed_after_an_epochs_last_batch(trainer)
 
     def on_train_epoch_start(self, trainer, pl_module):
         sampler = trainer.train_dataloader.sampler
         lightnings = sampler.epoch
         self.rows.append((trainer.current_epoch, lightnings, set_train_sampler_epochs(trainer, trainer.current_epoch),
-                          restart_train_iterator(trainer)))
+                          make_resumed_epochs_iterator_after_its_hooks(trainer)))
 
 
 @pytest.mark.parametrize(("limit", "lightnings_epochs", "made_here"), [

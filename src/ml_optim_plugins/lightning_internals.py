@@ -26,10 +26,11 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     something reads ``trainer.estimated_stepping_batches`` before the checkpoint is restored (a callback's
     ``on_fit_start``, or ``configure_optimizers``), the loader is set up early, the saved state is stashed afterwards
     and never loaded, and a resumed run starts its epoch from the first batch again (Lightning issue #20550, open in
-    2.6.6). That early iterator also serves the resumed run's first epoch, and with worker processes it has drawn its
-    first indices from the samplers' epoch 0, so the epoch's order would be epoch 0's: the samplers get the epoch
-    about to run and a new iterator is made, after an epoch's end too. Called from ``on_train_start``, before the first
-    batch is drawn.
+    2.6.6). Inside an epoch, the iterator made in that early setup would serve the rest of it, and with worker
+    processes it has drawn its first indices from the samplers' epoch 0: the samplers get the epoch that runs and a new
+    iterator is made from the loaded state. At an epoch's end the saved state is dropped (the next epoch starts afresh;
+    :func:`make_resumed_epochs_iterator_after_its_hooks` has its iterator made at its start). Called from
+    ``on_train_start``, before the first batch is drawn.
 
     Uses ``FitLoop._combined_loader_states_to_load``, ``FitLoop._load_combined_loader_states()``,
     ``FitLoop._data_fetcher``, ``FitLoop._combined_loader``, ``FitLoop.restarted_mid_epoch`` and
@@ -47,16 +48,17 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     else:
         # Resumed at an epoch's end: the saved state is that of a finished epoch; the next one starts afresh.
         fit_loop._combined_loader_states_to_load = []
-    # A resumed run's first epoch is served by the iterator made in the early setup (Lightning makes a new one per
-    # epoch only when not restarting), and an iterator with worker processes draws its first batches' indices when
-    # it is made: there, from the samplers' epoch 0. Lightning sets the epoch only later (FitLoop.on_advance_start),
-    # so an epoch-seeded sampler (EpochShuffle, DistributedSampler) gets it now, and a new iterator draws from it
-    # (mid-epoch: from where the loaded state says).
-    set_train_sampler_epochs(trainer, trainer.current_epoch)
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
-    if fetcher is not None:
-        iter(fetcher)
+    if mid_epoch:  # Lightning sets the samplers' epoch only later (FitLoop.on_advance_start)
+        set_train_sampler_epochs(trainer, trainer.current_epoch)
+        restart_train_iterator(trainer)
     return mid_epoch
+
+
+def train_loaders(trainer: pl.Trainer) -> list[Any]:
+    """The fit's train dataloaders, each one (the iterables of a ``CombinedLoader``, flattened); empty before they are
+    set up. Uses ``FitLoop._combined_loader`` (Lightning 2.6.6)."""
+    combined = getattr(trainer.fit_loop, "_combined_loader", None)
+    return [] if combined is None else list(combined.flattened)
 
 
 def set_train_sampler_epochs(trainer: pl.Trainer, epoch: int) -> bool:
@@ -64,36 +66,50 @@ def set_train_sampler_epochs(trainer: pl.Trainer, epoch: int) -> bool:
 
     Lightning sets it at each epoch's start from ``FitLoop.epoch_progress.current.processed``, which after an
     iteration-based run (``max_steps``) resumed from an epoch-end checkpoint is one ahead of ``current_epoch``, so each
-    epoch would be shuffled as the next one (Lightning 2.6.6). Uses ``FitLoop._combined_loader`` and
+    epoch would be shuffled as the next one (Lightning 2.6.6). Uses
     ``lightning.fabric.utilities.data._set_sampler_epoch``.
 
     Returns:
-        Whether the loaders were reached (False before the train loader is set up, or when the attributes are gone).
+        Whether the loaders were reached (False before the train loader is set up, or when the helper is gone).
     """
-    combined = getattr(trainer.fit_loop, "_combined_loader", None)
-    if combined is None or _set_sampler_epoch is None:
+    loaders = train_loaders(trainer)
+    if not loaders or _set_sampler_epoch is None:
         return False
-    for loader in combined.flattened:
+    for loader in loaders:
         _set_sampler_epoch(loader, epoch)
     return True
 
 
-def restart_train_iterator(trainer: pl.Trainer) -> bool:
-    """At an epoch's start, make the train loader's batch iterator anew if Lightning will not, so that the epoch
-    draws its order now (from the samplers' epoch and generators as they are set now).
+def make_resumed_epochs_iterator_after_its_hooks(trainer: pl.Trainer) -> bool:
+    """At the start of a resumed run's first epoch, let Lightning make that epoch's train iterator as it does for
+    every later epoch: after all ``on_train_epoch_start`` hooks (and so from the samplers' epoch and generators as the
+    hooks left them), instead of serving the epoch from the iterator it made at setup, before the checkpoint was
+    restored.
 
-    Lightning makes a new iterator at each epoch's start except for the first epoch of a fit (then, and in a run
-    resumed from a checkpoint, it keeps the one it made at setup, before the checkpoint was restored), the rule of
-    ``_TrainingEpochLoop.on_run_start``. Uses ``FitLoop._data_fetcher``, ``FitLoop.is_resuming`` and
-    ``_TrainingEpochLoop.restarting`` (Lightning 2.6.6).
+    Lightning makes a new iterator at an epoch's start unless the fit is resuming or the epoch loop restarts
+    mid-epoch (``_TrainingEpochLoop.on_run_start``); this clears ``FitLoop._resuming_from_checkpoint`` (which Lightning
+    clears itself after that epoch) when the epoch loop is not restarting (Lightning 2.6.6).
 
     Returns:
-        Whether a new iterator was made here.
+        Whether Lightning will now make the iterator.
     """
     fit_loop = trainer.fit_loop
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
-    made_by_lightning = trainer.current_epoch > 0 and not fit_loop.is_resuming and not fit_loop.epoch_loop.restarting
-    if fetcher is None or made_by_lightning:
+    if trainer.current_epoch == 0 or not fit_loop.is_resuming or fit_loop.epoch_loop.restarting:
+        return False
+    if not hasattr(fit_loop, "_resuming_from_checkpoint"):
+        return False
+    fit_loop._resuming_from_checkpoint = False
+    return True
+
+
+def restart_train_iterator(trainer: pl.Trainer) -> bool:
+    """Make the train loader's batch iterator anew now (``FitLoop._data_fetcher``, Lightning 2.6.6).
+
+    Returns:
+        Whether there was a fetcher to restart.
+    """
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if fetcher is None:
         return False
     iter(fetcher)
     return True
@@ -103,6 +119,17 @@ def resumed_mid_epoch(trainer: pl.Trainer) -> bool:
     """Whether the fit resumed from a checkpoint saved inside a training epoch (``FitLoop.restarted_mid_epoch``,
     Lightning 2.6.6; meaningful from ``on_train_start`` until the first resumed batch)."""
     return bool(getattr(trainer.fit_loop, "restarted_mid_epoch", False))
+
+
+def resumed_after_an_epochs_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the fit resumed from a checkpoint saved at an epoch's last training batch (``every_n_train_steps``
+    dividing the epoch). Lightning resumes it as a mid-epoch restart that finds the epoch done and goes on to the next
+    epoch without its ``on_train_epoch_start`` hooks and with the iterator made at setup. Uses
+    ``FitLoop.restarted_mid_epoch`` and ``_TrainingEpochLoop.batch_progress.is_last_batch`` (Lightning 2.6.6);
+    meaningful at ``on_train_start``."""
+    fit_loop = trainer.fit_loop
+    progress = getattr(fit_loop.epoch_loop, "batch_progress", None)
+    return resumed_mid_epoch(trainer) and bool(getattr(progress, "is_last_batch", False))
 
 
 def logging_step(trainer: pl.Trainer) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 import sys
 import warnings
@@ -90,7 +89,15 @@ class MultimodalCLI(LightningCLI):
         drop_disabled_progress_bars(config.get("trainer") or {})
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
-            resume_in_run_directory(trainer, self.config["fit"].get("ckpt_path"))
+            ckpt_path = self.config["fit"].get("ckpt_path")
+            # Lightning would warn that the run directory is not empty (each ModelCheckpoint, and the CSV logger that
+            # its old files will be deleted): it must hold them, and metrics.csv's rows are carried over. For this fit.
+            self._quiet_resume = warnings.catch_warnings()
+            self._quiet_resume.__enter__()
+            pattern = not_empty_warning(run_directory(ckpt_path))
+            if pattern:
+                warnings.filterwarnings("ignore", message=pattern)
+            resume_in_run_directory(trainer, ckpt_path)
         align_logger_versions(trainer)
         return trainer
 
@@ -122,6 +129,9 @@ class MultimodalCLI(LightningCLI):
         self._check_ckpt_path()
 
     def after_fit(self) -> None:
+        quiet, self._quiet_resume = getattr(self, "_quiet_resume", None), None
+        if quiet is not None:
+            quiet.__exit__(None, None, None)
         print_run_summary(self.trainer, "fit")
         trainer, data = self.trainer, self.datamodule
         wanted = self.config["fit"].get("test_after_fit", True)
@@ -288,26 +298,52 @@ def resume_in_run_directory(trainer: Trainer, ckpt_path: str | None) -> None:
     logged before the checkpoint's step; the rows that the interrupted run wrote after it are dropped, since the
     resumed run logs those steps again (:class:`ResumedMetricRows`).
     """
-    if not ckpt_path or ckpt_path in SYMBOLIC_CKPT_PATHS:
-        return
-    path = Path(ckpt_path).resolve()
-    version_dir = path.parent.parent
-    if path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
-        return
-    suffix = version_dir.name.removeprefix("version_")
-    if not suffix.isdigit():
+    version_dir = run_directory(ckpt_path)
+    if version_dir is None:
         return
     for logger in trainer.loggers:
         save_dir = getattr(logger, "save_dir", None)
         same_place = save_dir is not None and Path(save_dir, logger.name).resolve() == version_dir.parent
-        if same_place and set_logger_version(logger, int(suffix)):
-            # Lightning would warn that the run directory is not empty (each ModelCheckpoint, and the CSV logger that
-            # its old files will be deleted): it must hold them, and metrics.csv's rows are carried over.
-            run = re.escape(os.path.join(version_dir.parent.name, version_dir.name))
-            not_empty = f"(Checkpoint|Experiment logs) directory .*{run}.* exists and is not empty"
-            warnings.filterwarnings("ignore", message=not_empty)
+        if same_place and set_logger_version(logger, int(version_dir.name.removeprefix("version_"))):
             if isinstance(logger, CSVLogger) and getattr(rank_zero_only, "rank", 0) == 0:
                 trainer.callbacks.append(ResumedMetricRows(logger))
+
+
+def run_directory(ckpt_path: str | None) -> Path | None:
+    """The run directory ``<save_dir>/<name>/version_N`` of a checkpoint saved in its ``checkpoints/``, or ``None``.
+
+    Example:
+        >>> run_directory("runs/quickstart/version_3/checkpoints/last.ckpt").parts[-2:]
+        ('quickstart', 'version_3')
+        >>> run_directory("model.ckpt") is None, run_directory("last") is None
+        (True, True)
+    """
+    if not ckpt_path or ckpt_path in SYMBOLIC_CKPT_PATHS:
+        return None
+    path = Path(ckpt_path).resolve()
+    version_dir = path.parent.parent
+    suffix = version_dir.name.removeprefix("version_")
+    if path.parent.name != "checkpoints" or not version_dir.name.startswith("version_") or not suffix.isdigit():
+        return None
+    return version_dir
+
+
+def not_empty_warning(version_dir: Path | None) -> str | None:
+    """A ``warnings`` filter pattern for Lightning's "directory ... exists and is not empty" about this run directory
+    or its ``checkpoints/`` (the path as Lightning writes it may be relative), and no other.
+
+    Example:
+        >>> import re
+        >>> pattern = not_empty_warning(Path("/x/runs/quickstart/version_1"))
+        >>> bool(re.match(pattern, "Checkpoint directory runs/quickstart/version_1/checkpoints exists and is not empty."))
+        True
+        >>> bool(re.match(pattern, "Checkpoint directory runs/quickstart/version_10/checkpoints exists and is not empty."))
+        False
+    """
+    if version_dir is None:
+        return None
+    run = re.escape(version_dir.parent.name) + r"[/\\]" + re.escape(version_dir.name)
+    return rf"(Checkpoint|Experiment logs) directory (.*[/\\])?{run}([/\\]checkpoints)? exists and is not empty"
 
 
 class ResumedMetricRows(Callback):

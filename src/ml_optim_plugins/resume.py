@@ -5,6 +5,7 @@ resumed run draws what an uninterrupted one would, beside the position inside th
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,9 +17,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ml_optim_plugins.lightning_internals import (
     load_pending_train_loader_state,
+    make_resumed_epochs_iterator_after_its_hooks,
     restart_train_iterator,
-    resumed_mid_epoch,
+    resumed_after_an_epochs_last_batch,
     set_train_sampler_epochs,
+    train_loaders,
 )
 
 
@@ -34,10 +37,32 @@ def batch_seed(run_seed: int, epoch: int, batch_idx: int) -> int:
     return (int(high) << 32 | int(low)) & (2**63 - 1)
 
 
-def epoch_seed(run_seed: int, epoch: int) -> int:
-    """The 64-bit seed of one epoch's shuffle, unrelated to every :func:`batch_seed`."""
-    low, high = np.random.SeedSequence([run_seed, epoch]).generate_state(2)
+def epoch_seed(run_seed: int, epoch: int, stream: int = 0) -> int:
+    """The 64-bit seed of one epoch's shuffle, unrelated to every :func:`batch_seed`: ``stream`` 0 for
+    :class:`~ml_optim_plugins.data.EpochShuffle`, 1 for the global generators at the epoch's start, 2, 3, ... for each
+    generator of the train loaders."""
+    low, high = np.random.SeedSequence([run_seed, epoch] + ([stream] if stream else [])).generate_state(2)
     return (int(high) << 32 | int(low)) & (2**63 - 1)
+
+
+def loader_generators(loaders: Sequence[Any]) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects that the given DataLoaders shuffle with (a loader's own ``generator``, its
+    sampler's and its batch sampler's sampler's), each once, in order.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> generator = torch.Generator()
+        >>> loader_generators([DataLoader(range(4), shuffle=True, generator=generator)]) == [generator]
+        True
+    """
+    found: dict[int, torch.Generator] = {}
+    for loader in loaders:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator):
+                found.setdefault(id(generator), generator)
+    return list(found.values())
 
 
 def seed_global_generators(seed: int) -> None:
@@ -55,8 +80,8 @@ class ExactResume(Callback):
     random draws (dropout and Gaussian-dropout noise, anything from the global torch / NumPy / Python generators)
     independent of what ran before the checkpoint. With a resumable loader (the data modules'
     ``StatefulDataLoader`` over :class:`~ml_optim_plugins.data.EpochShuffle`) a run resumed from any checkpoint, mid-epoch
-    included, repeats the uninterrupted one; with a plain shuffling ``DataLoader``, from an epoch's end (each epoch's
-    shuffle is seeded from the run seed and the epoch); random augmentation inside a dataset does not. docs/recipes.md
+    included, repeats the uninterrupted one; with plain shuffling DataLoaders, from an epoch's end (each epoch's
+    order is seeded from the run seed and the epoch); random augmentation inside a dataset does not. docs/recipes.md
     (Resume) says what is exact and why.
 
     Example::
@@ -69,7 +94,6 @@ class ExactResume(Callback):
     def __init__(self) -> None:
         self._seed: int | None = None
         self._loaded: list[int] | None = None
-        self._restart_iterator = False  # resumed at an epoch's end: the first epoch's iterator predates the restore
 
     @property
     def state_key(self) -> str:
@@ -79,7 +103,7 @@ class ExactResume(Callback):
         self._seed = torch.initial_seed()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        load_pending_train_loader_state(trainer)
+        loaded = load_pending_train_loader_state(trainer)
         if self._loaded is not None:
             seeds, self._loaded = self._loaded, None
             if len(seeds) != trainer.world_size:
@@ -88,23 +112,26 @@ class ExactResume(Callback):
                     f"{trainer.world_size}; random draws (dropout noise) will differ from an uninterrupted run"
                 )
             self._seed = seeds[trainer.global_rank % len(seeds)]
-        self._restart_iterator = trainer.ckpt_path is not None and not resumed_mid_epoch(trainer)
+        if not loaded and resumed_after_an_epochs_last_batch(trainer):
+            # Lightning goes on to the next epoch without its epoch-start hooks, from the iterator made at setup.
+            self._seed_epoch(trainer)
+            restart_train_iterator(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The epoch's order is drawn when its batch iterator is made, after this hook: from (run seed, epoch) alone.
-        # Samplers get the epoch that runs (Lightning's is one ahead after a max_steps run resumed at an epoch end),
-        # a loader's own generator and the global ones (a plain ``shuffle=True`` draws its order from those) are
-        # seeded from it. A resumed run's first iterator was made before the restore: it is made again.
+        self._seed_epoch(trainer)
+        make_resumed_epochs_iterator_after_its_hooks(trainer)  # as in every other epoch, not the one made at setup
+
+    def _seed_epoch(self, trainer: pl.Trainer) -> None:
+        """Draw the coming epoch's order from (run seed, epoch) alone: its iterator is made after this (after the
+        epoch-start hooks). The samplers get the epoch that runs (Lightning's is one ahead after a ``max_steps`` run
+        resumed at an epoch end); the global generators (a plain ``shuffle=True`` draws from them) and each generator
+        of the train loaders are seeded from it."""
         assert self._seed is not None
         epoch = trainer.current_epoch
         set_train_sampler_epochs(trainer, epoch)
-        seed_global_generators(epoch_seed(self._seed, epoch))
-        generator = getattr(getattr(trainer.train_dataloader, "sampler", None), "generator", None)
-        if isinstance(generator, torch.Generator):
-            generator.manual_seed(epoch_seed(self._seed, epoch))
-        if self._restart_iterator:
-            self._restart_iterator = False
-            restart_train_iterator(trainer)
+        seed_global_generators(epoch_seed(self._seed, epoch, 1))
+        for stream, generator in enumerate(loader_generators(train_loaders(trainer)), start=2):
+            generator.manual_seed(epoch_seed(self._seed, epoch, stream))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self._seed is not None
@@ -113,8 +140,9 @@ class ExactResume(Callback):
                 f"ExactResume: Lightning runs a training batch past the end of epoch {trainer.current_epoch} (batch "
                 f"{batch_idx} of {trainer.num_training_batches}), as it does when a max_steps run resumes from a "
                 "checkpoint saved at a training epoch's end without validation (Lightning issue #19403): the resumed "
-                "run is one optimizer step off the uninterrupted one. Resume from a checkpoint saved after validation "
-                "or inside an epoch (ModelCheckpoint(every_n_train_steps=...)), or train with max_epochs."
+                "run is one optimizer step off the uninterrupted one. Resume from a checkpoint saved after validation, "
+                "or inside an epoch (ModelCheckpoint(every_n_train_steps=...)) with a resumable loader (torchdata's "
+                "StatefulDataLoader), or train with max_epochs."
             )
         seed_global_generators(batch_seed(self._seed, trainer.current_epoch, batch_idx))
 
