@@ -93,7 +93,6 @@ class StagedFinetuning(Callback):
         self.unregistered = UnregisteredGradients()  # trainable parameters that DDP does not synchronise
         self.frozen = FrozenModules()  # the current stage's frozen modules, kept in eval()
 
-    # ------------------------------------------------------------------ override hooks
     def managed_modules(self, pl_module: pl.LightningModule, modalities: Mapping[str, str]) -> list[str]:
         """Selectors of the modules that the stages freeze and unfreeze (``{modality: module name}`` from the
         contract); default ``modules``, else every modality. Called at ``setup``."""
@@ -114,7 +113,6 @@ class StagedFinetuning(Callback):
         """Called once stage ``index``'s frozen set and LRs are applied: at fit start (the first stage, or the
         restored one) and at each stage boundary. Default: nothing."""
 
-    # ------------------------------------------------------------------ stages
     @property
     def cache(self) -> FeatureCache | None:
         """The feature cache (``cache_features``; built at setup)."""
@@ -167,7 +165,6 @@ class StagedFinetuning(Callback):
         self.frozen.keep_in_eval()
         self.caches.set_split("train")
 
-    # ------------------------------------------------------------------ hooks: setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fitting = stage == "fit"
         if stage != "fit":
@@ -200,7 +197,6 @@ class StagedFinetuning(Callback):
         assert self._groups is not None
         self._groups.check_base_lrs()  # the drivers have registered the groups now, before the first step
 
-    # ------------------------------------------------------------------ hooks: training
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._advance(trainer, pl_module, at_epoch_start=True)
 
@@ -219,7 +215,6 @@ class StagedFinetuning(Callback):
     ) -> None:
         self.unregistered.before_optimizer_step(trainer, pl_module, optimizer)
 
-    # ------------------------------------------------------------------ hooks: evaluation
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
@@ -233,7 +228,6 @@ class StagedFinetuning(Callback):
             plateau["pending"] = bool(trainer.strategy.reduce_boolean_decision(plateau["pending"], all=False))
             self._plateau = plateau
 
-    # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage_index,
