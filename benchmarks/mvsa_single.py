@@ -164,9 +164,8 @@ def _only(modality: str) -> Callable[[dict], None]:
 
 
 TRAINED: dict[str, tuple[str, Callable[[dict], None]]] = {
-    "recipe": ("the recipe as shipped", lambda config: None),
+    "recipe": ("the recipe as shipped: LP-FT stages + warmup/cosine + OGM-GE", lambda config: None),
     "stages_only": ("LP-FT stages + warmup/cosine, no balancing", _balancing(None)),
-    "ogm_ge": ("stages + OGM-GE", _balancing("ogm_ge")),
     "aux": ("stages + unimodal auxiliary losses (weight 1)", _balancing(None, aux=1.0)),
     "mmpareto": ("stages + MMPareto (auxiliary losses, weight 1)", _balancing("mmpareto", aux=1.0)),
     "no_gaussian_dropout": ("the recipe without Gaussian dropout in the head", _no_gaussian_dropout),
