@@ -465,7 +465,8 @@ def _append(results: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def summarize(paths: Sequence[Path]) -> str:
-    """A Markdown table: per row, mean ± standard deviation over seeds of test accuracy, macro-F1, weighted-F1."""
+    """A Markdown table: per row, mean ± standard deviation over seeds of test accuracy, macro-F1, weighted-F1 (the
+    value alone for a row with one seed)."""
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in paths:
         for line in path.read_text().splitlines():
@@ -477,8 +478,9 @@ def summarize(paths: Sequence[Path]) -> str:
     def cell(values: list[float]) -> str:
         if not values:
             return "-"
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+        if len(values) == 1:  # one seed: no spread to state
+            return f"{100 * values[0]:.2f}"
+        return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
     lines = ["| row | seeds | test accuracy | test macro-F1 | test weighted-F1 | s / train epoch | s / run |",
              "|---|---|---|---|---|---|---|"]

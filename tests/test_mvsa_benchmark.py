@@ -137,7 +137,10 @@ def test_fold_rows_are_neither_skipped_for_nor_averaged_with_split_seed_rows(swe
     assert sweep._done(results) == {("recipe", 1), ("majority", 2)}
     assert sweep._done(results, split_dir="folds") == {("recipe", 2)}
     table = sweep.summarize([results])
-    assert "| recipe | 1 | 50.00 ± 0.00" in table and "| recipe (Cheema et al. folds) | 2 | 50.00 ± 0.00" in table
+    assert "| recipe | 1 | 50.00 | 40.00 |" in table and "| recipe (Cheema et al. folds) | 2 | 50.00 |" in table
+    two_seeds = sweep.summarize([write_rows(tmp_path / "two.jsonl", {"row": "recipe", "seed": 1},
+                                            {"row": "recipe", "seed": 2, "test": {"acc": 0.7, "f1": 0.4}})])
+    assert "| recipe | 1,2 | 60.00 ± 14.14 | 40.00 ± 0.00 | 45.00 |" in two_seeds
 
 
 def test_a_failed_row_is_reported_and_the_sweep_goes_on(sweep, tmp_path, monkeypatch, capsys):
