@@ -144,36 +144,42 @@ def test_a_resumed_run_equals_the_uninterrupted_one(interrupted_run, checkpoint,
             assert same_tensor(value, other, bitwise), (key, name, float((value - other).norm() / value.norm()))
 
 
-def test_a_two_process_ddp_run_resumed_mid_epoch_equals_the_uninterrupted_one(tmp_path, run_ddp_cli):
+def test_a_two_process_ddp_run_resumed_mid_epoch_or_at_an_epochs_end_equals_the_uninterrupted_one(tmp_path,
+                                                                                                  run_ddp_cli):
     """Under 2-process DDP each rank's place in its share of the epoch travels in the checkpoint (EpochShuffle is a
     DistributedSampler, so Lightning keeps the resumable loader), and so does each rank's noise seed: resumed at step
-    5 of 6 (the first batch of epoch 2, the first of the finetune stage), the run logs the same rows and ends with the
-    same weights and optimizer state."""
+    5 of 6 (the first batch of epoch 2, the first of the finetune stage) or at step 4 (the last batch of epoch 1, the
+    last probe epoch, before its validation: Lightning then skips epoch 2's start hooks, and the stage still starts
+    on time), the run logs the same rows and ends with the same weights and optimizer state."""
     config = yaml.safe_load(write_tiny_config(tmp_path).read_text())
     config["trainer"].update(max_epochs=3, devices=2, strategy="ddp")  # 16 samples per rank: 2 steps per epoch
-    config["trainer"]["callbacks"].append({"class_path": f"{__name__}.AtSteps", "init_args": {"steps": [5, 6]}})
+    config["trainer"]["callbacks"].append({"class_path": f"{__name__}.AtSteps", "init_args": {"steps": [4, 5, 6]}})
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
     run_ddp_cli("fit", "-c", str(path), "--test_after_fit", "false")
     run_dir = tmp_path / "runs" / "quickstart" / "version_0"
     uninterrupted = run_dir.with_name("uninterrupted")
     shutil.copytree(run_dir, uninterrupted)
-    (run_dir / "checkpoints" / "step=6.ckpt").unlink()
-    run_ddp_cli(
-        "fit", "-c", str(path), "--test_after_fit", "false", "--ckpt_path", str(run_dir / "checkpoints" / "step=5.ckpt")
-    )
-    rows, expected = (list(csv.DictReader((d / "metrics.csv").open())) for d in (run_dir, uninterrupted))
-    assert rows == expected and any(row.get("train/loss") for row in rows)
-    full, again = (torch.load(d / "checkpoints" / "step=6.ckpt", weights_only=False) for d in (uninterrupted, run_dir))
-    assert full["global_step"] == again["global_step"] == 6
-    for name, value in full["state_dict"].items():
-        assert torch.equal(value, again["state_dict"][name]), name
-    (state, param_groups), (state_again, param_groups_again) = (
-        (c["optimizer_states"][0]["state"], c["optimizer_states"][0]["param_groups"]) for c in (full, again)
-    )
-    assert param_groups == param_groups_again and state.keys() == state_again.keys()
-    for key, values in state.items():
-        assert all(torch.equal(value, state_again[key][name]) for name, value in values.items()), key
+    full = torch.load(uninterrupted / "checkpoints" / "step=6.ckpt", weights_only=False)
+    for step in (5, 4):
+        shutil.rmtree(run_dir)
+        shutil.copytree(uninterrupted, run_dir)
+        for later in range(step + 1, 7):
+            (run_dir / "checkpoints" / f"step={later}.ckpt").unlink()
+        run_ddp_cli("fit", "-c", str(path), "--test_after_fit", "false", "--ckpt_path",
+                    str(run_dir / "checkpoints" / f"step={step}.ckpt"))
+        rows, expected = (list(csv.DictReader((d / "metrics.csv").open())) for d in (run_dir, uninterrupted))
+        assert rows == expected and any(row.get("train/loss") for row in rows), step
+        again = torch.load(run_dir / "checkpoints" / "step=6.ckpt", weights_only=False)
+        assert full["global_step"] == again["global_step"] == 6
+        for name, value in full["state_dict"].items():
+            assert torch.equal(value, again["state_dict"][name]), (step, name)
+        (state, param_groups), (state_again, param_groups_again) = (
+            (c["optimizer_states"][0]["state"], c["optimizer_states"][0]["param_groups"]) for c in (full, again)
+        )
+        assert param_groups == param_groups_again and state.keys() == state_again.keys()
+        for key, values in state.items():
+            assert all(torch.equal(value, state_again[key][name]) for name, value in values.items()), (step, key)
 
 
 # ------------------------------------------------------------------ a user's own module and loaders, Python API

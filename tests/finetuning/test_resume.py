@@ -58,3 +58,31 @@ def test_resume_in_the_middle_of_a_stage_is_exact(plan, tmp_path):
     assert [r["grads"] for r in resumed_rows.rows] == [r["grads"] for r in straight_rows.rows[12:]]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_resumed_from_the_last_step_before_an_unfreeze_the_stage_starts_on_time(tmp_path):
+    """A checkpoint saved at an epoch's last step (every_n_train_steps dividing the epoch) resumes into the next epoch
+    without Lightning calling its on_train_epoch_start hooks; the stage that starts with that epoch still does, at its
+    first step, with the same boundary, LRs and weights as a run never stopped."""
+    def run(checkpoint=None):
+        staged, recorder = StagedFinetuning(PLANS["epochs"]()), Recorder()
+        callbacks = [staged, WarmupDecay(warmup_steps=2, decay="cosine"), recorder]
+        if checkpoint is None:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=6,
+                                             filename="{step}"))
+        model = _model()
+        trainer(tmp_path, max_epochs=3, callbacks=callbacks, enable_checkpointing=checkpoint is None).fit(
+            model, loader(), loader(n=16), ckpt_path=checkpoint)
+        return model, staged, recorder
+
+    straight, straight_plan, straight_rows = run()
+    resumed, resumed_plan, resumed_rows = run(tmp_path / "ckpt" / "step=6.ckpt")  # epoch 0's last step
+    assert resumed_plan.boundaries == straight_plan.boundaries
+    assert [(b["stage"], b["epoch"], b["step"]) for b in straight_plan.boundaries] == [(0, 0, 0), (1, 1, 6)]
+    assert [r["grads"] for r in resumed_rows.rows] == [r["grads"] for r in straight_rows.rows[6:]]
+    resumed_lrs, straight_lrs = ([(n, lr) for row in rows for n, lr in sorted(row["lrs"].items())]
+                                 for rows in (resumed_rows.rows, straight_rows.rows[6:]))
+    assert [n for n, _ in resumed_lrs] == [n for n, _ in straight_lrs]
+    assert [lr for _, lr in resumed_lrs] == pytest.approx([lr for _, lr in straight_lrs])
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name

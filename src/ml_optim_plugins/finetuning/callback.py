@@ -76,18 +76,18 @@ class StagedFinetuning(Callback):
         cache_activations: bool = False,
     ) -> None:
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in (stages or [])]
-        self.reset_early_stopping = reset_early_stopping
+        self.reset_early_stopping, self.verify_cache = reset_early_stopping, verify_cache
         if stages is not None:
             check_stages(self.stages)
         self.modules = None if modules is None else list(modules)
         self.cache_features, self.cache_activations = cache_features, cache_activations
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.verify_cache = verify_cache
         self.stage_index = 0
         self.boundaries: list[dict[str, Any]] = []
         self.plan: FinetuningPlan | None = None  # resolved at setup
         self.caches = StageCaches(cache_features, cache_activations, self.cache_dir, verify_cache)
         self._fitting = True  # False in validate / test runs, which must not take a checkpoint's stage state
+        self._epoch_started: int | None = None  # the epoch whose start was handled (saved: a resumed epoch started)
         self._plateau = fresh_plateau()
         self._groups: GatedParamGroups | None = None
         self.unregistered = UnregisteredGradients()  # trainable parameters that DDP does not synchronise
@@ -199,10 +199,13 @@ class StagedFinetuning(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._advance(trainer, pl_module, at_epoch_start=True)
+        self._epoch_started = trainer.current_epoch
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._epoch_started != trainer.current_epoch:  # Lightning skips the epoch-start hooks of an epoch resumed
+            self.on_train_epoch_start(trainer, pl_module)  # from a checkpoint at the previous epoch's last step
         # Only at the first micro-batch of an optimizer step: all its micro-batches see the same frozen set.
         self._advance(trainer, pl_module, at_epoch_start=False,
                       step_start=batch_idx % max(1, trainer.accumulate_grad_batches) == 0)
@@ -234,6 +237,7 @@ class StagedFinetuning(Callback):
             "stage_name": self.stage_name() if self._plan else None,
             "boundaries": [dict(b) for b in self.boundaries],
             "plateau": dict(self._plateau),
+            "epoch_started": self._epoch_started,
             **self.caches.state_dict(),
         }
 
@@ -246,3 +250,4 @@ class StagedFinetuning(Callback):
             raise ValueError(f"the checkpoint is in stage {index}, but this plan has {len(self._plan)} stages")
         self.stage_index = index  # entered at on_fit_start
         self._plateau = dict(state_dict["plateau"])
+        self._epoch_started = state_dict.get("epoch_started")
