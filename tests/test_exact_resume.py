@@ -149,8 +149,9 @@ def test_a_two_process_ddp_run_resumed_mid_epoch_or_at_an_epochs_end_equals_the_
     """Under 2-process DDP each rank's place in its share of the epoch travels in the checkpoint (EpochShuffle is a
     DistributedSampler, so Lightning keeps the resumable loader), and so does each rank's noise seed: resumed at step
     5 of 6 (the first batch of epoch 2, the first of the finetune stage) or at step 4 (the last batch of epoch 1, the
-    last probe epoch, before its validation: Lightning then skips epoch 2's start hooks, and the stage still starts
-    on time), the run logs the same rows and ends with the same weights and optimizer state."""
+    last probe epoch, before its validation: Lightning then skips that validation and epoch 2's start hooks, and the
+    stage still starts on time), the run logs the same rows (less the skipped validation) and ends with the same
+    weights and optimizer state."""
     config = yaml.safe_load(write_tiny_config(tmp_path).read_text())
     config["trainer"].update(max_epochs=3, devices=2, strategy="ddp")  # 16 samples per rank: 2 steps per epoch
     config["trainer"]["callbacks"].append({"class_path": f"{__name__}.AtSteps", "init_args": {"steps": [4, 5, 6]}})
@@ -161,14 +162,24 @@ def test_a_two_process_ddp_run_resumed_mid_epoch_or_at_an_epochs_end_equals_the_
     uninterrupted = run_dir.with_name("uninterrupted")
     shutil.copytree(run_dir, uninterrupted)
     full = torch.load(uninterrupted / "checkpoints" / "step=6.ckpt", weights_only=False)
+    written = list(csv.DictReader((uninterrupted / "metrics.csv").open()))
     for step in (5, 4):
         shutil.rmtree(run_dir)
         shutil.copytree(uninterrupted, run_dir)
         for later in range(step + 1, 7):
             (run_dir / "checkpoints" / f"step={later}.ckpt").unlink()
+        # Step 4 is saved before epoch 1's validation: an interrupted run has not logged it, and Lightning skips it on
+        # resume (recipes.md says so); the other rows of that run are kept, and the resumed run writes the rest.
+        skipped = [row for row in written if step == 4 and row.get("val/f1") and row["epoch"] == "1"]
+        assert len(skipped) == (1 if step == 4 else 0)
+        expected = [row for row in written if row not in skipped]
+        with (run_dir / "metrics.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(written[0]))
+            writer.writeheader()
+            writer.writerows(expected)
         run_ddp_cli("fit", "-c", str(path), "--test_after_fit", "false", "--ckpt_path",
                     str(run_dir / "checkpoints" / f"step={step}.ckpt"))
-        rows, expected = (list(csv.DictReader((d / "metrics.csv").open())) for d in (run_dir, uninterrupted))
+        rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
         assert rows == expected and any(row.get("train/loss") for row in rows), step
         again = torch.load(run_dir / "checkpoints" / "step=6.ckpt", weights_only=False)
         assert full["global_step"] == again["global_step"] == 6

@@ -60,15 +60,36 @@ def test_resume_in_the_middle_of_a_stage_is_exact(plan, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_resumed_from_the_last_step_before_an_unfreeze_the_stage_starts_on_time(tmp_path):
+def _without_epoch_started(path, tmp_path):
+    """The checkpoint as the callback wrote it before it saved the epoch it had started."""
+    checkpoint = torch.load(path, weights_only=False)
+    for state in checkpoint["callbacks"].values():
+        state.pop("epoch_started", None)
+    torch.save(checkpoint, tmp_path / f"old-{path.name}")
+    return tmp_path / f"old-{path.name}"
+
+
+@pytest.mark.parametrize("written", ["now", "before the epoch was saved"])
+@pytest.mark.parametrize(("plan", "resume_step", "boundaries"), [
+    # At epoch 0's last step, before an epoch-triggered unfreeze: Lightning skips epoch 1's start hooks.
+    ("epochs", 6, [(0, 0, 0), (1, 1, 6)]),
+    # Mid-epoch, after a step-triggered stage, before one due at the next epoch's start: never early.
+    ("step, then epoch", 9, [(0, 0, 0), (1, 1, 8), (2, 2, 12)]),
+])
+def test_resumed_at_a_step_each_stage_starts_on_time(plan, resume_step, boundaries, written, tmp_path):
     """A checkpoint saved at an epoch's last step (every_n_train_steps dividing the epoch) resumes into the next epoch
     without Lightning calling its on_train_epoch_start hooks; the stage that starts with that epoch still does, at its
-    first step, with the same boundary, LRs and weights as a run never stopped."""
+    first step, and a mid-epoch resume never starts an epoch's stage early, whether the checkpoint holds the epoch the
+    callback had started or not; boundaries, LRs and weights equal a run never stopped."""
+    # Stage 2 is due from epoch 1, but stage 1 only starts inside it: stage 2 waits for epoch 2's start.
+    plans = {**PLANS, "step, then epoch": lambda: [Stage(name="probe"), Stage(start_step=8, trainable=["text[-1]"]),
+                                                   Stage(start_epoch=1, trainable=["image", "text"])]}
+
     def run(checkpoint=None):
-        staged, recorder = StagedFinetuning(PLANS["epochs"]()), Recorder()
+        staged, recorder = StagedFinetuning(plans[plan]()), Recorder()
         callbacks = [staged, WarmupDecay(warmup_steps=2, decay="cosine"), recorder]
         if checkpoint is None:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=6,
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=resume_step,
                                              filename="{step}"))
         model = _model()
         trainer(tmp_path, max_epochs=3, callbacks=callbacks, enable_checkpointing=checkpoint is None).fit(
@@ -76,13 +97,26 @@ def test_resumed_from_the_last_step_before_an_unfreeze_the_stage_starts_on_time(
         return model, staged, recorder
 
     straight, straight_plan, straight_rows = run()
-    resumed, resumed_plan, resumed_rows = run(tmp_path / "ckpt" / "step=6.ckpt")  # epoch 0's last step
+    checkpoint = tmp_path / "ckpt" / f"step={resume_step}.ckpt"
+    resumed, resumed_plan, resumed_rows = run(checkpoint if written == "now" else _without_epoch_started(checkpoint,
+                                                                                                          tmp_path))
     assert resumed_plan.boundaries == straight_plan.boundaries
-    assert [(b["stage"], b["epoch"], b["step"]) for b in straight_plan.boundaries] == [(0, 0, 0), (1, 1, 6)]
-    assert [r["grads"] for r in resumed_rows.rows] == [r["grads"] for r in straight_rows.rows[6:]]
+    assert [(b["stage"], b["epoch"], b["step"]) for b in straight_plan.boundaries] == boundaries
+    assert [r["grads"] for r in resumed_rows.rows] == [r["grads"] for r in straight_rows.rows[resume_step:]]
     resumed_lrs, straight_lrs = ([(n, lr) for row in rows for n, lr in sorted(row["lrs"].items())]
-                                 for rows in (resumed_rows.rows, straight_rows.rows[6:]))
+                                 for rows in (resumed_rows.rows, straight_rows.rows[resume_step:]))
     assert [n for n, _ in resumed_lrs] == [n for n, _ in straight_lrs]
     assert [lr for _, lr in resumed_lrs] == pytest.approx([lr for _, lr in straight_lrs])
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), name
+    if resume_step % 6 == 0:  # the tiny loader is a plain DataLoader: inside an epoch it cannot resume its place
+        for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_staged_finetuning_reused_for_a_second_fit_starts_from_its_first_stage(tmp_path):
+    staged = StagedFinetuning(PLANS["epochs"]())
+    for _ in range(2):
+        recorder = Recorder()
+        trainer(tmp_path, max_epochs=2, callbacks=[staged, WarmupDecay(warmup_steps=2), recorder]).fit(
+            _model(), loader(), loader(n=16))
+        assert [(b["stage"], b["epoch"], b["step"]) for b in staged.boundaries] == [(0, 0, 0), (1, 1, 6)]
+        assert not any(name.startswith("encoders.") for name in recorder.rows[0]["grads"])  # the probe, frozen

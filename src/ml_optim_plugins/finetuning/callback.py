@@ -169,6 +169,7 @@ class StagedFinetuning(Callback):
         self._fitting = stage == "fit"
         if stage != "fit":
             return
+        self.stage_index, self.boundaries, self._epoch_started = 0, [], None  # a checkpoint's are loaded after setup
         modalities = modality_module_names(pl_module)
         managed = self.managed_modules(pl_module, modalities)
         self.plan = FinetuningPlan.resolve(pl_module, self.build_stages(pl_module, modalities), managed, modalities)
@@ -198,14 +199,17 @@ class StagedFinetuning(Callback):
         self._groups.check_base_lrs()  # the drivers have registered the groups now, before the first step
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_epoch(trainer, pl_module)
+
+    def _start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._advance(trainer, pl_module, at_epoch_start=True)
         self._epoch_started = trainer.current_epoch
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._epoch_started != trainer.current_epoch:  # Lightning skips the epoch-start hooks of an epoch resumed
-            self.on_train_epoch_start(trainer, pl_module)  # from a checkpoint at the previous epoch's last step
+        if batch_idx == 0 and self._epoch_started != trainer.current_epoch:  # Lightning skips the epoch-start hooks
+            self._start_epoch(trainer, pl_module)  # of an epoch resumed from a checkpoint at the last step before it
         # Only at the first micro-batch of an optimizer step: all its micro-batches see the same frozen set.
         self._advance(trainer, pl_module, at_epoch_start=False,
                       step_start=batch_idx % max(1, trainer.accumulate_grad_batches) == 0)
