@@ -466,7 +466,7 @@ def _append(results: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def summarize(paths: Sequence[Path]) -> str:
     """A Markdown table: per row, mean ± standard deviation over seeds of test accuracy, macro-F1, weighted-F1 (the
-    value alone for a row with one seed)."""
+    value alone for a row with one seed; ``(n=K)`` where only K of a row's seeds have the metric)."""
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in paths:
         for line in path.read_text().splitlines():
@@ -475,18 +475,19 @@ def summarize(paths: Sequence[Path]) -> str:
                 suffix = "" if _protocol(record) == SEEDED else f" ({FOLDS})"
                 rows[record["row"] + suffix].append(record)
 
-    def cell(values: list[float]) -> str:
+    def cell(values: list[float], seeds: int) -> str:
         if not values:
             return "-"
+        fewer = f" (n={len(values)})" if len(values) < seeds else ""  # a metric that some seeds' records lack
         if len(values) == 1:  # one seed: no spread to state
-            return f"{100 * values[0]:.2f}"
-        return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+            return f"{100 * values[0]:.2f}{fewer}"
+        return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}{fewer}"
 
     lines = ["| row | seeds | test accuracy | test macro-F1 | test weighted-F1 | s / train epoch | s / run |",
              "|---|---|---|---|---|---|---|"]
     for name, records in rows.items():
         seeds = ",".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
-        scores = [cell([r["test"][m] for r in records if r["test"].get(m) is not None]) for m in METRICS]
+        scores = [cell([r["test"][m] for r in records if r["test"].get(m) is not None], len(records)) for m in METRICS]
         epochs = [t for r in records for t in r.get("epoch_seconds", []) if t is not None]
         runs = [r["run_seconds"] for r in records if r.get("run_seconds") is not None]
         times = [f"{statistics.mean(values):.0f}" if values else "-" for values in (epochs, runs)]

@@ -29,14 +29,31 @@ def sweep():
     return module
 
 
+def class_defaults(cls) -> dict:
+    """The defaults of ``cls``'s arguments, those it passes on through ``**kwargs`` to a base class included."""
+    defaults: dict = {}
+    for klass in cls.__mro__:
+        parameters = inspect.signature(klass.__init__).parameters.values() if "__init__" in vars(klass) else []
+        defaults = {**{p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}, **defaults}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) and "__init__" in vars(klass):
+            break
+    return defaults
+
+
 def with_defaults(spec):
-    """A config with every ``class_path``'s unset arguments at their defaults, so that two configs compare by what
-    they build (``aux_loss_weight: 0.0`` written out equals it left at its default)."""
+    """A config with every ``class_path``'s unset arguments (and the trainer's) at their defaults, and callbacks in
+    a fixed order, so that two configs compare by what they build (``aux_loss_weight: 0.0`` written out equals it
+    left at its default)."""
     if isinstance(spec, dict) and "class_path" in spec:
         module, name = spec["class_path"].rsplit(".", 1)
-        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
-        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        defaults = class_defaults(getattr(importlib.import_module(module), name))
         return {"class_path": spec["class_path"], "init_args": with_defaults({**defaults, **spec.get("init_args", {})})}
+    if isinstance(spec, dict) and "trainer" in spec:
+        trainer = {**class_defaults(pl.Trainer), **spec["trainer"]}
+        trainer["callbacks"] = sorted(with_defaults(trainer.get("callbacks") or []),
+                                     key=lambda c: json.dumps(c, sort_keys=True, default=str))
+        return {**{k: with_defaults(v) for k, v in spec.items()}, "trainer": {**with_defaults(trainer),
+                                                                            "callbacks": trainer["callbacks"]}}
     if isinstance(spec, dict):
         return {k: with_defaults(v) for k, v in spec.items()}
     if isinstance(spec, (list, tuple)):
@@ -140,7 +157,7 @@ def test_fold_rows_are_neither_skipped_for_nor_averaged_with_split_seed_rows(swe
     assert "| recipe | 1 | 50.00 | 40.00 |" in table and "| recipe (Cheema et al. folds) | 2 | 50.00 |" in table
     two_seeds = sweep.summarize([write_rows(tmp_path / "two.jsonl", {"row": "recipe", "seed": 1},
                                             {"row": "recipe", "seed": 2, "test": {"acc": 0.7, "f1": 0.4}})])
-    assert "| recipe | 1,2 | 60.00 ± 14.14 | 40.00 ± 0.00 | 45.00 |" in two_seeds
+    assert "| recipe | 1,2 | 60.00 ± 14.14 | 40.00 ± 0.00 | 45.00 (n=1) |" in two_seeds
 
 
 def test_a_failed_row_is_reported_and_the_sweep_goes_on(sweep, tmp_path, monkeypatch, capsys):
