@@ -42,16 +42,14 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     fit_loop = trainer.fit_loop
     if not getattr(fit_loop, "_combined_loader_states_to_load", None):
         return False
-    mid_epoch = fit_loop.restarted_mid_epoch
-    if mid_epoch:
-        fit_loop._load_combined_loader_states()
-    else:
+    if not fit_loop.restarted_mid_epoch:
         # Resumed at an epoch's end: the saved state is that of a finished epoch; the next one starts afresh.
         fit_loop._combined_loader_states_to_load = []
-    if mid_epoch:  # Lightning sets the samplers' epoch only later (FitLoop.on_advance_start)
-        set_train_sampler_epochs(trainer, trainer.current_epoch)
-        restart_train_iterator(trainer)
-    return mid_epoch
+        return False
+    fit_loop._load_combined_loader_states()
+    set_train_sampler_epochs(trainer, trainer.current_epoch)  # Lightning sets it only later (on_advance_start)
+    restart_train_iterator(trainer)
+    return True
 
 
 def train_loaders(trainer: pl.Trainer) -> list[Any]:

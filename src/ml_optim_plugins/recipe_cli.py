@@ -92,10 +92,10 @@ class MultimodalCLI(LightningCLI):
             ckpt_path = self.config["fit"].get("ckpt_path")
             # Lightning would warn that the run directory is not empty (each ModelCheckpoint, and the CSV logger that
             # its old files will be deleted): it must hold them, and metrics.csv's rows are carried over. For this fit.
-            self._quiet_resume = warnings.catch_warnings()
-            self._quiet_resume.__enter__()
             pattern = not_empty_warning(run_directory(ckpt_path))
             if pattern:
+                self._quiet_resume = warnings.catch_warnings()
+                self._quiet_resume.__enter__()
                 warnings.filterwarnings("ignore", message=pattern)
             resume_in_run_directory(trainer, ckpt_path)
         align_logger_versions(trainer)
