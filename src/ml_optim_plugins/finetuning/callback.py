@@ -20,6 +20,7 @@ from ml_optim_plugins.finetuning.lr_gating import GatedParamGroups
 from ml_optim_plugins.finetuning.plan import FinetuningPlan, check_stages, managed_selectors
 from ml_optim_plugins.finetuning.stage import Stage, fresh_plateau
 from ml_optim_plugins.finetuning.stage_caches import StageCaches
+from ml_optim_plugins.lightning_internals import resumed_after_an_epochs_last_batch
 from ml_optim_plugins.logger_metrics import log_to_loggers
 from ml_optim_plugins.metric_names import FINETUNING_STAGE
 from ml_optim_plugins.multimodal.contract import modality_module_names
@@ -87,7 +88,7 @@ class StagedFinetuning(Callback):
         self.plan: FinetuningPlan | None = None  # resolved at setup
         self.caches = StageCaches(cache_features, cache_activations, self.cache_dir, verify_cache)
         self._fitting = True  # False in validate / test runs, which must not take a checkpoint's stage state
-        self._epoch_started: int | None = None  # the epoch whose start was handled (saved: a resumed epoch started)
+        self._start_at_first_batch = False  # resumed where Lightning skips the next epoch's start hooks
         self._plateau = fresh_plateau()
         self._groups: GatedParamGroups | None = None
         self.unregistered = UnregisteredGradients()  # trainable parameters that DDP does not synchronise
@@ -169,7 +170,7 @@ class StagedFinetuning(Callback):
         self._fitting = stage == "fit"
         if stage != "fit":
             return
-        self.stage_index, self.boundaries, self._epoch_started = 0, [], None  # a checkpoint's are loaded after setup
+        self.stage_index, self.boundaries = 0, []  # a checkpoint's are loaded after setup
         modalities = modality_module_names(pl_module)
         managed = self.managed_modules(pl_module, modalities)
         self.plan = FinetuningPlan.resolve(pl_module, self.build_stages(pl_module, modalities), managed, modalities)
@@ -197,19 +198,17 @@ class StagedFinetuning(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._groups is not None
         self._groups.check_base_lrs()  # the drivers have registered the groups now, before the first step
+        self._start_at_first_batch = resumed_after_an_epochs_last_batch(trainer)  # no epoch-start hooks follow
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start_epoch(trainer, pl_module)
-
-    def _start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._advance(trainer, pl_module, at_epoch_start=True)
-        self._epoch_started = trainer.current_epoch
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx == 0 and self._epoch_started != trainer.current_epoch:  # Lightning skips the epoch-start hooks
-            self._start_epoch(trainer, pl_module)  # of an epoch resumed from a checkpoint at the last step before it
+        if self._start_at_first_batch:
+            self._start_at_first_batch = False
+            self._advance(trainer, pl_module, at_epoch_start=True)
         # Only at the first micro-batch of an optimizer step: all its micro-batches see the same frozen set.
         self._advance(trainer, pl_module, at_epoch_start=False,
                       step_start=batch_idx % max(1, trainer.accumulate_grad_batches) == 0)
@@ -241,7 +240,6 @@ class StagedFinetuning(Callback):
             "stage_name": self.stage_name() if self._plan else None,
             "boundaries": [dict(b) for b in self.boundaries],
             "plateau": dict(self._plateau),
-            "epoch_started": self._epoch_started,
             **self.caches.state_dict(),
         }
 
@@ -254,4 +252,3 @@ class StagedFinetuning(Callback):
             raise ValueError(f"the checkpoint is in stage {index}, but this plan has {len(self._plan)} stages")
         self.stage_index = index  # entered at on_fit_start
         self._plateau = dict(state_dict["plateau"])
-        self._epoch_started = state_dict.get("epoch_started")
