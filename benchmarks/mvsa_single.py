@@ -518,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.root is None:
         parser.error("--root is required")
     if args.child:
+        # This process's own flags are parsed; left in sys.argv, LightningCLI would warn that it got both them and args.
+        sys.argv = sys.argv[:1]
         row = run_trained(args.child[0], args.root, int(args.child[1]), args.work, args.extra, args.split_dir,
                           args.fresh)
         _append(args.results, [row])
