@@ -220,9 +220,13 @@ def test_a_tiny_staged_fit_trains_the_same_with_the_cache():
 
     cached, staged, cached_losses = _fit(True, _tiny_model, plan, data)
     reference, _, losses = _fit(False, _tiny_model, plan, data)
-    assert cached_losses == losses  # the same floats: the upper blocks see the same activations
+    # The same up to float rounding: a served row was computed in its epoch-1 batch, and some CPU matmul kernels
+    # round a row differently in another batch (measured on an AMD EPYC: 1 ulp in activations, 1.5e-7 relative in the
+    # losses; bit for bit on the Intel machines). Serving another sample's rows, or stale ones, differs by far more.
+    assert cached_losses[:12] == losses[:12]  # the probe epoch and the epoch that fills the cache: the same floats
+    assert cached_losses == pytest.approx(losses, rel=1e-5, abs=1e-6)
     for (key, a), b in zip(cached.state_dict().items(), reference.state_dict().values()):
-        assert torch.equal(a, b), key
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
     assert staged.activation_cache.stats()["text"] == {"hits": 48 + 16, "misses": 48 + 16}
 
 
