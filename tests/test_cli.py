@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from ml_optim_plugins.cli import main, run
 from tests.conftest import gloo_threads
@@ -55,6 +56,16 @@ def test_fit_through_the_cli_leaves_one_complete_run_directory(tiny_config, tmp_
     assert "val/acc" in printed and "best checkpoint" in printed and str(best.name) in printed
 
 
+class FailsAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        raise RuntimeError("fails at the train start")
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+
+
 def test_resuming_continues_in_the_checkpoints_run_directory(tiny_config, tmp_path):
     """Resume from version_0's last.ckpt: the same directory (no version_1), ModelCheckpoint keeps its best score
     across the resume, and the report covers both sessions."""
@@ -69,6 +80,16 @@ def test_resuming_continues_in_the_checkpoints_run_directory(tiny_config, tmp_pa
     assert not [str(w.message) for w in caught if "exists and is not empty" in str(w.message)]  # it must hold them
     assert not left  # quiet for that fit only
     run_dir = tmp_path / "runs" / "quickstart"
+    metrics = run_dir / "version_0" / "metrics.csv"
+    history = _csv_rows(metrics)
+    with pytest.raises(ValueError, match="batch_size"):  # refused before training, after the filter was set
+        run(["fit", "-c", str(tiny_config), "--ckpt_path", last, "--data.init_args.batch_size", "3"])
+    assert not [f for f in warnings.filters if f[1] is not None and "not empty" in f[1].pattern]  # nor after a failure
+    assert _csv_rows(metrics) == history  # the run's metrics survive a refused resume
+    with pytest.raises(RuntimeError, match="fails at the train start"):  # the writer has opened the directory
+        run(["fit", "-c", str(tiny_config), "--ckpt_path", last, "--trainer.max_epochs", "3",
+             "--trainer.callbacks+=tests.test_cli.FailsAtTrainStart"])
+    assert _csv_rows(metrics) == history  # and a resumed fit that fails before its first batch
     assert Path(resumed.trainer.log_dir) == run_dir / "version_0" and not (run_dir / "version_1").exists()
     checkpoint = resumed.trainer.checkpoint_callback
     scores = [float(row["val/f1"]) for row in csv.DictReader((run_dir / "version_0" / "metrics.csv").open())

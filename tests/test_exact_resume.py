@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -208,6 +208,9 @@ def _loader(kind: str, workers: int, seed: int = 0) -> DataLoader:
     common = dict(num_workers=workers, persistent_workers=workers > 0)
     if kind == "EpochShuffle":  # the library's data modules: resumable, epoch-seeded
         return StatefulDataLoader(EightNumbers(), batch_size=2, sampler=EpochShuffle(8, seed=0), **common)
+    if kind == "StatefulDataLoader":  # resumable, shuffled by its own generator
+        return StatefulDataLoader(EightNumbers(), batch_size=2, shuffle=True,
+                                  generator=torch.Generator().manual_seed(seed), **common)
     if kind == "batch_sampler":
         sampler = RandomSampler(EightNumbers(), generator=torch.Generator().manual_seed(seed))
         return DataLoader(EightNumbers(), batch_sampler=BatchSampler(sampler, 2, drop_last=False), **common)
@@ -219,9 +222,9 @@ class RecordsDraws(pl.LightningModule):
     """Records each training batch's samples with a draw from the global generator (as dropout would draw), and a
     draw at each epoch's start (as a module that resamples something per epoch would)."""
 
-    def __init__(self, kind: str, workers: int) -> None:
+    def __init__(self, kind: str, workers: int, early_setup: bool = False) -> None:
         super().__init__()
-        self.kind, self.workers = kind, workers
+        self.kind, self.workers, self.early_setup = kind, workers, early_setup
         self.layer = torch.nn.Linear(1, 1)
         self.seen: list[tuple[int, float]] = []
         self.epoch_draws: dict[int, float] = {}
@@ -235,6 +238,8 @@ class RecordsDraws(pl.LightningModule):
         return self.layer(batch).sum()
 
     def configure_optimizers(self):
+        if self.early_setup:  # as WarmupDecay does: the loader is set up before the restore (Lightning #20550)
+            assert self.trainer.estimated_stepping_batches > 0
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def train_dataloader(self):
@@ -280,19 +285,56 @@ def test_a_users_loader_resumed_serves_and_draws_as_the_uninterrupted_run(tmp_pa
     inside an epoch). The first resumed epoch's iterator is made after its epoch-start hooks, as in every epoch, so a
     module's draws there match too; under ``max_steps`` Lightning's sampler epoch after an epoch-end resume is one
     ahead, and is corrected."""
+    whole, resumed = _interrupted_and_whole(tmp_path, limit, lambda: RecordsDraws(kind, workers), checkpoint)
+    assert {e: d for e, d in resumed.epoch_draws.items() if e > 1} == {e: d for e, d in whole.epoch_draws.items() if e > 1}
+    if checkpoint == "epoch=0.ckpt":  # the resumed epoch's start hooks run (not after a step checkpoint)
+        assert resumed.epoch_draws[1] == whole.epoch_draws[1]
+
+
+def _interrupted_and_whole(tmp_path: Path, limit: dict, model: Callable[[], RecordsDraws],
+                           checkpoint: str) -> tuple[RecordsDraws, RecordsDraws]:
+    """A three-epoch run saving at each epoch's end, inside epoch 1 (step 6) and at epoch 0's last batch (step 4), and
+    the run resumed from ``checkpoint``, which must have trained on the rest of the same samples in the same order."""
     saving = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}"),
               ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=6, filename="{step}"),
               ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=4, filename="end-{step}")]
-    whole = _fit(RecordsDraws(kind, workers), limit, saving)
+    whole = _fit(model(), limit, saving)
     per_epoch = len(whole.seen) // 3
     epochs = [[n for n, _ in whole.seen[i : i + per_epoch]] for i in range(0, len(whole.seen), per_epoch)]
     assert len(epochs) == 3 and len({tuple(e) for e in epochs}) == 3  # each epoch its own order
     served = {"epoch=0.ckpt": 4, "step=6.ckpt": 6, "end-step=4.ckpt": 4}[checkpoint] * (per_epoch // 4)
-    resumed = _fit(RecordsDraws(kind, workers), limit, [], ckpt_path=tmp_path / checkpoint)
+    resumed = _fit(model(), limit, [], ckpt_path=tmp_path / checkpoint)
+    assert [n for n, _ in resumed.seen] == [n for n, _ in whole.seen[served:]]  # the samples, then their draws too
     assert resumed.seen == whole.seen[served:]
-    assert {e: d for e, d in resumed.epoch_draws.items() if e > 1} == {e: d for e, d in whole.epoch_draws.items() if e > 1}
-    if checkpoint == "epoch=0.ckpt":  # the resumed epoch's start hooks run (not after a step checkpoint)
-        assert resumed.epoch_draws[1] == whole.epoch_draws[1]
+    return whole, resumed
+
+
+@pytest.mark.parametrize("limit", [{"max_epochs": 3}, {"max_steps": 12, "max_epochs": -1}], ids=["epochs", "steps"])
+@pytest.mark.parametrize("checkpoint", ["epoch=0.ckpt", "step=6.ckpt", "end-step=4.ckpt"])
+@pytest.mark.parametrize("kind", ["EpochShuffle", "StatefulDataLoader"])
+def test_a_resumable_loader_set_up_before_the_restore_resumes_as_the_uninterrupted_run(tmp_path, limit, kind,
+                                                                                         checkpoint):
+    """Lightning #20550: with the loader set up before the restore (``configure_optimizers`` reads
+    ``estimated_stepping_batches``, as WarmupDecay does), the saved loader state is left pending. Loaded at epoch 0's
+    last batch it would be an exhausted epoch that Lightning then serves as epoch 1: no batch at all (seen with
+    ``StatefulDataLoader(shuffle=True)``; EpochShuffle saves a finished epoch as the next one). It is dropped there,
+    loaded inside an epoch."""
+    _interrupted_and_whole(tmp_path, limit, lambda: RecordsDraws(kind, 0, early_setup=True), checkpoint)
+
+
+def test_the_seeds_of_a_resume_that_failed_do_not_reach_the_next_fit():
+    """A checkpoint's seeds are loaded after setup and used at the train start; a fit that failed in between (say in
+    on_fit_start) must not leave them to the next fit of the same callback."""
+    def fit(callback: ExactResume) -> list:
+        pl.seed_everything(0, verbose=False)
+        model = RecordsDraws("EpochShuffle", 0)
+        pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, callbacks=[callback], max_epochs=1, limit_val_batches=0).fit(model)
+        return model.seen
+
+    reused = ExactResume()
+    reused.load_state_dict({"seeds": [12345]})  # restored from a checkpoint, then the fit failed before training
+    assert fit(reused) == fit(ExactResume())
 
 
 def test_lightnings_extra_batch_after_a_max_steps_resume_is_named(tmp_path):

@@ -221,6 +221,60 @@ def test_the_epoch_start_adapters_after_an_epoch_end_resume(tmp_path, limit, lig
     )
 
 
+class ValidatesTwicePerEpoch(ShuffledByWorkers):
+    """Sequential batches, validation every half epoch (Trainer(val_check_interval=0.5))."""
+
+    def __init__(self) -> None:
+        super().__init__(0, True)
+
+    def train_dataloader(self):
+        return StatefulDataLoader(Indices(), batch_size=2)
+
+
+class RecordsResumeKind(Callback):
+    def __init__(self) -> None:
+        self.after_last_batch: bool | None = None
+        self.loaded: bool | None = None
+        self.epoch_starts: list[int] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.after_last_batch = resumed_after_an_epochs_last_batch(trainer)
+        self.loaded = load_pending_train_loader_state(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_starts.append(trainer.current_epoch)
+
+
+@pytest.mark.parametrize(("saving", "checkpoint", "after_last_batch", "epoch_starts"), [
+    # At the end of epoch 0's last batch, before its validation: Lightning goes on to epoch 1 without its start hooks.
+    pytest.param({"every_n_train_steps": 4, "filename": "{step}"}, "step=4.ckpt", True, [2], id="last-batch-end"),
+    # After the validation that follows the last batch: Lightning finishes epoch 0, then starts epoch 1 with them.
+    pytest.param({"filename": "{epoch}-{step}"}, "epoch=0-step=4.ckpt", False, [1, 2], id="validation-end"),
+])
+def test_a_resume_after_an_epochs_last_batch_is_told_from_one_after_its_validation(
+    tmp_path, saving, checkpoint, after_last_batch, epoch_starts
+):
+    """Both checkpoints come after epoch 0's last batch (validation every half epoch, so the one after validation is
+    saved inside the epoch too); only the first skips epoch 1's start hooks. The loader's pending state (#20550) is
+    that of the finished epoch in both: dropped at the last batch's end, where it would serve epoch 1 no batch."""
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, **saving)
+    whole = ValidatesTwicePerEpoch()
+    quiet_trainer(max_epochs=3, callbacks=[saver], enable_checkpointing=True, limit_val_batches=1,
+                  val_check_interval=0.5).fit(whole)
+    resumed, kind = ValidatesTwicePerEpoch(), RecordsResumeKind()
+    quiet_trainer(max_epochs=3, callbacks=[kind], limit_val_batches=1, val_check_interval=0.5).fit(
+        resumed, ckpt_path=tmp_path / checkpoint)
+    assert kind.after_last_batch is after_last_batch, changed(
+        f"resumed from {checkpoint}: FitLoop.restarted_mid_epoch, _TrainingEpochLoop.restarted_on_train_batch_end or "
+        "batch_progress.is_last_batch changed"
+    )
+    assert kind.epoch_starts == epoch_starts, changed(f"epoch-start hooks after a resume from {checkpoint}")
+    # The pending loader state is that of the finished epoch: loaded after the validation (Lightning ends the restarted
+    # epoch 0 at once and makes epoch 1's iterator itself), dropped at the last batch's end.
+    assert kind.loaded is not after_last_batch
+    assert resumed.seen == whole.seen[8:]  # epochs 1 and 2, each in full
+
+
 class TwoStepsPerBatch(pl.LightningModule):
     """Manual optimization, two optimizer steps per batch: ``global_step`` counts 2 per batch, the log step 1."""
 

@@ -29,7 +29,8 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     2.6.6). Inside an epoch, the iterator made in that early setup would serve the rest of it, and with worker
     processes it has drawn its first indices from the samplers' epoch 0: the samplers get the epoch that runs and a new
     iterator is made from the loaded state. At an epoch's end the saved state is dropped (the next epoch starts afresh;
-    :func:`make_resumed_epochs_iterator_after_its_hooks` has its iterator made at its start). Called from
+    :func:`make_resumed_epochs_iterator_after_its_hooks` has its iterator made at its start; after a checkpoint of an
+    epoch's last batch, the caller restarts it: :func:`resumed_after_an_epochs_last_batch`). Called from
     ``on_train_start``, before the first batch is drawn.
 
     Uses ``FitLoop._combined_loader_states_to_load``, ``FitLoop._load_combined_loader_states()``,
@@ -42,8 +43,9 @@ def load_pending_train_loader_state(trainer: pl.Trainer) -> bool:
     fit_loop = trainer.fit_loop
     if not getattr(fit_loop, "_combined_loader_states_to_load", None):
         return False
-    if not fit_loop.restarted_mid_epoch:
-        # Resumed at an epoch's end: the saved state is that of a finished epoch; the next one starts afresh.
+    if not fit_loop.restarted_mid_epoch or resumed_after_an_epochs_last_batch(trainer):
+        # Resumed at an epoch's end, or at its last batch (Lightning goes on to the next epoch): the saved state is
+        # that of a finished epoch, whose exhausted iterator would serve the next one no batch; it starts afresh.
         fit_loop._combined_loader_states_to_load = []
         return False
     fit_loop._load_combined_loader_states()
@@ -120,14 +122,20 @@ def resumed_mid_epoch(trainer: pl.Trainer) -> bool:
 
 
 def resumed_after_an_epochs_last_batch(trainer: pl.Trainer) -> bool:
-    """Whether the fit resumed from a checkpoint saved at an epoch's last training batch (``every_n_train_steps``
-    dividing the epoch). Lightning resumes it as a mid-epoch restart that finds the epoch done and goes on to the next
-    epoch without its ``on_train_epoch_start`` hooks and with the iterator made at setup. Uses
-    ``FitLoop.restarted_mid_epoch`` and ``_TrainingEpochLoop.batch_progress.is_last_batch`` (Lightning 2.6.6);
-    meaningful at ``on_train_start``."""
-    fit_loop = trainer.fit_loop
-    progress = getattr(fit_loop.epoch_loop, "batch_progress", None)
-    return resumed_mid_epoch(trainer) and bool(getattr(progress, "is_last_batch", False))
+    """Whether the fit resumed from a checkpoint saved at the end of an epoch's last training batch
+    (``every_n_train_steps`` dividing the epoch). Lightning resumes it as a mid-epoch restart that counts the epoch
+    done and goes on to the next epoch without its ``on_train_epoch_start`` hooks and with the iterator made at setup.
+    A checkpoint saved after the validation that follows the last batch (``on_validation_end``) is not one: Lightning
+    finishes that epoch and starts the next with its hooks. Uses ``FitLoop.restarted_mid_epoch``,
+    ``_TrainingEpochLoop.restarted_on_train_batch_end`` and ``_TrainingEpochLoop.batch_progress.is_last_batch`` (the
+    condition of ``FitLoop.reset``, Lightning 2.6.6); meaningful at ``on_train_start``."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    progress = getattr(epoch_loop, "batch_progress", None)
+    return (
+        resumed_mid_epoch(trainer)
+        and bool(getattr(epoch_loop, "restarted_on_train_batch_end", False))
+        and bool(getattr(progress, "is_last_batch", False))
+    )
 
 
 def logging_step(trainer: pl.Trainer) -> int:

@@ -10,6 +10,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
@@ -52,6 +53,13 @@ class MultimodalCLI(LightningCLI):
     Example:
         >>> MultimodalCLI(args=["fit", "-c", "recipes/quickstart.yaml"])  # doctest: +SKIP
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._quiet_resume: Any = None
+        try:
+            super().__init__(*args, **kwargs)  # runs the subcommand
+        finally:  # a fit that failed before after_fit leaves no warning filter behind either
+            self._end_quiet_resume()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -128,10 +136,13 @@ class MultimodalCLI(LightningCLI):
     def before_test(self) -> None:
         self._check_ckpt_path()
 
-    def after_fit(self) -> None:
-        quiet, self._quiet_resume = getattr(self, "_quiet_resume", None), None
+    def _end_quiet_resume(self) -> None:
+        quiet, self._quiet_resume = self._quiet_resume, None
         if quiet is not None:
             quiet.__exit__(None, None, None)
+
+    def after_fit(self) -> None:
+        self._end_quiet_resume()
         print_run_summary(self.trainer, "fit")
         trainer, data = self.trainer, self.datamodule
         wanted = self.config["fit"].get("test_after_fit", True)
@@ -350,27 +361,41 @@ class ResumedMetricRows(Callback):
     """Carries the rows of a run directory's ``metrics.csv`` into a resumed run's CSV logger, up to the step the run
     resumes at.
 
-    Lightning's CSV writer deletes ``metrics.csv`` when it opens an existing directory, so the rows are read first and
-    handed back to the writer, which writes them before the resumed run's rows. Rows of the steps from the resume step
-    on were written by the interrupted run after its checkpoint and are logged again by the resumed run: they are
-    dropped, so each step appears once.
+    Lightning's CSV writer deletes ``metrics.csv`` when it opens an existing directory (at the start of the fit), so
+    the rows are read first and handed back to the writer, which writes them before the resumed run's rows. Rows of the
+    steps from the resume step on were written by the interrupted run after its checkpoint and are logged again by the
+    resumed run: they are dropped, so each step appears once. A resume refused before the fit leaves the file as it
+    was; a fit that fails before its first batch writes the rows back.
     """
 
     def __init__(self, logger: CSVLogger) -> None:
-        path = Path(logger.log_dir) / "metrics.csv"
+        self.logger = logger
+        self.path = Path(logger.log_dir) / "metrics.csv"
         self.rows: list[dict[str, str]] | None = []
-        if path.is_file():
-            with path.open(newline="") as handle:
+        if self.path.is_file():
+            with self.path.open(newline="") as handle:
                 self.rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
-        self.writer = logger.experiment  # opening the directory removes metrics.csv
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: object, batch: object, batch_idx: int) -> None:
         if self.rows is None:
             return
         resume_step = logging_step(trainer)  # the first batch's step, once Lightning has placed the resumed loop
         kept = [row for row in self.rows if not row.get("step") or int(float(row["step"])) < resume_step]
-        prepend_csv_rows(self.writer, kept)  # before the rows other callbacks logged at this batch's start
+        prepend_csv_rows(self.logger.experiment, kept)  # before the rows other callbacks logged at this batch's start
         self.rows = None
+
+    def on_exception(self, trainer: Trainer, pl_module: object, exception: BaseException) -> None:
+        if not self.rows:
+            return  # handed to the writer already (it writes them when Lightning finalizes the failed run), or none
+        rows, self.rows = self.rows, None
+        if self.path.is_file():  # anything the failed run wrote after opening the directory comes after them
+            with self.path.open(newline="") as handle:
+                rows += list(csv.DictReader(handle))
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with self.path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def align_logger_versions(trainer: Trainer) -> None:

@@ -99,6 +99,10 @@ class ExactResume(Callback):
     def state_key(self) -> str:
         return type(self).__name__
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a checkpoint's seeds are loaded after setup; none left over from a fit that failed
+            self._loaded = None
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seed = torch.initial_seed()
 
