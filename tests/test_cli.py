@@ -6,12 +6,15 @@ import warnings
 from pathlib import Path
 from unittest import mock
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from ml_optim_plugins.cli import main, run
+from ml_optim_plugins.recipe_cli import ResumedMetricRows
 from tests.conftest import gloo_threads
 
 
@@ -64,6 +67,60 @@ class FailsAtTrainStart(Callback):
 def _csv_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+
+
+class CorruptSamples(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise RuntimeError("corrupt sample")
+
+
+class FailingFit(pl.LightningModule):
+    """Fails in prepare_data (before the CSV writer opens the run directory) or loading its first batch."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where, self.layer = where, torch.nn.Linear(1, 1)
+
+    def prepare_data(self):
+        if self.where == "prepare_data":
+            raise OSError("download failed (offline)")
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(CorruptSamples(), batch_size=2)
+
+
+class LogsAtEpochStart(Callback):  # as StagedFinetuning's stage log or LearningRateMonitor(logging_interval="epoch")
+    def on_train_epoch_start(self, trainer, pl_module):
+        for logger in trainer.loggers:
+            logger.log_metrics({"finetuning/stage": 1.0}, step=2)
+
+
+@pytest.mark.parametrize(("where", "error", "added"), [
+    ("prepare_data", OSError, []),
+    ("first batch", RuntimeError, [{"finetuning/stage": "1.0", "step": "2"}]),
+])
+def test_a_resumed_fit_that_fails_before_its_first_batch_keeps_the_runs_metrics(tmp_path, where, error, added):
+    """Lightning's CSV writer deletes metrics.csv when it opens the run directory; the carried rows are handed back
+    to it and written, once each, before what the failed run logged, and the run's own error comes through."""
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("epoch,step,train/loss\n0,0,1.5\n0,1,1.2\n")
+    history = _csv_rows(metrics)
+    trainer = pl.Trainer(accelerator="cpu", logger=logger, callbacks=[ResumedMetricRows(logger), LogsAtEpochStart()],
+                         max_epochs=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(error):
+        trainer.fit(FailingFit(where))
+    assert _csv_rows(metrics) == history + added
 
 
 def test_resuming_continues_in_the_checkpoints_run_directory(tiny_config, tmp_path):

@@ -365,7 +365,8 @@ class ResumedMetricRows(Callback):
     the rows are read first and handed back to the writer, which writes them before the resumed run's rows. Rows of the
     steps from the resume step on were written by the interrupted run after its checkpoint and are logged again by the
     resumed run: they are dropped, so each step appears once. A resume refused before the fit leaves the file as it
-    was; a fit that fails before its first batch writes the rows back.
+    was; a fit that fails before its first batch hands all of them back to the writer, which writes them when Lightning
+    finalizes the failed run.
     """
 
     def __init__(self, logger: CSVLogger) -> None:
@@ -385,17 +386,12 @@ class ResumedMetricRows(Callback):
         self.rows = None
 
     def on_exception(self, trainer: Trainer, pl_module: object, exception: BaseException) -> None:
-        if not self.rows:
-            return  # handed to the writer already (it writes them when Lightning finalizes the failed run), or none
         rows, self.rows = self.rows, None
-        if self.path.is_file():  # anything the failed run wrote after opening the directory comes after them
-            with self.path.open(newline="") as handle:
-                rows += list(csv.DictReader(handle))
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        with self.path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        # None: handed to the writer already. metrics.csv still there: the fit failed before the writer opened the
+        # directory (before its setup). Otherwise the writer deleted it and has written nothing yet (it saves after
+        # training batches): the rows go before what it holds, and Lightning's finalize of the failed run writes them.
+        if rows and not self.path.is_file():
+            prepend_csv_rows(self.logger.experiment, rows)
 
 
 def align_logger_versions(trainer: Trainer) -> None:
