@@ -131,10 +131,14 @@ def _no_gaussian_dropout(config: dict) -> None:
 
 
 def _end_to_end(config: dict) -> None:
-    """No stages: every encoder trains from the first step at the recipe's finetuning LR multipliers."""
-    stages = _callback(config, "LinearProbeFinetune")
+    """No stages: every encoder trains from the first step at the recipe's finetuning LR multiplier (the recipe
+    unfreezes MiniLM only, at 0.1x the head's LR; EfficientNet takes the same 0.1x, not the head's full LR)."""
+    multipliers = _callback(config, "LinearProbeFinetune")["lr_multipliers"]
     _drop(config, "LinearProbeFinetune")
-    _callback(config, "WarmupDecay")["lr_multipliers"] = {f"encoders.{m}": v for m, v in stages["lr_multipliers"].items()}
+    finetune = min(multipliers.values())
+    _callback(config, "WarmupDecay")["lr_multipliers"] = {
+        f"encoders.{m}": multipliers.get(m, finetune) for m in config["model"]["init_args"]["encoders"]
+    }
 
 
 def _augment(config: dict) -> None:
@@ -170,7 +174,7 @@ TRAINED: dict[str, tuple[str, Callable[[dict], None]]] = {
     "mmpareto": ("stages + MMPareto (auxiliary losses, weight 1)", _balancing("mmpareto", aux=1.0)),
     "no_gaussian_dropout": ("the recipe without Gaussian dropout in the head", _no_gaussian_dropout),
     "augment": ("the recipe with random resized crops and flips (no feature cache)", _augment),
-    "end_to_end": ("no stages: both encoders finetuned from the first step", _end_to_end),
+    "end_to_end": ("no stages: both encoders finetuned from the first step at 0.1x the head's LR", _end_to_end),
     "text_only": ("the recipe on text alone", _only("text")),
     "image_only": ("the recipe on images alone (EfficientNet's top 2 blocks finetuned)", _only("image")),
 }

@@ -87,7 +87,8 @@ def test_every_row_builds_callbacks_the_library_accepts_for_the_encoders_it_keep
     assert config["seed_everything"] == 1 and config["data"]["init_args"]["split_seed"] == 1
     staged = callbacks.get("LinearProbeFinetune")
     if row == "end_to_end":
-        assert staged is None and set(callbacks["WarmupDecay"].lr_multipliers) == {"encoders.text"}
+        # Both encoders at the recipe's finetuning multiplier (the recipe unfreezes only the text encoder).
+        assert staged is None and callbacks["WarmupDecay"].lr_multipliers == {"encoders.image": 0.1, "encoders.text": 0.1}
         return
     unfrozen = {selector.split("[")[0] for stage in staged.stages[1:] for selector in stage.trainable}
     assert unfrozen and unfrozen <= encoders, (unfrozen, encoders)
