@@ -127,7 +127,8 @@ def _balancing(method: str | None, aux: float = 0.0) -> Callable[[dict], None]:
 
 
 def _no_gaussian_dropout(config: dict) -> None:
-    config["model"]["init_args"]["fusion"]["init_args"]["dropout"] = None
+    """No dropout of any kind on the fused features (the fusion's rate 0)."""
+    config["model"]["init_args"]["fusion"]["init_args"]["dropout"] = 0.0
 
 
 def _end_to_end(config: dict) -> None:

@@ -85,6 +85,10 @@ def test_every_row_builds_callbacks_the_library_accepts_for_the_encoders_it_keep
     assert "GradientCheck" not in callbacks and config["trainer"]["enable_progress_bar"] is False  # no weight change
     encoders = set(config["model"]["init_args"]["encoders"])
     assert config["seed_everything"] == 1 and config["data"]["init_args"]["split_seed"] == 1
+    fusion = instantiate(config["model"]["init_args"]["fusion"])  # as the CLI builds it (no_gaussian_dropout failed)
+    dropouts = {type(m).__name__ for m in fusion.modules() if "Dropout" in type(m).__name__}
+    assert dropouts == ({"Dropout"} if row == "no_gaussian_dropout" else {"GaussianDropout"})
+    assert row != "no_gaussian_dropout" or fusion.dropout.p == 0.0
     staged = callbacks.get("LinearProbeFinetune")
     if row == "end_to_end":
         # Both encoders at the recipe's finetuning multiplier (the recipe unfreezes only the text encoder).
