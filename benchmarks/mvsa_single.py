@@ -361,8 +361,14 @@ def probe_rows(
 
     record = next(r for r in _records(results, split_dir) if r["row"] == row and r["seed"] == seed)
     versions = _run_versions(row, seed, work, split_dir)
-    checkpoint = next(v / "checkpoints" / record["selected_checkpoint"] for v in reversed(versions)
-                      if (v / "checkpoints" / record["selected_checkpoint"]).is_file())
+    checkpoint = next((v / "checkpoints" / record["selected_checkpoint"] for v in reversed(versions)
+                       if (v / "checkpoints" / record["selected_checkpoint"]).is_file()), None)
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"probe after {row} seed {seed}: its selected checkpoint {record['selected_checkpoint']!r} is in none of "
+            f"{[str(v / 'checkpoints') for v in versions] or 'its run directories (none under ' + str(work) + ')'}; "
+            "the row must be trained again (with --fresh) on this machine to be probed"
+        )
     trained = MultimodalClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
     pretrained = run_config_model(yaml.safe_load(RECIPE.read_text()))
     frozen, labels, ids = frozen_features(root, work)
@@ -530,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _append(args.results, [row])
         return
     if args.probe:
+        failed = []
         for row in args.probe:
             for seed in args.seeds:
                 done = _done(args.results, args.split_dir)
@@ -538,8 +545,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if (row, seed) not in done:
                     print(f"probe after {row} seed {seed}: no finished run in {args.results}, skipped", flush=True)
                     continue
-                _append(args.results, probe_rows(args.root, row, seed, args.work, args.results, args.split_dir))
+                try:
+                    rows = probe_rows(args.root, row, seed, args.work, args.results, args.split_dir)
+                except FileNotFoundError as error:  # its checkpoint is gone; the other probes still run
+                    print(f"{error}; going on with the next probe", flush=True)
+                    failed.append(f"probe after {row} seed {seed}")
+                    continue
+                _append(args.results, rows)
                 print(f"probe after {row} seed {seed}: rows written to {args.results}", flush=True)
+        if failed:
+            sys.exit(f"{len(failed)} probe(s) failed: {', '.join(failed)}")
         return
     unknown = sorted(set(args.rows) - {"majority", "frozen", *TRAINED})
     if unknown:

@@ -92,7 +92,8 @@ def test_every_row_builds_callbacks_the_library_accepts_for_the_encoders_it_keep
     staged = callbacks.get("LinearProbeFinetune")
     if row == "end_to_end":
         # Both encoders at the recipe's finetuning multiplier (the recipe unfreezes only the text encoder).
-        assert staged is None and callbacks["WarmupDecay"].lr_multipliers == {"encoders.image": 0.1, "encoders.text": 0.1}
+        multipliers = callbacks["WarmupDecay"].lr_multipliers
+        assert staged is None and multipliers == {"encoders.image": 0.1, "encoders.text": 0.1}
         return
     unfrozen = {selector.split("[")[0] for stage in staged.stages[1:] for selector in stage.trainable}
     assert unfrozen and unfrozen <= encoders, (unfrozen, encoders)
@@ -207,6 +208,25 @@ def test_a_row_is_probed_once_under_its_own_split_protocol(sweep, tmp_path, monk
     assert probed == [("recipe", 1)]  # image_only's one probe row counts; recipe seed 0 never ran
     sweep.main([*common, "--split-dir", "folds", "--probe", "recipe", "--seeds", "1"])
     assert probed == [("recipe", 1)] and "probe after recipe seed 1: no finished run" in capsys.readouterr().out
+
+
+def test_a_probe_whose_checkpoint_is_gone_is_named_and_the_others_still_run(sweep, tmp_path, monkeypatch, capsys):
+    """A finished row trained on another machine (its run directory gone) cannot be probed: the probe says which
+    checkpoint it looked for, the next probes run, and the command exits non-zero."""
+    results = write_rows(tmp_path / "results.jsonl",
+                         {"row": "aux", "seed": 0, "split": "seeded 8:1:1", "selected_checkpoint": "best-epoch=4.ckpt"},
+                         {"row": "recipe", "seed": 0, "split": "seeded 8:1:1"})
+    real = sweep.probe_rows
+    probed = []
+    monkeypatch.setattr(sweep, "probe_rows", lambda root, row, seed, *a: (probed.append(row) or []) if row == "recipe"
+                        else real(root, row, seed, *a))
+    with pytest.raises(SystemExit, match="1 probe.s. failed: probe after aux seed 0"):
+        sweep.main(["--root", str(tmp_path), "--results", str(results), "--work", str(tmp_path / "work"),
+                    "--probe", "aux", "recipe", "--seeds", "0"])
+    assert probed == ["recipe"]
+    out = capsys.readouterr().out
+    assert "probe after aux seed 0: its selected checkpoint 'best-epoch=4.ckpt' is in none of" in out
+    assert "trained again (with --fresh)" in out
 
 
 def test_baseline_rows_record_their_split(sweep, tmp_path, monkeypatch):
