@@ -367,7 +367,7 @@ def probe_rows(
         raise FileNotFoundError(
             f"probe after {row} seed {seed}: its selected checkpoint {record['selected_checkpoint']!r} is in none of "
             f"{[str(v / 'checkpoints') for v in versions] or 'its run directories (none under ' + str(work) + ')'}; "
-            "the row must be trained again (with --fresh) on this machine to be probed"
+            "to probe it, train the row again here with another --results file (a row already in --results is skipped)"
         )
     trained = MultimodalClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
     pretrained = run_config_model(yaml.safe_load(RECIPE.read_text()))

@@ -226,7 +226,7 @@ def test_a_probe_whose_checkpoint_is_gone_is_named_and_the_others_still_run(swee
     assert probed == ["recipe"]
     out = capsys.readouterr().out
     assert "probe after aux seed 0: its selected checkpoint 'best-epoch=4.ckpt' is in none of" in out
-    assert "trained again (with --fresh)" in out
+    assert "train the row again here with another --results file" in out
 
 
 def test_baseline_rows_record_their_split(sweep, tmp_path, monkeypatch):
