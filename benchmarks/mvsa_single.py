@@ -364,9 +364,10 @@ def probe_rows(
     checkpoint = next((v / "checkpoints" / record["selected_checkpoint"] for v in reversed(versions)
                        if (v / "checkpoints" / record["selected_checkpoint"]).is_file()), None)
     if checkpoint is None:
+        places = [str(v / "checkpoints") for v in versions] or f"its run directories (none under {work})"
         raise FileNotFoundError(
             f"probe after {row} seed {seed}: its selected checkpoint {record['selected_checkpoint']!r} is in none of "
-            f"{[str(v / 'checkpoints') for v in versions] or 'its run directories (none under ' + str(work) + ')'}; "
+            f"{places}; "
             "to probe it, train the row again here with another --results file (a row already in --results is skipped)"
         )
     trained = MultimodalClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)

@@ -107,7 +107,7 @@ class ExactResume(Callback):
         self._seed = torch.initial_seed()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loaded = load_pending_train_loader_state(trainer)
+        load_pending_train_loader_state(trainer)  # inside an epoch only: never with a last-batch resume (below)
         if self._loaded is not None:
             seeds, self._loaded = self._loaded, None
             if len(seeds) != trainer.world_size:
@@ -116,7 +116,7 @@ class ExactResume(Callback):
                     f"{trainer.world_size}; random draws (dropout noise) will differ from an uninterrupted run"
                 )
             self._seed = seeds[trainer.global_rank % len(seeds)]
-        if not loaded and resumed_after_an_epochs_last_batch(trainer):
+        if resumed_after_an_epochs_last_batch(trainer):
             # Lightning goes on to the next epoch without its epoch-start hooks, from the iterator made at setup.
             self._seed_epoch(trainer)
             restart_train_iterator(trainer)
