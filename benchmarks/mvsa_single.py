@@ -476,9 +476,18 @@ def _append(results: Path, rows: Sequence[dict[str, Any]]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
+def _selected_val_f1(record: dict[str, Any]) -> float | None:
+    """The validation macro-F1 a row's result was chosen on: a trained row's selected checkpoint, a fitted row's
+    chosen hyperparameters (``None`` for a row that selects nothing, such as the majority class)."""
+    if record.get("val_f1_selected") is not None:
+        return record["val_f1_selected"]
+    return (record.get("val") or {}).get("f1")
+
+
 def summarize(paths: Sequence[Path]) -> str:
     """A Markdown table: per row, mean ± standard deviation over seeds of test accuracy, macro-F1, weighted-F1 (the
-    value alone for a row with one seed; ``(n=K)`` where only K of a row's seeds have the metric)."""
+    value alone for a row with one seed; ``(n=K)`` where only K of a row's seeds have the metric), and the validation
+    macro-F1 the row was selected on, beside them so that a gap between validation and test shows."""
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in paths:
         for line in path.read_text().splitlines():
@@ -495,11 +504,13 @@ def summarize(paths: Sequence[Path]) -> str:
             return f"{100 * values[0]:.2f}{fewer}"
         return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}{fewer}"
 
-    lines = ["| row | seeds | test accuracy | test macro-F1 | test weighted-F1 | s / train epoch | s / run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | test accuracy | test macro-F1 | test weighted-F1 | val macro-F1 (selected) | s / train epoch "
+             "| s / run |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, records in rows.items():
         seeds = ",".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
         scores = [cell([r["test"][m] for r in records if r["test"].get(m) is not None], len(records)) for m in METRICS]
+        scores.append(cell([v for v in map(_selected_val_f1, records) if v is not None], len(records)))
         epochs = [t for r in records for t in r.get("epoch_seconds", []) if t is not None]
         runs = [r["run_seconds"] for r in records if r.get("run_seconds") is not None]
         times = [f"{statistics.mean(values):.0f}" if values else "-" for values in (epochs, runs)]

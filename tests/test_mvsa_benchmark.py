@@ -161,9 +161,23 @@ def test_fold_rows_are_neither_skipped_for_nor_averaged_with_split_seed_rows(swe
     assert sweep._done(results, split_dir="folds") == {("recipe", 2)}
     table = sweep.summarize([results])
     assert "| recipe | 1 | 50.00 | 40.00 |" in table and "| recipe (Cheema et al. folds) | 2 | 50.00 |" in table
-    two_seeds = sweep.summarize([write_rows(tmp_path / "two.jsonl", {"row": "recipe", "seed": 1},
+    two_seeds = sweep.summarize([write_rows(tmp_path / "two.jsonl", {"row": "recipe", "seed": 1, "val_f1_selected": 0.6},
                                             {"row": "recipe", "seed": 2, "test": {"acc": 0.7, "f1": 0.4}})])
-    assert "| recipe | 1,2 | 60.00 ± 14.14 | 40.00 ± 0.00 | 45.00 (n=1) |" in two_seeds
+    assert "| recipe | 1,2 | 60.00 ± 14.14 | 40.00 ± 0.00 | 45.00 (n=1) | 60.00 (n=1) |" in two_seeds
+
+
+def test_the_table_shows_the_validation_macro_f1_each_row_was_selected_on(sweep, tmp_path):
+    table = sweep.summarize([write_rows(
+        tmp_path / "results.jsonl",
+        {"row": "recipe", "seed": 0, "val_f1_selected": 0.7, "val_per_epoch": [{"acc": 0.9, "f1": 0.8}]},
+        {"row": "recipe", "seed": 1, "val_f1_selected": 0.6},
+        {"row": "frozen elastic-net text", "seed": 0, "val": {"acc": 0.9, "f1": 0.55}},
+        {"row": "majority", "seed": 0})])
+    assert "| val macro-F1 (selected) |" in table.splitlines()[0]
+    # the selected checkpoint's figure, not the best epoch's; a fitted row's chosen hyperparameters; none to select
+    assert "| recipe | 0,1 | 50.00 ± 0.00 | 40.00 ± 0.00 | 45.00 ± 0.00 | 65.00 ± 7.07 | - | - |" in table
+    assert "| frozen elastic-net text | 0 | 50.00 | 40.00 | 45.00 | 55.00 | - | - |" in table
+    assert "| majority | 0 | 50.00 | 40.00 | 45.00 | - | - | - |" in table
 
 
 def test_a_failed_row_is_reported_and_the_sweep_goes_on(sweep, tmp_path, monkeypatch, capsys):
