@@ -283,13 +283,24 @@ class AugmentingData(pl.LightningDataModule):
         return loader()
 
 
-def test_augmented_images_are_refused_at_setup():
+@pytest.mark.parametrize(("caches", "refused"), [
+    ({"cache_activations": True}, r"stage 1 \(top\) would cache the image encoder's lower blocks"),
+    # the probe stage keeps the image encoder frozen: its features would be cached as the first epoch's crops drew them
+    ({"cache_features": True}, r"stage 0 \(probe\) keeps the image encoder frozen and would cache its features"),
+])
+def test_augmented_images_are_refused_at_setup(caches, refused):
     model = MultimodalClassifier({"image": TimmImageEncoder("test_resnet"), "text": SplitTinyLayers()}, num_classes=3)
-    plan = [Stage(), Stage(start_epoch=1, trainable=["image[-1]"], name="top")]
-    with pytest.raises(MisconfigurationException, match=r"stage 1 \(top\) would cache the image encoder's lower "
-                                                        r"blocks, but AugmentingData augments the training images"):
-        trainer(max_epochs=2, callbacks=[StagedFinetuning(plan, cache_activations=True)]).fit(
+    plan = [Stage(name="probe"), Stage(start_epoch=1, trainable=["image[-1]"], name="top")]
+    with pytest.raises(MisconfigurationException, match=refused + r", but AugmentingData augments the training images"):
+        trainer(max_epochs=2, callbacks=[StagedFinetuning(plan, **caches)]).fit(
             model, datamodule=AugmentingData(augment=True))
+
+
+def test_augmented_images_are_allowed_where_only_the_text_features_are_cached():
+    model = MultimodalClassifier({"image": TimmImageEncoder("test_resnet"), "text": SplitTinyLayers()}, num_classes=3)
+    staged = StagedFinetuning([Stage(trainable=["image"])], cache_features=True)
+    trainer(max_epochs=1, callbacks=[staged]).fit(model, datamodule=AugmentingData(augment=True))
+    assert staged.cache.active == ["text"] and set(staged.cache.stats()) == {"text"}  # images: encoded every batch
 
 
 def test_a_frozen_block_in_train_mode_is_refused():

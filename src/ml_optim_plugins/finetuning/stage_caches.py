@@ -45,8 +45,9 @@ class StageCaches:
         and hand them to the module (its ``feature_cache`` / ``activation_cache`` attributes).
 
         Raises:
-            MisconfigurationException: a module without ``encode_modality`` or the cache attribute; with
-                activations, a partly frozen encoder that cannot be split, or augmented training images.
+            MisconfigurationException: a module without ``encode_modality`` or the cache attribute; augmented
+                training images where the image encoder's features or lower blocks would be cached; with activations,
+                a partly frozen encoder that cannot be split.
         """
         rank = f"rank{trainer.global_rank}"
         if self.want_features:
@@ -55,6 +56,7 @@ class StageCaches:
                     f"StagedFinetuning(cache_features=True) needs a module that encodes through encode_modality() and "
                     f"has a feature_cache attribute (ModalityAwareMixin); {type(pl_module).__name__} has not"
                 )
+            self._check_features(trainer, pl_module, plan)
             self.features = FeatureCache(None if self.directory is None else self.directory / rank, verify=self.verify)
             pl_module.feature_cache = self.features
         if self.want_activations:
@@ -64,13 +66,30 @@ class StageCaches:
             pl_module.activation_cache = self.activations
 
     @staticmethod
+    def _check_features(trainer: pl.Trainer, pl_module: pl.LightningModule, plan: FinetuningPlan) -> None:
+        # Random crops of the training images would be cached once and served as they were drawn in the first epoch
+        # (or, with verify, refused at the second epoch's first batch, an epoch of training later): refused here.
+        if not _augments(trainer):
+            return
+        image = dict(pl_module.modality_encoders()).get("image")
+        ids = {id(p) for p in image.parameters()} if image is not None else set()
+        for index, trainable in enumerate(plan.trainable):
+            if ids and not ids & trainable:
+                raise MisconfigurationException(
+                    f"StagedFinetuning(cache_features=True): stage {index} ({plan.stage_name(index)}) keeps the image "
+                    f"encoder frozen and would cache its features, but {type(trainer.datamodule).__name__} augments the "
+                    "training images (augment=True), so they differ in every epoch. Set augment=False in the data "
+                    "module, or cache_features=False (the frozen encoder then runs on every batch)"
+                )
+
+    @staticmethod
     def _check_activations(trainer: pl.Trainer, pl_module: pl.LightningModule, plan: FinetuningPlan) -> None:
         if not supports_activation_cache(pl_module):
             raise MisconfigurationException(
                 "StagedFinetuning(cache_activations=True) needs a module that encodes through encode_modality() and "
                 f"has an activation_cache attribute (ModalityAwareMixin); {type(pl_module).__name__} has not"
             )
-        augment = getattr(trainer.datamodule, "hparams", {}).get("augment", False)
+        augment = _augments(trainer)
         for index, trainable in enumerate(plan.trainable):
             try:
                 splits = activation_splits(pl_module.modality_encoders(), trainable)
@@ -127,3 +146,8 @@ class StageCaches:
             "activation_cache": None if activations is None else {"splits": activations.splits,
                                                                   "stats": activations.stats()},
         }
+
+
+def _augments(trainer: pl.Trainer) -> bool:
+    """Whether the run's data module draws random image augmentation (its ``augment`` hyperparameter)."""
+    return bool(getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("augment", False))
