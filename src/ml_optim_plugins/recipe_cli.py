@@ -101,8 +101,8 @@ class MultimodalCLI(LightningCLI):
             # Lightning would warn that the run directory is not empty (each ModelCheckpoint, and the CSV logger that
             # its old files will be deleted): it must hold them, and metrics.csv's rows are carried over. For this fit.
             pattern = not_empty_warning(run_directory(ckpt_path))
+            self._end_quiet_resume()  # a trainer instantiated again (a subclass's second fit) replaces the filter
             if pattern:
-                self._end_quiet_resume()  # a trainer instantiated again (a subclass's second fit) replaces the filter
                 self._quiet_resume = warnings.catch_warnings()
                 self._quiet_resume.__enter__()
                 warnings.filterwarnings("ignore", message=pattern)
