@@ -57,8 +57,7 @@ class FeatureCache(SampleCache):
         """Serve each modality whose encoder has no parameter in ``trainable`` (``id()`` s) and invalidate the others;
         call it whenever the frozen set changes."""
         for modality, encoder in encoders.items():
-            ids = {id(p) for p in encoder.parameters()}
-            if ids and not ids & set(trainable):
+            if entirely_frozen(encoder, trainable):
                 self.activate(modality, encoder)
             elif self.is_active(modality):
                 self.invalidate(modality)
@@ -116,3 +115,10 @@ class FeatureCache(SampleCache):
         with torch.no_grad():
             self._compare(key[1], cached, encoder(inputs))
         self._verified.add(key)
+
+
+def entirely_frozen(encoder: nn.Module, trainable: Collection[int]) -> bool:
+    """Whether ``encoder`` has parameters and none of them is in ``trainable`` (``id()`` s): the encoders whose
+    features :class:`FeatureCache` serves."""
+    ids = {id(p) for p in encoder.parameters()}
+    return bool(ids) and not ids & set(trainable)

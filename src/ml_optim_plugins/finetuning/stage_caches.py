@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from ml_optim_plugins.finetuning.activation_cache import ActivationCache, activation_splits
-from ml_optim_plugins.finetuning.cache import FeatureCache
+from ml_optim_plugins.finetuning.cache import FeatureCache, entirely_frozen
 from ml_optim_plugins.finetuning.plan import FinetuningPlan
 from ml_optim_plugins.multimodal.contract import supports_activation_cache, supports_feature_cache
 
@@ -72,9 +72,8 @@ class StageCaches:
         if not _augments(trainer):
             return
         image = dict(pl_module.modality_encoders()).get("image")
-        ids = {id(p) for p in image.parameters()} if image is not None else set()
         for index, trainable in enumerate(plan.trainable):
-            if ids and not ids & trainable:
+            if image is not None and entirely_frozen(image, trainable):  # the cache would serve its features
                 raise MisconfigurationException(
                     f"StagedFinetuning(cache_features=True): stage {index} ({plan.stage_name(index)}) keeps the image "
                     f"encoder frozen and would cache its features, but {type(trainer.datamodule).__name__} augments the "
