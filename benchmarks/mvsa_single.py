@@ -53,16 +53,18 @@ EN_C_VALUES = (0.01, 0.1, 1.0)
 
 
 class EpochTimes(pl.Callback):
-    """Wall time of each training epoch (the training loop only, validation excluded) and of the whole fit; kept in
-    the checkpoint, so a row resumed from its ``last.ckpt`` reports every epoch and the fit time of all its parts."""
+    """Wall time of each training epoch (the training loop only, validation excluded) and of the whole fit, and the
+    machine's 1-minute load average as each epoch ended (a time taken beside other jobs says so); kept in the
+    checkpoint, so a row resumed from its ``last.ckpt`` reports every epoch and the fit time of all its parts."""
 
     def __init__(self) -> None:
         self.epochs: list[float] = []
+        self.loads: list[float | None] = []
         self.validation = 0.0
         self._start: float | None = None
         self._val_start = self._fit_start = 0.0
         self.restored = False
-        self.fit: dict[str, Any] = {}  # at fit end: epochs, seconds (all attempts), earlier_seconds, resumed_with_times
+        self.fit: dict[str, Any] = {}  # at fit end: epochs, loads, seconds (all attempts), earlier_seconds, ...
         self.earlier_seconds = 0.0  # fit seconds of the earlier processes of a resumed run
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -75,30 +77,48 @@ class EpochTimes(pl.Callback):
         self._val_start = time.perf_counter()
         if self._start is not None and not trainer.sanity_checking and trainer.is_last_batch:
             # The epoch-end validation: the epoch's training time is known now, before the checkpoint is saved.
-            self.epochs.append(self._val_start - self._start - self.validation)
-            self._start = None
+            self._end_epoch(self._val_start)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.validation += time.perf_counter() - self._val_start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._start is not None:  # an epoch without an epoch-end validation
-            self.epochs.append(time.perf_counter() - self._start - self.validation)
-            self._start = None
+            self._end_epoch(time.perf_counter())
+
+    def _end_epoch(self, now: float) -> None:
+        self.epochs.append(now - self._start - self.validation)
+        self.loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+        self._start = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Kept apart: testing the best checkpoint afterwards loads that checkpoint's (earlier) state into this callback.
-        self.fit = {"epochs": list(self.epochs), "seconds": self._seconds(), "earlier_seconds": self.earlier_seconds,
-                    "resumed_with_times": self.restored}
+        self.fit = {"epochs": list(self.epochs), "loads": list(self.loads), "seconds": self._seconds(),
+                    "earlier_seconds": self.earlier_seconds, "resumed_with_times": self.restored}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": list(self.epochs), "fit_seconds": self._seconds()}
+        return {"epochs": list(self.epochs), "loads": list(self.loads), "fit_seconds": self._seconds()}
 
     def _seconds(self) -> float:
         return self.earlier_seconds + time.perf_counter() - self._fit_start
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs, self.earlier_seconds, self.restored = list(state_dict["epochs"]), state_dict["fit_seconds"], True
+        # A checkpoint written before the loads were kept: those epochs' loads are unknown.
+        self.loads = list(state_dict.get("loads", [None] * len(self.epochs)))
+
+
+def revision(path: Path) -> str | None:
+    """The git commit (12 digits) of the checkout whose tracked files hold ``path``, with ``+dirty`` when files under
+    ``path`` differ from it; None where ``path`` is not tracked by git (an installed wheel, a copy)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        if not git("ls-files", "--", "."):
+            return None
+        return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", ".") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _callbacks(config: dict) -> list[dict]:
@@ -251,6 +271,7 @@ def run_trained(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    import ml_optim_plugins
     from ml_optim_plugins.cli import run
 
     config, args = trained_config(row, root, seed, work, extra, split_dir)
@@ -292,10 +313,15 @@ def run_trained(
         "selected_checkpoint": Path(checkpoint.best_model_path).name,
         "epochs_run": lost + len(timer.fit["epochs"]),
         "epoch_seconds": [None] * lost + [round(t, 1) for t in timer.fit["epochs"]],
+        "epoch_load": [None] * lost + [None if x is None else round(x, 2) for x in timer.fit["loads"]],
         "run_seconds": None if lost else round(wall + timer.fit["earlier_seconds"], 1),
         "resumed_at_epoch": resumed_at,
         "config": str(config),
         "extra_args": list(extra),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "revision": {"library": ml_optim_plugins.__version__,
+                     "library_commit": revision(Path(ml_optim_plugins.__file__).parent),
+                     "benchmark_commit": revision(REPO)},
     }
 
 
@@ -487,7 +513,9 @@ def _selected_val_f1(record: dict[str, Any]) -> float | None:
 def summarize(paths: Sequence[Path]) -> str:
     """A Markdown table: per row, mean ± standard deviation over seeds of test accuracy, macro-F1, weighted-F1 (the
     value alone for a row with one seed; ``(n=K)`` where only K of a row's seeds have the metric), and the validation
-    macro-F1 the row was selected on, beside them so that a gap between validation and test shows."""
+    macro-F1 the row was selected on, beside them so that a gap between validation and test shows; then the mean
+    training epoch's seconds, the machine's mean 1-minute load average at the epochs' ends (where recorded: a time
+    taken beside other jobs shows as a load above the row's own threads) and the mean run's seconds."""
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in paths:
         for line in path.read_text().splitlines():
@@ -505,16 +533,18 @@ def summarize(paths: Sequence[Path]) -> str:
         return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}{fewer}"
 
     lines = ["| row | seeds | test accuracy | test macro-F1 | test weighted-F1 | val macro-F1 (selected) | s / train epoch "
-             "| s / run |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| load / epoch | s / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, records in rows.items():
         seeds = ",".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
         scores = [cell([r["test"][m] for r in records if r["test"].get(m) is not None], len(records)) for m in METRICS]
         scores.append(cell([v for v in map(_selected_val_f1, records) if v is not None], len(records)))
-        epochs = [t for r in records for t in r.get("epoch_seconds", []) if t is not None]
+        epochs, loads = ([x for r in records for x in r.get(key, []) if x is not None]
+                         for key in ("epoch_seconds", "epoch_load"))
         runs = [r["run_seconds"] for r in records if r.get("run_seconds") is not None]
-        times = [f"{statistics.mean(values):.0f}" if values else "-" for values in (epochs, runs)]
-        lines.append(f"| {name} | {seeds} | {' | '.join(scores)} | {' | '.join(times)} |")
+        costs = [f"{statistics.mean(values):{spec}}" if values else "-"
+                 for values, spec in ((epochs, ".0f"), (loads, ".1f"), (runs, ".0f"))]
+        lines.append(f"| {name} | {seeds} | {' | '.join(scores)} | {' | '.join(costs)} |")
     return "\n".join(lines)
 
 
@@ -590,7 +620,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                        "--work", str(args.work), "--child", row, str(seed),
                        *(["--split-dir", args.split_dir] if args.split_dir else []),
                        *(["--fresh"] if args.fresh else []), "--", *args.extra]
-            code = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+            # The CLI imports this file as module mvsa_single (EpochTimes); the caller's own PYTHONPATH is kept.
+            path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+            code = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": path})
             if code.returncode != 0:  # the child printed why; the other rows still run
                 print(f"{row} seed {seed}: FAILED (exit {code.returncode}); going on with the next row", flush=True)
                 failed.append(f"{row} seed {seed}")

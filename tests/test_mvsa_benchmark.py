@@ -8,6 +8,8 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -175,25 +177,60 @@ def test_the_table_shows_the_validation_macro_f1_each_row_was_selected_on(sweep,
         {"row": "majority", "seed": 0})])
     assert "| val macro-F1 (selected) |" in table.splitlines()[0]
     # the selected checkpoint's figure, not the best epoch's; a fitted row's chosen hyperparameters; none to select
-    assert "| recipe | 0,1 | 50.00 ± 0.00 | 40.00 ± 0.00 | 45.00 ± 0.00 | 65.00 ± 7.07 | - | - |" in table
-    assert "| frozen elastic-net text | 0 | 50.00 | 40.00 | 45.00 | 55.00 | - | - |" in table
-    assert "| majority | 0 | 50.00 | 40.00 | 45.00 | - | - | - |" in table
+    assert "| recipe | 0,1 | 50.00 ± 0.00 | 40.00 ± 0.00 | 45.00 ± 0.00 | 65.00 ± 7.07 | - | - | - |" in table
+    assert "| frozen elastic-net text | 0 | 50.00 | 40.00 | 45.00 | 55.00 | - | - | - |" in table
+    assert "| majority | 0 | 50.00 | 40.00 | 45.00 | - | - | - | - |" in table
+
+
+def test_the_table_shows_each_rows_epoch_time_beside_the_load_it_was_taken_under(sweep, tmp_path):
+    table = sweep.summarize([write_rows(
+        tmp_path / "results.jsonl",
+        {"row": "recipe", "seed": 0, "epoch_seconds": [100.0, 200.0], "epoch_load": [2.0, 4.0], "run_seconds": 400},
+        {"row": "recipe", "seed": 1, "epoch_seconds": [None, 300.0], "epoch_load": [None, 1.0], "run_seconds": None},
+        {"row": "augment", "seed": 0, "epoch_seconds": [250.0], "run_seconds": 600})])  # loads not recorded yet
+    assert "| s / train epoch | load / epoch | s / run |" in table.splitlines()[0]
+    assert table.splitlines()[2].endswith("| 200 | 2.3 | 400 |")  # unknown epochs (a resume's lost ones) left out
+    assert table.splitlines()[3].endswith("| 250 | - | 600 |")
+
+
+def test_a_row_records_the_commit_it_ran_and_whether_its_files_differed_from_it(sweep, tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path / "repo"), "-c", "user.name=t", "-c", "user.email=t@t",
+                               *args], capture_output=True, text=True, check=True).stdout.strip()
+    package = tmp_path / "repo" / "src"
+    package.mkdir(parents=True)
+    (package / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert sweep.revision(package) == head
+    (tmp_path / "repo" / "notes.txt").write_text("elsewhere\n")  # a change outside the package does not count
+    assert sweep.revision(package) == head
+    (package / "code.py").write_text("x = 2\n")
+    assert sweep.revision(package) == head + "+dirty"
+    (tmp_path / "copy").mkdir()  # not a checkout (an installed package): no commit to claim
+    assert sweep.revision(tmp_path / "copy") is None
 
 
 def test_a_failed_row_is_reported_and_the_sweep_goes_on(sweep, tmp_path, monkeypatch, capsys):
     results = write_rows(tmp_path / "results.jsonl", {"row": "recipe", "seed": 0, "split": "seeded 8:1:1"})
-    started = []
+    started, paths = [], set()
 
     def child(command, **kwargs):
         row, seed = command[command.index("--child") + 1:][:2]
         started.append((row, seed))
+        paths.add(kwargs["env"]["PYTHONPATH"])
         return type("Done", (), {"returncode": 1 if row == "image_only" else 0})()
 
     monkeypatch.setattr(sweep.subprocess, "run", child)
+    monkeypatch.setenv("PYTHONPATH", "/the/callers/checkout")
     with pytest.raises(SystemExit, match=r"1 row\(s\) failed: image_only seed 0; rerun them once fixed"):
         sweep.main(["--root", str(tmp_path), "--results", str(results), "--work", str(tmp_path / "work"),
                     "--rows", "recipe", "image_only", "text_only", "--seeds", "0"])
     assert started == [("image_only", "0"), ("text_only", "0")]  # the finished recipe row is skipped
+    # each child imports the benchmark by name, and the caller's own PYTHONPATH stays behind it
+    assert paths == {f"{BENCHMARK.parent}{os.pathsep}/the/callers/checkout"}
     out = capsys.readouterr().out
     assert "recipe seed 0: already in" in out and "image_only seed 0: FAILED (exit 1); going on" in out
 
@@ -295,6 +332,11 @@ def test_an_interrupted_row_resumes_from_its_last_checkpoint_and_ends_as_an_unin
     resumed = sweep.run_trained("image_only", root, 0, tmp_path / "parts", [])
     assert resumed["resumed_at_epoch"] == 1 and len(resumed["epoch_seconds"]) == 2 == resumed["epochs_run"]
     assert None not in resumed["epoch_seconds"] and resumed["run_seconds"] > sum(resumed["epoch_seconds"])
+    assert len(resumed["epoch_load"]) == 2 and all(load >= 0 for load in resumed["epoch_load"])  # both attempts'
+    assert resumed["machine"]["torch_threads"] == torch.get_num_threads()
+    # the tests run from this checkout: its commit, for the library and the benchmark alike
+    commits = {resumed["revision"][key].removesuffix("+dirty") for key in ("library_commit", "benchmark_commit")}
+    assert commits == {sweep.revision(BENCHMARK.parent).removesuffix("+dirty")}
     assert resumed["test"] == whole["test"] and resumed["selected_checkpoint"] == whole["selected_checkpoint"]
     assert not (tmp_path / "parts" / "runs" / "image_only-seed0" / "version_1").exists()  # one run, one directory
     assert sweep.run_trained("image_only", root, 0, tmp_path / "parts", [], fresh=True)["resumed_at_epoch"] is None
