@@ -510,12 +510,8 @@ def _selected_val_f1(record: dict[str, Any]) -> float | None:
     return (record.get("val") or {}).get("f1")
 
 
-def summarize(paths: Sequence[Path]) -> str:
-    """A Markdown table: per row, mean ± standard deviation over seeds of test accuracy, macro-F1, weighted-F1 (the
-    value alone for a row with one seed; ``(n=K)`` where only K of a row's seeds have the metric), and the validation
-    macro-F1 the row was selected on, beside them so that a gap between validation and test shows; then the mean
-    training epoch's seconds, the machine's mean 1-minute load average at the epochs' ends (where recorded: a time
-    taken beside other jobs shows as a load above the row's own threads) and the mean run's seconds."""
+def _table_rows(paths: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
+    """The result rows of ``paths`` by table row: the row's name, with `` (Cheema et al. folds)`` for fold rows."""
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in paths:
         for line in path.read_text().splitlines():
@@ -523,6 +519,44 @@ def summarize(paths: Sequence[Path]) -> str:
                 record = json.loads(line)
                 suffix = "" if _protocol(record) == SEEDED else f" ({FOLDS})"
                 rows[record["row"] + suffix].append(record)
+    return rows
+
+
+def paired(paths: Sequence[Path], against: str = "recipe") -> str:
+    """A Markdown table of each row against the row ``against`` on the seeds (same split protocol) both have: the
+    mean ± standard deviation of the per-seed differences of test accuracy, macro-F1 and weighted-F1 (the same test
+    posts on both sides, so the split's own difficulty cancels) and on how many of those seeds the row's accuracy is
+    above, level with or below. Rows sharing no seed with ``against`` are left out."""
+    rows = _table_rows(paths)
+    lines = [f"| row | seeds shared with {against} | Δ accuracy | Δ macro-F1 | Δ weighted-F1 | accuracy above / level "
+             "/ below |", "|---|---|---|---|---|---|"]
+    for suffix in ("", f" ({FOLDS})"):
+        base = {r["seed"]: r["test"] for r in rows.get(against + suffix, [])}
+        for name, records in rows.items():
+            if name == against + suffix or not name.endswith(suffix) or (not suffix and name.endswith(f" ({FOLDS})")):
+                continue
+            mine = {r["seed"]: r["test"] for r in records if r["seed"] in base}
+            if not mine:
+                continue
+            cells = []
+            for metric in METRICS:
+                deltas = [100 * (mine[k][metric] - base[k][metric]) for k in sorted(mine)
+                          if mine[k].get(metric) is not None and base[k].get(metric) is not None]
+                spread = f" ± {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else ""
+                cells.append(f"{statistics.mean(deltas):+.2f}{spread}" if deltas else "-")
+            signs = [round(100 * (mine[k]["acc"] - base[k]["acc"]), 2) for k in mine]
+            tally = f"{sum(d > 0 for d in signs)} / {sum(d == 0 for d in signs)} / {sum(d < 0 for d in signs)}"
+            lines.append(f"| {name} | {','.join(map(str, sorted(mine)))} | {' | '.join(cells)} | {tally} |")
+    return "\n".join(lines)
+
+
+def summarize(paths: Sequence[Path]) -> str:
+    """A Markdown table: per row, mean ± standard deviation over seeds of test accuracy, macro-F1, weighted-F1 (the
+    value alone for a row with one seed; ``(n=K)`` where only K of a row's seeds have the metric), and the validation
+    macro-F1 the row was selected on, beside them so that a gap between validation and test shows; then the mean
+    training epoch's seconds, the machine's mean 1-minute load average at the epochs' ends (where recorded: a time
+    taken beside other jobs shows as a load above the row's own threads) and the mean run's seconds."""
+    rows = _table_rows(paths)
 
     def cell(values: list[float], seeds: int) -> str:
         if not values:
@@ -558,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split-dir", help="the published folds of Cheema et al. (valid_pairlist.txt, splits/): "
                         "--seeds are then fold numbers (1-10)")
     parser.add_argument("--summarize", nargs="+", type=Path)
+    parser.add_argument("--against", metavar="ROW", help="with --summarize: each row paired by seed against ROW "
+                        "(differences of its test figures on the same test posts) instead of the summary table")
     parser.add_argument("--probe", nargs="+", metavar="ROW", help="each modality's linear probe after training, for "
                         "these trained rows' finished runs of --seeds (rows 'probe after ROW FEATURES')")
     parser.add_argument("--fresh", action="store_true", help="start interrupted rows again from epoch 0 instead of "
@@ -566,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("extra", nargs="*", help="after --: CLI overrides for every trained row")
     args = parser.parse_args(argv)
     if args.summarize:
-        print(summarize(args.summarize))
+        print(summarize(args.summarize) if args.against is None else paired(args.summarize, args.against))
         return
     if args.root is None:
         parser.error("--root is required")

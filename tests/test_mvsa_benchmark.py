@@ -193,6 +193,25 @@ def test_the_table_shows_each_rows_epoch_time_beside_the_load_it_was_taken_under
     assert table.splitlines()[3].endswith("| 250 | - | 600 |")
 
 
+def test_rows_are_paired_by_seed_against_one_row_on_the_seeds_both_have(sweep, tmp_path, capsys):
+    def row(name, seed, acc, f1=0.5, split="seeded 8:1:1"):
+        return {"row": name, "seed": seed, "split": split, "test": {"acc": acc, "f1": f1, "f1_weighted": acc}}
+    results = write_rows(tmp_path / "results.jsonl",
+                         row("recipe", 0, 0.70), row("recipe", 1, 0.74), row("recipe", 2, 0.72),
+                         row("aux", 0, 0.71, f1=0.45), row("aux", 1, 0.70), row("aux", 9, 0.99),  # seed 9: no pair
+                         row("augment", 2, 0.72),
+                         row("lonely", 5, 0.60),  # no seed in common: left out
+                         row("recipe", 0, 0.50, split="Cheema et al. fold 0"), row("aux", 0, 0.55, split="Cheema et al. fold 0"))
+    sweep.main(["--summarize", str(results), "--against", "recipe"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| row | seeds shared with recipe | Δ accuracy |")
+    # per-seed differences +1 and -4 points: mean -1.50, standard deviation 3.54; one seed above, one below
+    assert "| aux | 0,1 | -1.50 ± 3.54 | -2.50 ± 3.54 | -1.50 ± 3.54 | 1 / 0 / 1 |" in table
+    assert "| augment | 2 | +0.00 | +0.00 | +0.00 | 0 / 1 / 0 |" in table
+    assert "| aux (Cheema et al. folds) | 0 | +5.00 | +0.00 | +5.00 | 1 / 0 / 0 |" in table  # folds against folds
+    assert not any(line.startswith(("| lonely", "| recipe")) for line in table)
+
+
 def test_a_row_records_the_commit_it_ran_and_whether_its_files_differed_from_it(sweep, tmp_path):
     def git(*args):
         return subprocess.run(["git", "-C", str(tmp_path / "repo"), "-c", "user.name=t", "-c", "user.email=t@t",
