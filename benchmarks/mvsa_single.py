@@ -601,6 +601,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--child", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="after --: CLI overrides for every trained row")
     args = parser.parse_args(argv)
+    if args.against and not args.summarize:
+        parser.error("--against pairs the rows of --summarize's files: give --summarize too")
     if args.summarize:
         print(summarize(args.summarize) if args.against is None else paired(args.summarize, args.against))
         return

@@ -210,6 +210,9 @@ def test_rows_are_paired_by_seed_against_one_row_on_the_seeds_both_have(sweep, t
     assert "| augment | 2 | +0.00 | +0.00 | +0.00 | 0 / 1 / 0 |" in table
     assert "| aux (Cheema et al. folds) | 0 | +5.00 | +0.00 | +5.00 | 1 / 0 / 0 |" in table  # folds against folds
     assert not any(line.startswith(("| lonely", "| recipe")) for line in table)
+    with pytest.raises(SystemExit):
+        sweep.main(["--root", str(tmp_path), "--against", "recipe"])  # nothing to pair: refused, nothing trains
+    assert "--against pairs the rows of --summarize's files" in capsys.readouterr().err
 
 
 def test_a_row_records_the_commit_it_ran_and_whether_its_files_differed_from_it(sweep, tmp_path):
