@@ -109,14 +109,17 @@ class EpochTimes(pl.Callback):
 
 
 def revision(path: Path) -> str | None:
-    """The git commit (12 digits) of the checkout whose tracked files hold ``path``, with ``+dirty`` when files under
-    ``path`` differ from it; None where ``path`` is not tracked by git (an installed wheel, a copy)."""
+    """The git commit (12 digits) of the checkout whose tracked files hold ``path``, with ``+dirty`` when tracked files
+    under ``path`` differ from it (untracked ones do not count, as for ``git describe --dirty``); None where ``path``
+    is not tracked by git (an installed wheel, a copy)."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True).stdout.strip()
+        done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
     try:
         if not git("ls-files", "--", "."):
             return None
-        return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", ".") else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -528,8 +531,8 @@ def paired(paths: Sequence[Path], against: str = "recipe") -> str:
     posts on both sides, so the split's own difficulty cancels) and on how many of those seeds the row's accuracy is
     above, level with or below. Rows sharing no seed with ``against`` are left out."""
     rows = _table_rows(paths)
-    lines = [f"| row | seeds shared with {against} | Δ accuracy | Δ macro-F1 | Δ weighted-F1 | accuracy above / level "
-             "/ below |", "|---|---|---|---|---|---|"]
+    lines = [f"| row | seeds shared with {against} | Δ accuracy | Δ macro-F1 | Δ weighted-F1 "
+             "| accuracy above / level / below |", "|---|---|---|---|---|---|"]
     for suffix in ("", f" ({FOLDS})"):
         base = {r["seed"]: r["test"] for r in rows.get(against + suffix, [])}
         for name, records in rows.items():
@@ -566,8 +569,8 @@ def summarize(paths: Sequence[Path]) -> str:
             return f"{100 * values[0]:.2f}{fewer}"
         return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}{fewer}"
 
-    lines = ["| row | seeds | test accuracy | test macro-F1 | test weighted-F1 | val macro-F1 (selected) | s / train epoch "
-             "| load / epoch | s / run |",
+    lines = ["| row | seeds | test accuracy | test macro-F1 | test weighted-F1 | val macro-F1 (selected) "
+             "| s / train epoch | load / epoch | s / run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, records in rows.items():
         seeds = ",".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))

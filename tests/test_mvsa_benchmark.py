@@ -201,7 +201,8 @@ def test_rows_are_paired_by_seed_against_one_row_on_the_seeds_both_have(sweep, t
                          row("aux", 0, 0.71, f1=0.45), row("aux", 1, 0.70), row("aux", 9, 0.99),  # seed 9: no pair
                          row("augment", 2, 0.72),
                          row("lonely", 5, 0.60),  # no seed in common: left out
-                         row("recipe", 0, 0.50, split="Cheema et al. fold 0"), row("aux", 0, 0.55, split="Cheema et al. fold 0"))
+                         row("recipe", 0, 0.50, split="Cheema et al. fold 0"),
+                         row("aux", 0, 0.55, split="Cheema et al. fold 0"))
     sweep.main(["--summarize", str(results), "--against", "recipe"])
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| row | seeds shared with recipe | Δ accuracy |")
@@ -228,6 +229,7 @@ def test_a_row_records_the_commit_it_ran_and_whether_its_files_differed_from_it(
     head = git("rev-parse", "--short=12", "HEAD")
     assert sweep.revision(package) == head
     (tmp_path / "repo" / "notes.txt").write_text("elsewhere\n")  # a change outside the package does not count
+    (package / "scratch.py").write_text("y = 1\n")  # nor an untracked file (git describe --dirty's rule)
     assert sweep.revision(package) == head
     (package / "code.py").write_text("x = 2\n")
     assert sweep.revision(package) == head + "+dirty"
