@@ -533,23 +533,22 @@ def paired(paths: Sequence[Path], against: str = "recipe") -> str:
     rows = _table_rows(paths)
     lines = [f"| row | seeds shared with {against} | Δ accuracy | Δ macro-F1 | Δ weighted-F1 "
              "| accuracy above / level / below |", "|---|---|---|---|---|---|"]
-    for suffix in ("", f" ({FOLDS})"):
-        base = {r["seed"]: r["test"] for r in rows.get(against + suffix, [])}
-        for name, records in rows.items():
-            if name == against + suffix or not name.endswith(suffix) or (not suffix and name.endswith(f" ({FOLDS})")):
-                continue
-            mine = {r["seed"]: r["test"] for r in records if r["seed"] in base}
-            if not mine:
-                continue
-            cells = []
-            for metric in METRICS:
-                deltas = [100 * (mine[k][metric] - base[k][metric]) for k in sorted(mine)
-                          if mine[k].get(metric) is not None and base[k].get(metric) is not None]
-                spread = f" ± {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else ""
-                cells.append(f"{statistics.mean(deltas):+.2f}{spread}" if deltas else "-")
-            signs = [round(100 * (mine[k]["acc"] - base[k]["acc"]), 2) for k in mine]
-            tally = f"{sum(d > 0 for d in signs)} / {sum(d == 0 for d in signs)} / {sum(d < 0 for d in signs)}"
-            lines.append(f"| {name} | {','.join(map(str, sorted(mine)))} | {' | '.join(cells)} | {tally} |")
+    for name, records in rows.items():
+        # the row of ``against`` under this row's own split protocol (fold rows are paired with fold rows)
+        base_name = against + ("" if _protocol(records[0]) == SEEDED else f" ({FOLDS})")
+        base = {r["seed"]: r["test"] for r in rows.get(base_name, [])}
+        mine = {r["seed"]: r["test"] for r in records if r["seed"] in base}
+        if name == base_name or not mine:
+            continue
+        cells = []
+        for metric in METRICS:
+            deltas = [100 * (mine[k][metric] - base[k][metric]) for k in sorted(mine)
+                      if mine[k].get(metric) is not None and base[k].get(metric) is not None]
+            spread = f" ± {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else ""
+            cells.append(f"{statistics.mean(deltas):+.2f}{spread}" if deltas else "-")
+        signs = [round(100 * (mine[k]["acc"] - base[k]["acc"]), 2) for k in mine]
+        tally = f"{sum(d > 0 for d in signs)} / {sum(d == 0 for d in signs)} / {sum(d < 0 for d in signs)}"
+        lines.append(f"| {name} | {','.join(map(str, sorted(mine)))} | {' | '.join(cells)} | {tally} |")
     return "\n".join(lines)
 
 

@@ -69,11 +69,11 @@ class StageCaches:
     def _check_features(trainer: pl.Trainer, pl_module: pl.LightningModule, plan: FinetuningPlan) -> None:
         # Random crops of the training images would be cached once and served as they were drawn in the first epoch
         # (or, with verify, refused at the second epoch's first batch, an epoch of training later): refused here.
-        if not _augments(trainer):
-            return
         image = dict(pl_module.modality_encoders()).get("image")
+        if image is None or not _augments(trainer):
+            return
         for index, trainable in enumerate(plan.trainable):
-            if image is not None and entirely_frozen(image, trainable):  # the cache would serve its features
+            if entirely_frozen(image, trainable):  # the cache would serve its features
                 raise MisconfigurationException(
                     f"StagedFinetuning(cache_features=True): stage {index} ({plan.stage_name(index)}) keeps the image "
                     f"encoder frozen and would cache its features, but {type(trainer.datamodule).__name__} augments the "
